@@ -1,0 +1,42 @@
+SHELL := /bin/bash
+# Two commands for a fresh machine:  make test   and   make bench  (or make demo).
+# Each creates .venv, installs torch and the test/bench deps, builds the extension, runs.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.fusedtrain-installed
+SOURCES := $(shell find csrc fusedtrain -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h') setup.py pyproject.toml
+
+.PHONY: venv install test test-native test-triton bench demo check clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip setuptools wheel
+
+# torch first (a CUDA build where pip resolves one), then the extension against that torch.
+$(STAMP): $(PY) $(SOURCES)
+	$(PIP) install torch numpy ninja pytest hypothesis tqdm matplotlib
+	MAX_JOBS=$${MAX_JOBS:-2} $(PIP) install --no-build-isolation -v -e . 2>&1 | grep -E "fusedtrain setup|error|Error|Successfully" ; test $${PIPESTATUS[0]} -eq 0
+	touch $(STAMP)
+
+venv install: $(STAMP)
+
+# Native, reference (and CUDA, where a GPU is present) tests, then the Triton kernels
+# executed by the Triton interpreter on CPU tensors (TRITON_INTERPRET must be set before
+# triton is imported, hence a second pytest process).
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests -m triton_interp
+
+bench: $(STAMP)
+	$(VENV)/bin/fusedtrain bench $(BENCH_ARGS)
+
+demo: $(STAMP)
+	$(VENV)/bin/fusedtrain demo $(DEMO_ARGS)
+
+check: $(STAMP)
+	$(VENV)/bin/fusedtrain check
+
+clean:
+	rm -rf build $(VENV) fusedtrain/*.so *.egg-info

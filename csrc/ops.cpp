@@ -1,0 +1,24 @@
+// Schemas of every fusedtrain op. The CPU bodies live in csrc/cpu/<family>.cpp and the
+// CUDA bodies in csrc/cuda/<family>.cu (TORCH_LIBRARY_IMPL); fake kernels and autograd
+// are registered from Python in fusedtrain/ops/<family>.py.
+//
+// Ops never validate user input: fusedtrain/ops/ does that before calling them.
+#include <torch/library.h>
+
+TORCH_LIBRARY(fusedtrain, m) {
+  // ---- bce (fusedtrain/ops/bce.py) ----
+  // input, target: contiguous (R, C); weight, pos_weight: (R, C) views whose stride(1) is 0
+  // or 1 (broadcast rows/columns are stride 0). reduction: 0 none, 1 mean, 2 sum.
+  // Returns (loss, grad_input): loss is (R, C) for none and 0-d otherwise, in out_dtype;
+  // grad_input is d loss / d input (the 1/N of mean folded in), in input's dtype, and an
+  // empty tensor when compute_grad is false.
+  m.def("bce_with_logits(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, "
+        "int reduction, bool compute_grad, ScalarType out_dtype) -> (Tensor, Tensor)");
+  // d loss / d target (the 1/N of mean folded in), in target's dtype, (R, C).
+  m.def("bce_with_logits_target_grad(Tensor input, Tensor target, Tensor? weight, "
+        "Tensor? pos_weight, int reduction) -> Tensor");
+
+  // ---- adam (fusedtrain/ops/adam.py) ----
+
+  // ---- unscale (fusedtrain/ops/unscale.py) ----
+}

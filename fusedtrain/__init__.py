@@ -1,0 +1,24 @@
+"""fusedtrain: fused kernels for PyTorch mixed-precision training.
+
+    from fusedtrain import FusedBCEWithLogits, FusedAdam, FusedAdamW, GradScaler
+"""
+from fusedtrain import functional
+from fusedtrain._backend import BackendError, backends, use_backend
+from fusedtrain.amp import GradScaler
+from fusedtrain.nn import FusedBCEWithLogits
+from fusedtrain.ops.unscale import unscale_and_check_
+from fusedtrain.optim import FusedAdam, FusedAdamW
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendError",
+    "FusedAdam",
+    "FusedAdamW",
+    "FusedBCEWithLogits",
+    "GradScaler",
+    "backends",
+    "functional",
+    "unscale_and_check_",
+    "use_backend",
+]

@@ -1,0 +1,3 @@
+from fusedtrain.cli import main
+
+raise SystemExit(main())

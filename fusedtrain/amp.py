@@ -1,0 +1,3 @@
+class GradScaler:
+    def __init__(self, *a, **k):
+        raise NotImplementedError("amp: not built yet")

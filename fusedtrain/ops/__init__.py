@@ -1,0 +1,1 @@
+"""One module per op family: validation, backend dispatch, fake kernels, autograd."""

@@ -1,0 +1,87 @@
+"""Build fusedtrain._C: C++ CPU kernels always, CUDA kernels when torch is a CUDA build and
+nvcc is found. With no compiler, no torch at build time, or FUSEDTRAIN_BUILD_EXT=0, the
+package installs as pure Python (triton + reference backends) and says so.
+
+Knobs: FUSEDTRAIN_BUILD_EXT=0 (no extension), FUSEDTRAIN_BUILD_CUDA=0 (CPU kernels only),
+TORCH_CUDA_ARCH_LIST (default "8.0;9.0" when no GPU is visible), MAX_JOBS (parallel compiles).
+"""
+import glob
+import os
+import platform
+import shutil
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _say(msg):
+    print(f"fusedtrain setup: {msg}", file=sys.stderr, flush=True)
+
+
+def _x86_simd_flags():
+    # at::vec picks its implementation from CPU_CAPABILITY_* macros, not from -m flags.
+    # AVX2 is the floor we compile for on x86-64; fusedtrain/_ext.py refuses to load the
+    # extension on a CPU without it, so the reference backend is used there instead.
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+    return []
+
+
+def _extensions():
+    if os.environ.get("FUSEDTRAIN_BUILD_EXT", "1") == "0":
+        _say("FUSEDTRAIN_BUILD_EXT=0: installing pure Python (triton + reference backends)")
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        _say("torch is not importable at build time (use pip install --no-build-isolation): "
+             "installing pure Python (triton + reference backends)")
+        return [], {}
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        _say(f"no C++ compiler ({cxx!r} not found): installing pure Python (triton + reference backends)")
+        return [], {}
+
+    def rel(pattern):
+        return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
+    include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
+    cxx_flags = ["-O3", "-DNDEBUG", "-fopenmp"] + _x86_simd_flags()
+    nvcc = shutil.which("nvcc") or (CUDA_HOME and os.path.join(CUDA_HOME, "bin", "nvcc"))
+    use_cuda = (
+        os.environ.get("FUSEDTRAIN_BUILD_CUDA", "1") != "0"
+        and torch.version.cuda is not None
+        and nvcc is not None
+        and os.path.exists(nvcc)
+    )
+    if use_cuda:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        sources += rel("csrc/cuda/*.cu")
+        ext = CUDAExtension(
+            "fusedtrain._C",
+            sources,
+            include_dirs=include_dirs,
+            define_macros=[("FUSEDTRAIN_WITH_CUDA", "1")],
+            extra_compile_args={
+                "cxx": cxx_flags,
+                "nvcc": ["-O3", "-DNDEBUG", "-lineinfo", "--expt-relaxed-constexpr", "-std=c++17"],
+            },
+            extra_link_args=["-fopenmp"],
+        )
+        _say(f"building CPU + CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')}")
+    else:
+        why = ("FUSEDTRAIN_BUILD_CUDA=0" if os.environ.get("FUSEDTRAIN_BUILD_CUDA") == "0"
+               else "torch is a CPU build" if torch.version.cuda is None else "nvcc not found")
+        ext = CppExtension("fusedtrain._C", sources, include_dirs=include_dirs,
+                           extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
+        _say(f"building CPU kernels only ({why})")
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
