@@ -29,10 +29,38 @@ def _x86_simd_flags():
     return []
 
 
+def _pip_cuda_include_dirs():
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    dirs = []
+    for base in getattr(nvidia, "__path__", []):
+        dirs += sorted(glob.glob(os.path.join(base, "*", "include")))
+    return dirs
+
+
+def _set_cuda_home():
+    # torch guesses CUDA_HOME as the parent of the nvcc on PATH; when that nvcc is a wrapper
+    # (/usr/local/bin/nvcc) the guess has no lib64 and linking -lcudart fails. Prefer a real
+    # toolkit directory.
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    guess = os.path.dirname(os.path.dirname(nvcc)) if nvcc else None
+    if guess and os.path.isdir(os.path.join(guess, "lib64")):
+        return
+    for cand in ("/usr/local/cuda",):
+        if os.path.exists(os.path.join(cand, "bin", "nvcc")):
+            os.environ["CUDA_HOME"] = cand
+            return
+
+
 def _extensions():
     if os.environ.get("FUSEDTRAIN_BUILD_EXT", "1") == "0":
         _say("FUSEDTRAIN_BUILD_EXT=0: installing pure Python (triton + reference backends)")
         return [], {}
+    _set_cuda_home()
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -50,6 +78,9 @@ def _extensions():
 
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
+    # -fopenmp at compile time only: at::parallel_for is a header template that expands to
+    # "#pragma omp parallel", and its GOMP_* calls must bind at load time to the libgomp that
+    # torch already loaded (linking a second OpenMP runtime gives two thread pools).
     cxx_flags = ["-O3", "-DNDEBUG", "-fopenmp"] + _x86_simd_flags()
     nvcc = shutil.which("nvcc") or (CUDA_HOME and os.path.join(CUDA_HOME, "bin", "nvcc"))
     use_cuda = (
@@ -59,6 +90,9 @@ def _extensions():
         and os.path.exists(nvcc)
     )
     if use_cuda:
+        # The pip CUDA wheels (nvidia-*-cu13) carry headers that torch's CUDA headers include
+        # (cusparse.h, cublas_v2.h) and that a bare nvcc install may lack.
+        include_dirs += _pip_cuda_include_dirs()
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
         sources += rel("csrc/cuda/*.cu")
@@ -69,16 +103,18 @@ def _extensions():
             define_macros=[("FUSEDTRAIN_WITH_CUDA", "1")],
             extra_compile_args={
                 "cxx": cxx_flags,
-                "nvcc": ["-O3", "-DNDEBUG", "-lineinfo", "--expt-relaxed-constexpr", "-std=c++17"],
+                "nvcc": ["-O3", "-DNDEBUG", "-lineinfo", "--expt-relaxed-constexpr",
+                         # a spill to local memory fails the build (DESIGN §5)
+                         "-Xptxas=--warn-on-spills,--warning-as-error"],
             },
-            extra_link_args=["-fopenmp"],
+            extra_link_args=[],
         )
         _say(f"building CPU + CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')}")
     else:
         why = ("FUSEDTRAIN_BUILD_CUDA=0" if os.environ.get("FUSEDTRAIN_BUILD_CUDA") == "0"
                else "torch is a CPU build" if torch.version.cuda is None else "nvcc not found")
         ext = CppExtension("fusedtrain._C", sources, include_dirs=include_dirs,
-                           extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
+                           extra_compile_args={"cxx": cxx_flags}, extra_link_args=[])
         _say(f"building CPU kernels only ({why})")
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 

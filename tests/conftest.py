@@ -1,0 +1,44 @@
+"""Backend x device cases for every op-family test.
+
+The normal pytest run covers native-cpu and reference-cpu (plus triton-cuda and native-cuda
+where a GPU is present). The Triton kernels run on CPU tensors under the Triton interpreter
+in a second pytest process started with TRITON_INTERPRET=1 (it must be set before triton is
+imported); that run generates only the triton-cpu cases, marked triton_interp, and
+`make test` selects them with -m triton_interp.
+"""
+import os
+
+import pytest
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "triton_interp: Triton kernels executed by the interpreter on CPU")
+
+
+def backend_cases():
+    """pytest params of (backend, device) for the backends this process can run."""
+    if INTERPRET:
+        return [pytest.param(("triton", "cpu"), id="triton-cpu", marks=pytest.mark.triton_interp)]
+    cases = [pytest.param(("native", "cpu"), id="native-cpu"),
+             pytest.param(("reference", "cpu"), id="reference-cpu")]
+    if HAS_CUDA:
+        cases += [pytest.param(("triton", "cuda"), id="triton-cuda"),
+                  pytest.param(("native", "cuda"), id="native-cuda")]
+    return cases
+
+
+@pytest.fixture(params=backend_cases())
+def backend_device(request):
+    """(backend, device) with the backend forced for the duration of the test."""
+    import fusedtrain
+
+    backend, device = request.param
+    ok, why = fusedtrain._backend.availability(backend, torch.device(device))
+    if not ok:
+        pytest.skip(f"{backend} on {device}: {why}")
+    with fusedtrain.use_backend(backend):
+        yield backend, device
