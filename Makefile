@@ -17,7 +17,9 @@ $(PY):
 # torch first (a CUDA build where pip resolves one), then the extension against that torch.
 $(STAMP): $(PY) $(SOURCES)
 	$(PIP) install torch numpy ninja pytest hypothesis tqdm matplotlib
-	MAX_JOBS=$${MAX_JOBS:-2} $(PIP) install --no-build-isolation -v -e . 2>&1 | grep -E "fusedtrain setup|error|Error|Successfully" ; test $${PIPESTATUS[0]} -eq 0
+	@echo "building fusedtrain._C (log: build.log)"
+	MAX_JOBS=$${MAX_JOBS:-2} $(PIP) install --no-build-isolation -v -e . > build.log 2>&1 || { tail -n 60 build.log; exit 1; }
+	@grep -h "fusedtrain setup" build.log | sort -u
 	touch $(STAMP)
 
 venv install: $(STAMP)
