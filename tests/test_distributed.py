@@ -1,0 +1,131 @@
+"""fusedtrain under torch.distributed (gloo on CPU, loopback only): DDP, ZeRO, FSDP2, DCP."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import fusedtrain
+from dist_util import spawn
+
+pytestmark = [
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="runs in the normal test process"),
+    pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available"),
+]
+STEPS = 50
+BATCH = 64
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 8))
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(BATCH, 16, generator=g), (torch.rand(BATCH, 8, generator=g) > 0.7).float()
+
+
+def _train(model, params_for_opt, x, y, steps=STEPS, opt_factory=None, inject=None):
+    crit = fusedtrain.FusedBCEWithLogits(pos_weight=torch.full((8,), 2.0))
+    opt = (opt_factory or (lambda ps: fusedtrain.FusedAdamW(ps, lr=1e-2)))(params_for_opt)
+    scaler = fusedtrain.GradScaler("cpu", init_scale=2.0 ** 10)
+    scales = []
+    for step in range(steps):
+        loss = crit(model(x), y)
+        scaler.scale(loss).backward()
+        if inject is not None:
+            inject(step, model)
+        scaler.step(opt)
+        scaler.update()
+        scales.append(scaler.get_scale())
+        opt.zero_grad(set_to_none=True)
+    return opt, scales
+
+
+def _single_process_params(opt_factory=None):
+    torch.set_num_threads(1)
+    model = _model()
+    x, y = _data()
+    _train(model, model.parameters(), x, y, opt_factory=opt_factory)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _ddp_worker(rank, world, out, use_zero):
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = _model()
+    ddp = DDP(model)
+    x, y = _data()
+    half = BATCH // world
+    factory = None
+    if use_zero:
+        factory = lambda ps: ZeroRedundancyOptimizer(ps, optimizer_class=fusedtrain.FusedAdamW, lr=1e-2)
+    _train(ddp, ddp.parameters(), x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half],
+           opt_factory=factory)
+    torch.save([p.detach() for p in model.parameters()], os.path.join(out, f"rank{rank}.pt"))
+
+
+@pytest.mark.parametrize("use_zero", [False, True], ids=["ddp", "zero"])
+def test_ddp_matches_single_process(tmp_path, use_zero):
+    spawn(_ddp_worker, world=2, args=(str(tmp_path), use_zero))
+    r0 = torch.load(tmp_path / "rank0.pt")
+    r1 = torch.load(tmp_path / "rank1.pt")
+    for a, b in zip(r0, r1):
+        assert torch.equal(a, b), "ranks diverged"
+    single = _single_process_params()
+    for a, s in zip(r0, single):
+        torch.testing.assert_close(a, s, rtol=1e-4, atol=1e-5)
+
+
+def _fsdp_worker(rank, world, out):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    model = _model()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    x, y = _data()
+    half = BATCH // world
+    skipped = {}
+
+    def inject(step, m):
+        # an inf in a gradient shard of rank 0 only: every rank must skip this step together
+        if step == 7:
+            skipped["before"] = [p.detach().to_local().clone() for p in m.parameters()]
+            if rank == 0:
+                next(iter(m.parameters())).grad.to_local().view(-1)[0] = float("inf")
+        if step == 8:  # params after the skipped step 7 are those before it, on every rank
+            for a, b in zip(skipped["before"], m.parameters()):
+                assert torch.equal(a, b.detach().to_local()), f"rank {rank}: a param moved on the inf step"
+
+    opt, scales = _train(model, model.parameters(), x[rank * half:(rank + 1) * half],
+                         y[rank * half:(rank + 1) * half], steps=12, inject=inject)
+    assert scales[7] == scales[6] * 0.5, f"rank {rank}: scale not backed off at the inf step: {scales}"
+    sd = get_optimizer_state_dict(model, opt)
+    dcp.save(sd, checkpoint_id=out)
+    opt2 = fusedtrain.FusedAdamW(model.parameters(), lr=1e-2)
+    sd2 = get_optimizer_state_dict(model, opt2)
+    dcp.load(sd2, checkpoint_id=out)
+    set_optimizer_state_dict(model, opt2, sd2)
+    for p in model.parameters():
+        s1, s2 = opt.state[p], opt2.state[p]
+        for k in ("step", "exp_avg", "exp_avg_sq"):
+            a = s1[k].to_local() if isinstance(s1[k], DTensor) else s1[k]
+            b = s2[k].to_local() if isinstance(s2[k], DTensor) else s2[k]
+            assert torch.equal(a.cpu(), b.cpu()), f"rank {rank}: {k} did not round-trip through DCP"
+    torch.save({"scales": scales}, os.path.join(out, f"fsdp_rank{rank}.pt"))
+
+
+def test_fsdp2_shards_skip_together_and_checkpoint(tmp_path):
+    spawn(_fsdp_worker, world=2, args=(str(tmp_path),), timeout_s=180)
+    s0 = torch.load(tmp_path / "fsdp_rank0.pt")["scales"]
+    s1 = torch.load(tmp_path / "fsdp_rank1.pt")["scales"]
+    assert s0 == s1, "ranks disagree on the loss scale"
