@@ -256,7 +256,9 @@ def test_autocast(backend_device, xdt):
         ours.sum().backward()
         theirs.sum().backward()
         assert x.grad.dtype == xr.grad.dtype and y.grad.dtype == yr.grad.dtype
-        assert_close(x.grad, xr.grad.double(), rtol=2 * RTOL[xdt], atol=2 * RTOL[xdt] / x.numel(), what="dx")
+        # sigmoid(x) - y cancels: error of order ulp(1), divided by N for mean
+        atol = 2 * RTOL[xdt] / (x.numel() if red == "mean" else 1)
+        assert_close(x.grad, xr.grad.double(), rtol=2 * RTOL[xdt], atol=atol, what="dx")
         assert_close(y.grad, yr.grad.double(), rtol=2 * RTOL[torch.bfloat16], atol=1e-3, what="dy")
         x.grad = y.grad = xr.grad = yr.grad = None
 
@@ -396,9 +398,29 @@ def test_second_backward_through_same_graph_fails_loudly(backend_device, reducti
     _, device = backend_device
     x = torch.randn(4, 5, device=device, requires_grad=True)
     loss = bce(x, torch.rand(4, 5, device=device), reduction=reduction)
-    loss.backward(retain_graph=True)
+    loss.backward(torch.tensor(2.0, device=device), retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward(torch.tensor(2.0, device=device))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_retain_graph_with_unit_grad_output_accumulates(backend_device, reduction):
+    # grad_output == 1 on CPU returns the saved gradient without a pass; a second backward
+    # through the retained graph still accumulates the right value
+    _, device = backend_device
+    x = torch.randn(4, 5, device=device, requires_grad=True)
+    y = torch.rand(4, 5, device=device)
+    loss = bce(x, y, reduction=reduction)
+    loss.backward(retain_graph=True)
+    g1 = x.grad.clone()
+    _, dx, _ = reference.bce_loss_float64(x, y, None, reduction, None)
+    assert_close(g1, dx, what="first backward")
+    try:
         loss.backward()
+    except RuntimeError as e:  # the scaled path (CUDA) refuses loudly instead
+        assert "modified by an inplace operation" in str(e)
+    else:
+        assert_close(x.grad, 2 * dx, what="second backward")
 
 
 def test_none_reduction_supports_retain_graph(backend_device):
@@ -462,9 +484,14 @@ def test_opcheck(backend_device, reduction):
     # covered by test_torch_compile_fullgraph_native_cpu instead)
     tests = ("test_schema", "test_faketensor", "test_autograd_registration") + (
         ("test_aot_dispatch_dynamic",) if reduction == 0 else ())
+    tg_tests = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    if INTERPRET:
+        # triton_op derives its fake kernel by running its body on fake tensors, which the
+        # interpreter cannot execute (it needs real CPU memory); on CUDA these checks run
+        tests = ("test_schema", "test_autograd_registration") if reduction == 0 else ("test_schema",)
+        tg_tests = ("test_schema",)
     torch.library.opcheck(fwd, (x, y, w, None, reduction, True, torch.float32), test_utils=tests)
-    torch.library.opcheck(tg, (x.detach(), y.detach(), w, None, reduction),
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    torch.library.opcheck(tg, (x.detach(), y.detach(), w, None, reduction), test_utils=tg_tests)
 
 
 @normal_only

@@ -14,6 +14,10 @@
 
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "fusedtrain/bce_dispatch.h"
 #include "fusedtrain/bce_math.h"
 
@@ -63,6 +67,23 @@ struct Bcast {
   }
   inline op_t at(const op_t* rp, int64_t c) const { return rp[c * s1]; }
 };
+
+// A fresh output of many MiB is mmap'ed memory that page-faults on first touch, 4 KiB at a
+// time; on small VMs the faults cost more than the whole kernel. Ask for transparent huge
+// pages before the kernel writes it (what torch's own THP_MEM_ALLOC_ENABLE=1 does for every
+// allocation). Advisory only: a no-op where THP is off or the memory is already mapped.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const size_t bytes = t.numel() * t.element_size();
+  if (bytes < 4 * kHuge) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(t.data_ptr()) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(t.data_ptr()) + bytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
 
 template <typename op_t>
 Bcast<op_t> bcast_of(const std::optional<at::Tensor>& t, const op_t* one) {
@@ -211,6 +232,8 @@ std::tuple<at::Tensor, at::Tensor> bce_with_logits_cpu(const at::Tensor& input, 
     if (reduction != 0) loss.fill_(reduction == 1 ? std::numeric_limits<double>::quiet_NaN() : 0.0);
     return {loss, grad};
   }
+  advise_huge_pages(grad);
+  if (reduction == 0) advise_huge_pages(loss);
   dispatch(input.scalar_type(), target.scalar_type(), out_dtype, pos_weight.has_value(), "bce_with_logits",
            [&](auto s, auto t, auto o, auto pw) {
              forward_kernel<typename decltype(s)::type, typename decltype(t)::type, typename decltype(o)::type,
@@ -225,6 +248,7 @@ at::Tensor bce_with_logits_target_grad_cpu(const at::Tensor& input, const at::Te
                                            const std::optional<at::Tensor>& pos_weight, int64_t reduction) {
   at::Tensor out = at::empty({input.size(0), input.size(1)}, target.options());
   if (out.numel() == 0) return out;
+  advise_huge_pages(out);
   dispatch(input.scalar_type(), target.scalar_type(), input.scalar_type(), pos_weight.has_value(),
            "bce_with_logits_target_grad", [&](auto s, auto t, auto, auto pw) {
              target_grad_kernel<typename decltype(s)::type, typename decltype(t)::type, decltype(pw)::value>(

@@ -32,7 +32,10 @@ Autograd: the forward writes d loss / d input (1/N of mean folded in) in the sam
 input requires grad. Backward for mean/sum scales that buffer in place by grad_output (one
 elementwise pass, no second input-sized buffer); a second backward through the same graph
 (retain_graph=True) then fails loudly with autograd's "modified by an inplace operation" error
-instead of silently double-scaling. For 'none' it is `saved * grad_output` out of place (the
+instead of silently double-scaling. When grad_output is a CPU scalar equal to 1 (plain
+loss.backward() on CPU, outside torch.compile) the saved buffer is returned as it is: no pass
+at all. Under torch.compile the backward graph is functional (`mul`), and the saved buffer is
+donated to it, so Inductor can reuse its memory. For 'none' it is `saved * grad_output` out of place (the
 grad_output is input-sized anyway), so retain_graph works there. d loss / d target comes from the
 `_target_grad` op (one pass) times grad_output.
 """
@@ -58,11 +61,19 @@ def _fake_target_grad(input, target, weight, pos_weight, reduction):
     return input.new_empty(input.shape, dtype=target.dtype)
 
 
+def _is_host_one(t):
+    """grad_output is a real CPU scalar equal to 1 (reading it costs nothing there); never under
+    torch.compile tracing (fake tensors) and never for CUDA (that read would synchronize)."""
+    return (type(t) is torch.Tensor and t.device.type == "cpu" and t.numel() == 1
+            and not torch.compiler.is_compiling() and t.item() == 1.0)
+
+
 def _make_autograd(target_grad_op):
     def setup_context(ctx, inputs, output):
         input, target, weight, pos_weight, reduction, compute_grad, out_dtype = inputs
         _, grad = output
         ctx.mark_non_differentiable(grad)
+        ctx.set_materialize_grads(False)  # no input-sized zeros for the non-differentiable output
         ctx.reduction = reduction
         ctx.has_grad = compute_grad
         ctx.target_grad = target.requires_grad
@@ -72,12 +83,18 @@ def _make_autograd(target_grad_op):
     def backward(ctx, grad_loss, _grad_grad):
         grad, input, target, weight, pos_weight = ctx.saved_tensors
         gi = gt = None
+        if grad_loss is None:  # the loss took no part in what was differentiated
+            return None, None, None, None, None, None, None
         if ctx.needs_input_grad[0]:
             if not ctx.has_grad:
                 raise RuntimeError("bce_with_logits: input requires grad but the forward ran with "
                                    "compute_grad=False; call it through fusedtrain.functional")
-            # mean/sum: grad_loss is 0-d, scale the saved buffer in place (see module docstring)
-            gi = grad.mul_(grad_loss) if ctx.reduction != 0 else grad * grad_loss
+            if ctx.reduction == 0:
+                gi = grad * grad_loss
+            elif _is_host_one(grad_loss):
+                gi = grad  # loss.backward() of an unscaled loss: the saved gradient is the answer
+            else:
+                gi = grad.mul_(grad_loss)  # 0-d grad_loss: scale in place (see module docstring)
         if ctx.needs_input_grad[1] and ctx.target_grad:
             gt = target_grad_op(input, target, weight, pos_weight, ctx.reduction)
             gt = gt.mul_(grad_loss)

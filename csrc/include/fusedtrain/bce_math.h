@@ -4,7 +4,7 @@
 // fusedtrain/triton/bce.py spells out the same formulas in Triton, and
 // fusedtrain/reference.py in PyTorch ops.
 //
-// With e = exp(-|x|), L = log1p(e), softplus(-x) = L + max(-x, 0) = -log sigmoid(x):
+// With e = exp(-|x|), L = log1p(e) (log1p_unit below), softplus(-x) = L + max(-x, 0) = -log sigmoid(x):
 //   lw   = 1 + (pos_weight - 1) * y                       (lw = 1 without pos_weight)
 //   loss = w * ((1 - y) * x + lw * softplus(-x))
 //   dx   = w * (lw * sigmoid(x) - pos_weight * y)          (w * (sigmoid(x) - y) without)
@@ -61,6 +61,30 @@ inline at::vec::Vectorized<S> ft_select_nonneg(const at::vec::Vectorized<S>& x, 
 }
 #endif
 
+// log1p(e) for e = exp(-|x|) in [0, 1]. float: 2 * atanh(s) with s = e / (2 + e) in [0, 1/3],
+// the series 2s (1 + s^2/3 + ... + s^14/15) (truncation < 2e-8 relative, about half the cost
+// of Sleef's general log1pf on AVX2, same ~1 ulp accuracy). double: the library log1p.
+template <typename T>
+FT_HD T log1p_unit_series(T e) {
+  const T s = e / (T(2) + e);
+  const T s2 = s * s;
+  T p = T(1.0f / 15.0f);
+  p = p * s2 + T(1.0f / 13.0f);
+  p = p * s2 + T(1.0f / 11.0f);
+  p = p * s2 + T(1.0f / 9.0f);
+  p = p * s2 + T(1.0f / 7.0f);
+  p = p * s2 + T(1.0f / 5.0f);
+  p = p * s2 + T(1.0f / 3.0f);
+  p = p * s2 + T(1.0f);
+  return (s + s) * p;
+}
+FT_HD float log1p_unit(float e) { return log1p_unit_series(e); }
+FT_HD double log1p_unit(double e) { return ft_log1p(e); }
+#if !defined(__CUDACC__) && !defined(__HIPCC__)
+inline at::vec::Vectorized<float> log1p_unit(const at::vec::Vectorized<float>& e) { return log1p_unit_series(e); }
+inline at::vec::Vectorized<double> log1p_unit(const at::vec::Vectorized<double>& e) { return e.log1p(); }
+#endif
+
 // ---- the formulas ----
 
 // loss and d loss / d x of one element (before the 1/N of 'mean').
@@ -68,7 +92,7 @@ template <bool HasPosWeight, typename T>
 FT_HD void forward(T x, T y, T w, T pw, T& loss, T& dx) {
   const T one(1);
   const T e = ft_exp(T(0) - ft_abs(x));
-  const T sp_neg = ft_log1p(e) + ft_relu(T(0) - x);  // softplus(-x) = -log sigmoid(x)
+  const T sp_neg = log1p_unit(e) + ft_relu(T(0) - x);  // softplus(-x) = -log sigmoid(x)
   const T r = one / (one + e);
   const T sig = ft_select_nonneg(x, r, e * r);
   if (HasPosWeight) {
@@ -85,7 +109,7 @@ FT_HD void forward(T x, T y, T w, T pw, T& loss, T& dx) {
 template <bool HasPosWeight, typename T>
 FT_HD T target_grad(T x, T w, T pw) {
   if (HasPosWeight) {
-    const T l = ft_log1p(ft_exp(T(0) - ft_abs(x)));
+    const T l = log1p_unit(ft_exp(T(0) - ft_abs(x)));
     const T sp_neg = l + ft_relu(T(0) - x);  // softplus(-x)
     const T sp_pos = l + ft_relu(x);         // softplus(x)
     return w * (pw * sp_neg - sp_pos);
