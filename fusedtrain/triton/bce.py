@@ -3,9 +3,10 @@ fusedtrain_triton::bce_with_logits_target_grad (torch.library.triton_op; contrac
 csrc/ops.cpp `// ---- bce`, autograd and fake registration in fusedtrain/ops/bce.py).
 
 Per element the formulas of csrc/include/fusedtrain/bce_math.h (DESIGN §4), in fp32 (fp64 for
-fp64 storage), from one exp(-|x|). log1p(e) is computed as log(u) * e / (u - 1), u = 1 + e
-(exact to a few ulp; Triton has no log1p and libdevice does not run under the interpreter,
-and the interpreter must execute the very code the GPU runs).
+fp64 storage), from one exp(-|x|). log1p(e), e in [0, 1], by the same series as bce_math.h's
+log1p_unit (Triton has no log1p, libdevice does not run under the interpreter, and the
+interpreter must execute the very code the GPU runs; division and FMAs only, no approximate
+log).
 
 Reduction (deterministic): program p handles the fixed block [p*BLOCK, (p+1)*BLOCK) and writes
 its partial sum to partials[p]; one program then sums the partials in a fixed order.
@@ -23,9 +24,24 @@ NUM_WARPS = 4
 
 @triton.jit
 def _log1p_small(e):
-    # log1p(e) for e in [0, 1]: Goldberg's correction of the rounding of 1 + e
-    u = 1.0 + e
-    return tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0)))
+    # log1p(e) for e in [0, 1], as bce_math.h's log1p_unit: 2 atanh(s), s = e / (2 + e) <= 1/3,
+    # by its series to s^15 (truncation < 2e-8 relative); fp64 uses the same series to s^31
+    s = e / (2.0 + e)
+    s2 = s * s
+    if e.dtype == tl.float64:
+        p = tl.full(e.shape, 1.0 / 31.0, e.dtype)
+        for k in tl.static_range(29, 13, -2):
+            p = p * s2 + 1.0 / k
+    else:
+        p = tl.full(e.shape, 1.0 / 15.0, e.dtype)
+    p = p * s2 + 1.0 / 13.0
+    p = p * s2 + 1.0 / 11.0
+    p = p * s2 + 1.0 / 9.0
+    p = p * s2 + 1.0 / 7.0
+    p = p * s2 + 1.0 / 5.0
+    p = p * s2 + 1.0 / 3.0
+    p = p * s2 + 1.0
+    return (s + s) * p
 
 
 @triton.jit
