@@ -1,5 +1,6 @@
 """BCE with logits (fusedtrain.functional.binary_cross_entropy_with_logits, FusedBCEWithLogits)
 against the float64 reference and torch itself, on every backend this process can run."""
+import contextlib
 import os
 
 import pytest
@@ -22,12 +23,21 @@ def _seed(*parts):
     torch.manual_seed(hash(tuple(str(p) for p in parts)) % (2**31))
 
 
-def poison_heap(*tensors_like):
-    """Best effort: leave NaN in freed memory of the sizes the op is about to allocate, so that an
-    element a kernel never writes is likely to read back as NaN (the allocator reuses the blocks)."""
-    for shape, dtype, device in tensors_like:
-        t = torch.full(shape, float("nan"), dtype=dtype, device=device)
-        del t
+@contextlib.contextmanager
+def poisoned_outputs():
+    """Every tensor allocated inside (at::empty in the C++ kernels, new_empty in the Triton and
+    reference ops) starts filled with NaN: torch fills uninitialized memory under deterministic
+    mode (torch.utils.deterministic.fill_uninitialized_memory), so an element a kernel never
+    writes fails the comparison."""
+    was = torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 def _check(x, y, w, pw, reduction, *, go_seed=0, target_grad=True):
@@ -35,15 +45,15 @@ def _check(x, y, w, pw, reduction, *, go_seed=0, target_grad=True):
     d/dx and d/dy with the float64 reference (computed from the very values x and y hold)."""
     xx = x.detach().clone().requires_grad_()
     yy = y.detach().clone().requires_grad_(target_grad)
-    if reduction == "none":
-        poison_heap((x.shape, y.dtype, x.device), (x.shape, x.dtype, x.device))
-    loss = bce(xx, yy, weight=w, reduction=reduction, pos_weight=pw)
+    with poisoned_outputs():
+        loss = bce(xx, yy, weight=w, reduction=reduction, pos_weight=pw)
     ref_loss, ref_dx, ref_dy = reference.bce_loss_float64(x, y, w, reduction, pw)
     torch_loss = F.binary_cross_entropy_with_logits(x.detach(), y.detach(), w, reduction=reduction, pos_weight=pw)
     assert loss.dtype == torch_loss.dtype and loss.shape == torch_loss.shape
     g = torch.Generator().manual_seed(go_seed)
     go = (torch.rand(loss.shape, generator=g, dtype=torch.float64) + 0.5) if reduction == "none" else torch.tensor(1.7, dtype=torch.float64)
-    loss.backward(go.to(loss.dtype).to(x.device))
+    with poisoned_outputs():
+        loss.backward(go.to(loss.dtype).to(x.device))
     go = go.to(loss.dtype).double()  # the grad_output the kernel actually saw
 
     n = max(x.numel(), 1)
