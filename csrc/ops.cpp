@@ -8,10 +8,12 @@
 TORCH_LIBRARY(fusedtrain, m) {
   // ---- bce (fusedtrain/ops/bce.py) ----
   // input, target: contiguous (R, C); weight, pos_weight: (R, C) views whose stride(1) is 0
-  // or 1 (broadcast rows/columns are stride 0). reduction: 0 none, 1 mean, 2 sum.
+  // or 1 (broadcast rows/columns are stride 0), in opmath (float32; float64 for a float64
+  // input). input: float32/float16/bfloat16/float64; target and out_dtype: input's dtype or
+  // opmath (ops/bce.py converts anything else). reduction: 0 none, 1 mean, 2 sum.
   // Returns (loss, grad_input): loss is (R, C) for none and 0-d otherwise, in out_dtype;
-  // grad_input is d loss / d input (the 1/N of mean folded in), in input's dtype, and an
-  // empty tensor when compute_grad is false.
+  // grad_input is d loss / d input (the 1/N of mean folded in), in input's dtype, and a
+  // (0, 0) tensor when compute_grad is false. Reductions are deterministic (fixed chunks).
   m.def("bce_with_logits(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, "
         "int reduction, bool compute_grad, ScalarType out_dtype) -> (Tensor, Tensor)");
   // d loss / d target (the 1/N of mean folded in), in target's dtype, (R, C).

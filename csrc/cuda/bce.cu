@@ -1,0 +1,275 @@
+// BCE with logits, CUDA bodies of fusedtrain::bce_with_logits and
+// fusedtrain::bce_with_logits_target_grad (schemas and contract in csrc/ops.cpp).
+//
+// One read of input and target, one write of the gradient (and of the loss for 'none') per
+// element: each thread moves VEC = 16 / sizeof(input) elements per step with 16-byte loads and
+// stores of input and gradient (target/loss in fp32 with a 2-byte input: two 16-byte accesses);
+// weight and pos_weight are read through the read-only cache (they are broadcast, usually tiny).
+// Pointers that are not aligned for the vector width fall back to scalar accesses.
+//
+// Reduction (deterministic, independent of the grid): block b owns the fixed tile
+// [b * kTile, (b + 1) * kTile), reduces it with cub::BlockReduce and writes partials[b]; one block
+// then sums the partials in a fixed order. Per-element math: fusedtrain/bce_math.h.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAException.h>
+#include <torch/library.h>
+
+#include <cub/block/block_reduce.cuh>
+
+#include "fusedtrain/bce_dispatch.h"
+#include "fusedtrain/bce_math.h"
+
+namespace fusedtrain {
+namespace bce {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kIters = 4;  // vector steps per thread per tile
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <typename scalar_t>
+struct Tile {
+  static constexpr int VEC = 16 / sizeof(scalar_t);
+  static constexpr int64_t kTile = int64_t(kThreads) * VEC * kIters;
+};
+
+template <typename op_t>
+struct BcastArg {
+  const op_t* p;
+  int64_t s0, s1;  // element (r, c) at p[r * s0 + c * s1]
+  __device__ __forceinline__ op_t at(int64_t r, int64_t c) const { return __ldg(p + r * s0 + c * s1); }
+};
+
+template <typename T, int N>
+__device__ __forceinline__ void load_vec(const T* p, bool vec, int n, T (&out)[N]) {
+  if (vec) {
+    const Pack<T, N> pk = *reinterpret_cast<const Pack<T, N>*>(p);
+#pragma unroll
+    for (int j = 0; j < N; ++j) out[j] = pk.v[j];
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j) out[j] = j < n ? p[j] : T(0);
+  }
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void store_vec(T* p, bool vec, int n, const T (&in)[N]) {
+  if (vec) {
+    Pack<T, N> pk;
+#pragma unroll
+    for (int j = 0; j < N; ++j) pk.v[j] = in[j];
+    *reinterpret_cast<Pack<T, N>*>(p) = pk;
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j)
+      if (j < n) p[j] = in[j];
+  }
+}
+
+template <typename scalar_t, typename target_t, typename out_t, bool PW, bool REDUCE>
+__global__ void __launch_bounds__(kThreads)
+    bce_fwd_kernel(const scalar_t* __restrict__ x, const target_t* __restrict__ y, BcastArg<opmath_t<scalar_t>> w,
+                   BcastArg<opmath_t<scalar_t>> pw, out_t* __restrict__ loss, scalar_t* __restrict__ grad,
+                   opmath_t<scalar_t>* __restrict__ partials, int64_t N, int64_t C, opmath_t<scalar_t> scale,
+                   bool aligned) {
+  using op_t = opmath_t<scalar_t>;
+  constexpr int VEC = Tile<scalar_t>::VEC;
+  const int64_t tile0 = int64_t(blockIdx.x) * Tile<scalar_t>::kTile;
+  op_t acc = 0;
+#pragma unroll 1
+  for (int it = 0; it < kIters; ++it) {
+    const int64_t i0 = tile0 + (int64_t(it) * kThreads + threadIdx.x) * VEC;
+    if (i0 >= N) break;
+    const int n = static_cast<int>(N - i0 < VEC ? N - i0 : VEC);
+    const bool vec = aligned && n == VEC;
+    scalar_t xs[VEC];
+    target_t ys[VEC];
+    load_vec(x + i0, vec, n, xs);
+    load_vec(y + i0, vec, n, ys);
+    int64_t r = i0 / C, c = i0 - r * C;
+    out_t ls[VEC];
+    scalar_t gs[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      op_t l, g;
+      forward<PW>(static_cast<op_t>(xs[j]), static_cast<op_t>(ys[j]), w.at(r, c), PW ? pw.at(r, c) : op_t(1), l, g);
+      if (REDUCE) {
+        if (j < n) acc += l;
+      } else {
+        ls[j] = static_cast<out_t>(l);
+      }
+      gs[j] = static_cast<scalar_t>(g * scale);
+      if (++c == C) {
+        c = 0;
+        ++r;
+      }
+    }
+    if (!REDUCE) store_vec(loss + i0, vec, n, ls);
+    if (grad != nullptr) store_vec(grad + i0, vec, n, gs);
+  }
+  if (REDUCE) {
+    using BlockReduce = cub::BlockReduce<op_t, kThreads>;
+    __shared__ typename BlockReduce::TempStorage tmp;
+    const op_t s = BlockReduce(tmp).Sum(acc);
+    if (threadIdx.x == 0) partials[blockIdx.x] = s;
+  }
+}
+
+template <typename op_t, typename out_t>
+__global__ void __launch_bounds__(kThreads)
+    bce_sum_kernel(const op_t* __restrict__ partials, int64_t P, double divisor, out_t* __restrict__ out) {
+  double acc = 0;
+  for (int64_t i = threadIdx.x; i < P; i += kThreads) acc += static_cast<double>(partials[i]);
+  using BlockReduce = cub::BlockReduce<double, kThreads>;
+  __shared__ typename BlockReduce::TempStorage tmp;
+  const double s = BlockReduce(tmp).Sum(acc);
+  if (threadIdx.x == 0) *out = static_cast<out_t>(s / divisor);
+}
+
+template <typename scalar_t, typename target_t, bool PW>
+__global__ void __launch_bounds__(kThreads)
+    bce_target_grad_kernel(const scalar_t* __restrict__ x, BcastArg<opmath_t<scalar_t>> w,
+                           BcastArg<opmath_t<scalar_t>> pw, target_t* __restrict__ out, int64_t N, int64_t C,
+                           opmath_t<scalar_t> scale, bool aligned) {
+  using op_t = opmath_t<scalar_t>;
+  constexpr int VEC = Tile<scalar_t>::VEC;
+  const int64_t tile0 = int64_t(blockIdx.x) * Tile<scalar_t>::kTile;
+#pragma unroll 1
+  for (int it = 0; it < kIters; ++it) {
+    const int64_t i0 = tile0 + (int64_t(it) * kThreads + threadIdx.x) * VEC;
+    if (i0 >= N) break;
+    const int n = static_cast<int>(N - i0 < VEC ? N - i0 : VEC);
+    const bool vec = aligned && n == VEC;
+    scalar_t xs[VEC];
+    load_vec(x + i0, vec, n, xs);
+    int64_t r = i0 / C, c = i0 - r * C;
+    target_t os[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      os[j] = static_cast<target_t>(
+          target_grad<PW>(static_cast<op_t>(xs[j]), w.at(r, c), PW ? pw.at(r, c) : op_t(1)) * scale);
+      if (++c == C) {
+        c = 0;
+        ++r;
+      }
+    }
+    store_vec(out + i0, vec, n, os);
+  }
+}
+
+template <typename op_t>
+BcastArg<op_t> bcast_of(const std::optional<at::Tensor>& t, const op_t* one) {
+  if (!t.has_value()) return {one, 0, 0};
+  const auto& v = *t;
+  return {v.data_ptr<op_t>(), v.size(0) == 1 ? 0 : v.stride(0), v.size(1) == 1 ? 0 : v.stride(1)};
+}
+
+bool is_aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+// A device-resident 1 for absent weights (stride 0): a __device__ constant per opmath type.
+__device__ float kOneF = 1.0f;
+__device__ double kOneD = 1.0;
+template <typename op_t>
+const op_t* device_one() {
+  void* p = nullptr;
+  if constexpr (std::is_same_v<op_t, double>)
+    C10_CUDA_CHECK(cudaGetSymbolAddress(&p, kOneD));
+  else
+    C10_CUDA_CHECK(cudaGetSymbolAddress(&p, kOneF));
+  return static_cast<const op_t*>(p);
+}
+
+std::tuple<at::Tensor, at::Tensor> bce_with_logits_cuda(const at::Tensor& input, const at::Tensor& target,
+                                                        const std::optional<at::Tensor>& weight,
+                                                        const std::optional<at::Tensor>& pos_weight,
+                                                        int64_t reduction, bool compute_grad,
+                                                        at::ScalarType out_dtype) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  const int64_t R = input.size(0), C = input.size(1), N = R * C;
+  at::Tensor loss = reduction == 0 ? at::empty({R, C}, input.options().dtype(out_dtype))
+                                   : at::empty({}, input.options().dtype(out_dtype));
+  at::Tensor grad = at::empty({compute_grad ? R : 0, compute_grad ? C : 0}, input.options());
+  if (N == 0) {
+    if (reduction != 0) loss.fill_(reduction == 1 ? std::numeric_limits<double>::quiet_NaN() : 0.0);
+    return {loss, grad};
+  }
+  auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch(input.scalar_type(), target.scalar_type(), out_dtype, pos_weight.has_value(), "bce_with_logits",
+           [&](auto s, auto t, auto o, auto pwc) {
+             using scalar_t = typename decltype(s)::type;
+             using target_t = typename decltype(t)::type;
+             using out_t = typename decltype(o)::type;
+             using op_t = opmath_t<scalar_t>;
+             constexpr bool PW = decltype(pwc)::value;
+             constexpr int VEC = Tile<scalar_t>::VEC;
+             const op_t* one = device_one<op_t>();
+             const auto w = bcast_of<op_t>(weight, one);
+             const auto pw = bcast_of<op_t>(pos_weight, one);
+             const int64_t blocks = (N + Tile<scalar_t>::kTile - 1) / Tile<scalar_t>::kTile;
+             TORCH_CHECK(blocks < (int64_t(1) << 31), "bce_with_logits: tensor too large");
+             const scalar_t* xp = input.data_ptr<scalar_t>();
+             const target_t* yp = target.data_ptr<target_t>();
+             scalar_t* gp = compute_grad ? grad.data_ptr<scalar_t>() : nullptr;
+             bool aligned = is_aligned(xp, sizeof(scalar_t) * VEC) && is_aligned(yp, sizeof(target_t) * VEC) &&
+                            (gp == nullptr || is_aligned(gp, sizeof(scalar_t) * VEC));
+             const op_t scale = reduction == 1 ? op_t(1) / op_t(N) : op_t(1);
+             if (reduction == 0) {
+               out_t* lp = loss.data_ptr<out_t>();
+               aligned = aligned && is_aligned(lp, sizeof(out_t) * VEC);
+               bce_fwd_kernel<scalar_t, target_t, out_t, PW, false><<<blocks, kThreads, 0, stream>>>(
+                   xp, yp, w, pw, lp, gp, nullptr, N, C, scale, aligned);
+               C10_CUDA_KERNEL_LAUNCH_CHECK();
+             } else {
+               at::Tensor partials = at::empty({blocks}, input.options().dtype(c10::CppTypeToScalarType<op_t>::value));
+               bce_fwd_kernel<scalar_t, target_t, out_t, PW, true><<<blocks, kThreads, 0, stream>>>(
+                   xp, yp, w, pw, nullptr, gp, partials.data_ptr<op_t>(), N, C, scale, aligned);
+               C10_CUDA_KERNEL_LAUNCH_CHECK();
+               bce_sum_kernel<op_t, out_t><<<1, kThreads, 0, stream>>>(
+                   partials.data_ptr<op_t>(), blocks, reduction == 1 ? double(N) : 1.0, loss.data_ptr<out_t>());
+               C10_CUDA_KERNEL_LAUNCH_CHECK();
+             }
+           });
+  return {loss, grad};
+}
+
+at::Tensor bce_with_logits_target_grad_cuda(const at::Tensor& input, const at::Tensor& target,
+                                            const std::optional<at::Tensor>& weight,
+                                            const std::optional<at::Tensor>& pos_weight, int64_t reduction) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  const int64_t R = input.size(0), C = input.size(1), N = R * C;
+  at::Tensor out = at::empty({R, C}, target.options());
+  if (N == 0) return out;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch(input.scalar_type(), target.scalar_type(), input.scalar_type(), pos_weight.has_value(),
+           "bce_with_logits_target_grad", [&](auto s, auto t, auto, auto pwc) {
+             using scalar_t = typename decltype(s)::type;
+             using target_t = typename decltype(t)::type;
+             using op_t = opmath_t<scalar_t>;
+             constexpr int VEC = Tile<scalar_t>::VEC;
+             const op_t* one = device_one<op_t>();
+             const int64_t blocks = (N + Tile<scalar_t>::kTile - 1) / Tile<scalar_t>::kTile;
+             const scalar_t* xp = input.data_ptr<scalar_t>();
+             target_t* op = out.data_ptr<target_t>();
+             const bool aligned = is_aligned(xp, sizeof(scalar_t) * VEC) && is_aligned(op, sizeof(target_t) * VEC);
+             bce_target_grad_kernel<scalar_t, target_t, decltype(pwc)::value><<<blocks, kThreads, 0, stream>>>(
+                 xp, bcast_of<op_t>(weight, one), bcast_of<op_t>(pos_weight, one), op, N, C,
+                 reduction == 1 ? op_t(1) / op_t(N) : op_t(1), aligned);
+             C10_CUDA_KERNEL_LAUNCH_CHECK();
+           });
+  return out;
+}
+
+}  // namespace
+}  // namespace bce
+}  // namespace fusedtrain
+
+TORCH_LIBRARY_IMPL(fusedtrain, CUDA, m) {
+  m.impl("bce_with_logits", &fusedtrain::bce::bce_with_logits_cuda);
+  m.impl("bce_with_logits_target_grad", &fusedtrain::bce::bce_with_logits_target_grad_cuda);
+}

@@ -1,0 +1,100 @@
+"""The PyTorch reference implementations: the spec every other backend is tested against.
+
+Plain PyTorch ops, any device. Each section follows the contract of its op family's kernels
+(the same arguments and results), computed in opmath: float32 for fp32/fp16/bf16 storage,
+float64 for float64 storage. Tests call them on float64 tensors to get the float64 truth.
+"""
+import torch
+
+# ---- bce ----------------------------------------------------------------------------------
+# BCE with logits (DESIGN §4), per element, with e = exp(-|x|), softplus(-x) = log1p(e) + max(-x, 0):
+#   lw   = 1 + (pos_weight - 1) * y                        (1 without pos_weight)
+#   loss = w * ((1 - y) * x + lw * softplus(-x))
+#   dx   = w * (lw * sigmoid(x) - pos_weight * y)           (w * (sigmoid(x) - y) without)
+#   dy   = w * (pos_weight * softplus(-x) - softplus(x))    (w * -x without)
+# Same formulas as csrc/include/fusedtrain/bce_math.h and fusedtrain/triton/bce.py.
+
+BCE_REDUCTIONS = ("none", "mean", "sum")  # reduction codes 0, 1, 2 of the ops
+
+
+def _bce_opmath(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def bce_terms(x, y=None, w=None, pw=None, *, want=("loss", "dx")):
+    """Per-element BCE terms in the dtype of `x` (callers upcast): a dict with the requested
+    of "loss", "dx", "dy"."""
+    e = torch.exp(-x.abs())
+    l1p = torch.log1p(e)
+    sp_neg = l1p + torch.clamp_min(-x, 0)
+    out = {}
+    if "loss" in want or "dx" in want:
+        lw = None if pw is None else 1 + (pw - 1) * y
+        if "loss" in want:
+            out["loss"] = (1 - y) * x + (sp_neg if lw is None else lw * sp_neg)
+        if "dx" in want:
+            r = 1 / (1 + e)
+            sig = torch.where(x >= 0, r, e * r)
+            out["dx"] = sig - y if pw is None else lw * sig - pw * y
+    if "dy" in want:
+        out["dy"] = -x if pw is None else pw * sp_neg - (l1p + torch.clamp_min(x, 0))
+    if w is not None:
+        out = {k: v * w for k, v in out.items()}
+    return out
+
+
+def bce_with_logits(input, target, weight, pos_weight, reduction: int, compute_grad: bool, out_dtype):
+    """The contract of the fusedtrain::bce_with_logits op: (loss, grad_input).
+
+    input, target: (R, C); weight, pos_weight: None or broadcastable to (R, C). reduction 0 none,
+    1 mean, 2 sum. loss: (R, C) for none, 0-d otherwise, in out_dtype. grad_input: d loss / d input
+    with the 1/N of mean folded in, in input's dtype; shape (0, 0) when compute_grad is false."""
+    op = _bce_opmath(input)
+    x, y = input.to(op), target.to(op)
+    w = None if weight is None else weight.to(op)
+    pw = None if pos_weight is None else pos_weight.to(op)
+    terms = bce_terms(x, y, w, pw, want=("loss", "dx") if compute_grad else ("loss",))
+    loss = terms["loss"]
+    n = loss.numel()
+    if reduction == 1:
+        loss = loss.sum() / n if n else loss.new_tensor(float("nan"))
+    elif reduction == 2:
+        loss = loss.sum()
+    loss = loss.to(out_dtype)
+    if compute_grad:
+        dx = terms["dx"]
+        grad = (dx / n if reduction == 1 else dx).to(input.dtype)
+    else:
+        grad = input.new_empty((0, 0))
+    return loss, grad
+
+
+def bce_with_logits_target_grad(input, target, weight, pos_weight, reduction: int):
+    """The contract of fusedtrain::bce_with_logits_target_grad: d loss / d target (1/N of mean
+    folded in), (R, C) in target's dtype."""
+    op = _bce_opmath(input)
+    x = input.to(op)
+    w = None if weight is None else weight.to(op)
+    pw = None if pos_weight is None else pos_weight.to(op)
+    dy = bce_terms(x, None, w, pw, want=("dy",))["dy"]
+    dy = torch.broadcast_to(dy, input.shape)
+    if reduction == 1:
+        dy = dy / max(input.numel(), 1)
+    return dy.to(target.dtype).contiguous()
+
+
+def bce_loss_float64(input, target, weight=None, reduction="mean", pos_weight=None):
+    """The float64 truth for tests: (loss, d loss / d input, d loss / d target), any shapes that
+    torch's binary_cross_entropy_with_logits accepts; loss for 'none' has input's shape."""
+    d = torch.float64
+    x, y = input.detach().to(d), target.detach().to(d)
+    w = None if weight is None else weight.detach().to(d)
+    pw = None if pos_weight is None else pos_weight.detach().to(d)
+    t = bce_terms(x, y, w, pw, want=("loss", "dx", "dy"))
+    loss, dx, dy = (torch.broadcast_to(t[k], x.shape) for k in ("loss", "dx", "dy"))
+    n = x.numel()
+    if reduction == "mean":
+        return (loss.sum() / n if n else loss.new_tensor(float("nan"))), dx / max(n, 1), dy / max(n, 1)
+    if reduction == "sum":
+        return loss.sum(), dx, dy
+    return loss, dx, dy
