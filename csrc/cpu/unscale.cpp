@@ -1,0 +1,151 @@
+// CPU body of fusedtrain::unscale_and_check_ (schema in csrc/ops.cpp; Python entry in
+// fusedtrain/ops/unscale.py, which validates and groups by dtype before calling this).
+//
+// The whole list is cut into fixed chunks of kChunk elements (a tensor's last chunk may be
+// shorter) that at::parallel_for hands to the threads; each chunk records its own fp32 sum of
+// squares and whether it saw an inf/NaN, and the chunk sums are combined in chunk order in
+// double. The chunking depends on the tensor sizes only, never on the thread count, so the
+// norm is bit-identical from run to run and across thread counts. The per-element math is
+// csrc/include/fusedtrain/unscale_math.h, instantiated here for at::vec::Vectorized<float>
+// (the main loop) and float (the tails).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "fusedtrain/unscale_math.h"
+
+namespace fusedtrain {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kChunk = 1 << 15;
+
+struct Chunk {
+  void* data;
+  int64_t n;
+};
+
+struct ChunkResult {
+  float sumsq;
+  bool found;
+};
+
+inline float hsum(const Vec& v) {
+  alignas(64) float lanes[Vec::size()];
+  v.store(lanes);
+  float s = 0.f;
+  for (int i = 0; i < Vec::size(); ++i) s += lanes[i];
+  return s;
+}
+
+// Unscale one 2*Vec::size() block of floats held in a, b (in registers).
+template <bool NORM>
+inline void body(Vec& a, Vec& b, const Vec& inv, Vec& sq0, Vec& sq1, Vec& pr0, Vec& pr1) {
+  pr0 = unscale::probe_add(pr0, a);
+  pr1 = unscale::probe_add(pr1, b);
+  a = unscale::unscaled(a, inv);
+  b = unscale::unscaled(b, inv);
+  if (NORM) {
+    sq0 = unscale::square_add(sq0, a);
+    sq1 = unscale::square_add(sq1, b);
+  }
+}
+
+template <typename scalar_t, bool WRITE, bool NORM>
+ChunkResult run_chunk(scalar_t* p, int64_t n, float inv_s) {
+  const Vec inv(inv_s);
+  Vec sq0(0.f), sq1(0.f), pr0(0.f), pr1(0.f);
+  constexpr int64_t W = 2 * Vec::size();  // elements per step
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    Vec a, b;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      a = Vec::loadu(p + i);
+      b = Vec::loadu(p + i + Vec::size());
+    } else {
+      std::tie(a, b) = at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(p + i));
+    }
+    body<NORM>(a, b, inv, sq0, sq1, pr0, pr1);
+    if (WRITE) {
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        a.store(p + i);
+        b.store(p + i + Vec::size());
+      } else {
+        at::vec::convert_from_float<scalar_t>(a, b).store(p + i);
+      }
+    }
+  }
+  float sq = NORM ? hsum(sq0 + sq1) : 0.f;
+  float pr = hsum(pr0 + pr1);
+  for (; i < n; ++i) {
+    float x = static_cast<float>(p[i]);
+    pr = unscale::probe_add(pr, x);
+    float y = unscale::unscaled(x, inv_s);
+    if (NORM) sq = unscale::square_add(sq, y);
+    if (WRITE) p[i] = static_cast<scalar_t>(y);
+  }
+  return {sq, unscale::probe_found(pr)};
+}
+
+template <typename scalar_t, bool WRITE, bool NORM>
+void run_all(const std::vector<Chunk>& chunks, float inv, std::vector<ChunkResult>& res) {
+  const int64_t n_chunks = static_cast<int64_t>(chunks.size());
+  // grain 1: a chunk is already large enough to be worth a thread.
+  at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      res[c] = run_chunk<scalar_t, WRITE, NORM>(static_cast<scalar_t*>(chunks[c].data), chunks[c].n, inv);
+    }
+  });
+}
+
+template <typename scalar_t>
+void dispatch(const std::vector<Chunk>& chunks, float inv, bool write, bool norm, std::vector<ChunkResult>& res) {
+  if (write && norm) run_all<scalar_t, true, true>(chunks, inv, res);
+  else if (write) run_all<scalar_t, true, false>(chunks, inv, res);
+  else if (norm) run_all<scalar_t, false, true>(chunks, inv, res);
+  else run_all<scalar_t, false, false>(chunks, inv, res);
+}
+
+// tensors: one dtype (fp32, fp16 or bf16), each non-overlapping and dense (its numel elements
+// are one span starting at data_ptr); inv_scale, found_inf: one-element fp32 CPU tensors.
+at::Tensor unscale_and_check_cpu(at::TensorList tensors, const at::Tensor& inv_scale, const at::Tensor& found_inf,
+                                 bool compute_norm, bool write) {
+  std::vector<Chunk> chunks;
+  for (const auto& t : tensors) {
+    const int64_t n = t.numel();
+    char* base = static_cast<char*>(t.data_ptr());
+    const int64_t es = t.element_size();
+    for (int64_t s = 0; s < n; s += kChunk) chunks.push_back({base + s * es, std::min(kChunk, n - s)});
+  }
+  std::vector<ChunkResult> res(chunks.size());
+  const float inv = inv_scale.data_ptr<float>()[0];
+  if (!chunks.empty()) {
+    const auto dtype = tensors[0].scalar_type();
+    switch (dtype) {
+      case at::kFloat: dispatch<float>(chunks, inv, write, compute_norm, res); break;
+      case at::kHalf: dispatch<at::Half>(chunks, inv, write, compute_norm, res); break;
+      case at::kBFloat16: dispatch<at::BFloat16>(chunks, inv, write, compute_norm, res); break;
+      default: TORCH_CHECK(false, "fusedtrain::unscale_and_check_: unsupported dtype ", dtype);
+    }
+  }
+  bool found = false;
+  double total = 0.0;
+  for (const auto& r : res) {  // fixed order: chunk order
+    found = found || r.found;
+    total += static_cast<double>(r.sumsq);
+  }
+  if (found) found_inf.data_ptr<float>()[0] = 1.f;
+  if (!compute_norm) return at::empty({0}, inv_scale.options());
+  return at::scalar_tensor(static_cast<float>(total), inv_scale.options());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedtrain, CPU, m) {
+  m.impl("unscale_and_check_", &unscale_and_check_cpu);
+}
+
+}  // namespace fusedtrain
