@@ -22,6 +22,11 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kChunk = 1 << 15;
+// Below this many elements in all (16 MiB of fp32, half this machine class's L3) one core
+// finishes the pass in well under a millisecond from cache, and waking a second thread costs
+// more than it saves (on a shared 2-vCPU machine a busy sibling makes a parallel region cost a
+// scheduler slice, ~8 ms). The chunking, and so the norm, does not depend on this choice.
+constexpr int64_t kParallelMin = int64_t(1) << 22;
 
 struct Chunk {
   void* data;
@@ -91,22 +96,28 @@ ChunkResult run_chunk(scalar_t* p, int64_t n, float inv_s) {
 }
 
 template <typename scalar_t, bool WRITE, bool NORM>
-void run_all(const std::vector<Chunk>& chunks, float inv, std::vector<ChunkResult>& res) {
+void run_all(const std::vector<Chunk>& chunks, int64_t total, float inv, std::vector<ChunkResult>& res) {
   const int64_t n_chunks = static_cast<int64_t>(chunks.size());
-  // grain 1: a chunk is already large enough to be worth a thread.
-  at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
+  auto body = [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       res[c] = run_chunk<scalar_t, WRITE, NORM>(static_cast<scalar_t*>(chunks[c].data), chunks[c].n, inv);
     }
-  });
+  };
+  if (total < kParallelMin || at::get_num_threads() == 1) {
+    body(0, n_chunks);
+  } else {
+    // grain 1: a chunk (up to kChunk elements) is already worth a thread.
+    at::parallel_for(0, n_chunks, 1, body);
+  }
 }
 
 template <typename scalar_t>
-void dispatch(const std::vector<Chunk>& chunks, float inv, bool write, bool norm, std::vector<ChunkResult>& res) {
-  if (write && norm) run_all<scalar_t, true, true>(chunks, inv, res);
-  else if (write) run_all<scalar_t, true, false>(chunks, inv, res);
-  else if (norm) run_all<scalar_t, false, true>(chunks, inv, res);
-  else run_all<scalar_t, false, false>(chunks, inv, res);
+void dispatch(const std::vector<Chunk>& chunks, int64_t total, float inv, bool write, bool norm,
+              std::vector<ChunkResult>& res) {
+  if (write && norm) run_all<scalar_t, true, true>(chunks, total, inv, res);
+  else if (write) run_all<scalar_t, true, false>(chunks, total, inv, res);
+  else if (norm) run_all<scalar_t, false, true>(chunks, total, inv, res);
+  else run_all<scalar_t, false, false>(chunks, total, inv, res);
 }
 
 // tensors: one dtype (fp32, fp16 or bf16), each non-overlapping and dense (its numel elements
@@ -114,8 +125,10 @@ void dispatch(const std::vector<Chunk>& chunks, float inv, bool write, bool norm
 at::Tensor unscale_and_check_cpu(at::TensorList tensors, const at::Tensor& inv_scale, const at::Tensor& found_inf,
                                  bool compute_norm, bool write) {
   std::vector<Chunk> chunks;
+  int64_t total = 0;
   for (const auto& t : tensors) {
     const int64_t n = t.numel();
+    total += n;
     char* base = static_cast<char*>(t.data_ptr());
     const int64_t es = t.element_size();
     for (int64_t s = 0; s < n; s += kChunk) chunks.push_back({base + s * es, std::min(kChunk, n - s)});
@@ -125,21 +138,21 @@ at::Tensor unscale_and_check_cpu(at::TensorList tensors, const at::Tensor& inv_s
   if (!chunks.empty()) {
     const auto dtype = tensors[0].scalar_type();
     switch (dtype) {
-      case at::kFloat: dispatch<float>(chunks, inv, write, compute_norm, res); break;
-      case at::kHalf: dispatch<at::Half>(chunks, inv, write, compute_norm, res); break;
-      case at::kBFloat16: dispatch<at::BFloat16>(chunks, inv, write, compute_norm, res); break;
+      case at::kFloat: dispatch<float>(chunks, total, inv, write, compute_norm, res); break;
+      case at::kHalf: dispatch<at::Half>(chunks, total, inv, write, compute_norm, res); break;
+      case at::kBFloat16: dispatch<at::BFloat16>(chunks, total, inv, write, compute_norm, res); break;
       default: TORCH_CHECK(false, "fusedtrain::unscale_and_check_: unsupported dtype ", dtype);
     }
   }
   bool found = false;
-  double total = 0.0;
+  double sumsq = 0.0;
   for (const auto& r : res) {  // fixed order: chunk order
     found = found || r.found;
-    total += static_cast<double>(r.sumsq);
+    sumsq += static_cast<double>(r.sumsq);
   }
   if (found) found_inf.data_ptr<float>()[0] = 1.f;
   if (!compute_norm) return at::empty({0}, inv_scale.options());
-  return at::scalar_tensor(static_cast<float>(total), inv_scale.options());
+  return at::scalar_tensor(static_cast<float>(sumsq), inv_scale.options());
 }
 
 }  // namespace

@@ -76,6 +76,30 @@ def _per_device(t, device, cache):
     return cache[device]
 
 
+def _prepare(group, compute_norm):
+    """(tensors the kernel can take, [(original, dense copy)] to copy back) for one group:
+    sparse COO tensors give their values, non-dense tensors a dense copy."""
+    if all(map(torch.Tensor.is_contiguous, group)):  # the common case, checked in C++ per tensor
+        return group, []
+    runs, copies = [], []
+    for t in group:
+        if t.layout == torch.sparse_coo:
+            if compute_norm and not t.is_coalesced():
+                raise ValueError("unscale_and_check_: an uncoalesced sparse tensor was given; the norm needs "
+                                 "coalesced values (call .coalesce() first)")
+            runs.append(t._values())
+        elif t.layout != torch.strided:
+            raise ValueError(f"unscale_and_check_: a tensor has layout {t.layout}; only strided and sparse COO "
+                             "tensors are supported")
+        elif _dense(t):
+            runs.append(t)
+        else:
+            c = t.contiguous()
+            runs.append(c)
+            copies.append((t, c))
+    return runs, copies
+
+
 def unscale_sumsq_(tensors, inv_scale, found_inf, *, compute_norm=False, write=True):
     """The pass itself; returns {device: fp32 0-d sum of squares on that device} (empty dict
     unless compute_norm). found_inf may live on another device than some tensors: such
@@ -84,31 +108,26 @@ def unscale_sumsq_(tensors, inv_scale, found_inf, *, compute_norm=False, write=T
     _check_scalar("found_inf", found_inf)
     if isinstance(tensors, torch.Tensor):
         tensors = [tensors]
-    groups = {}
+    tensors = [t for t in tensors if t is not None]
     for i, t in enumerate(tensors):
-        if t is None:
-            continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"unscale_and_check_: tensors[{i}] is a {type(t).__name__}, not a tensor")
-        if t.layout == torch.sparse_coo:
-            if compute_norm and not t.is_coalesced():
-                raise ValueError(f"unscale_and_check_: tensors[{i}] is an uncoalesced sparse tensor; the norm "
-                                 "needs coalesced values (call .coalesce() first)")
-            t = t._values()
-        elif t.layout != torch.strided:
-            raise ValueError(f"unscale_and_check_: tensors[{i}] has layout {t.layout}; only strided and "
-                             "sparse COO tensors are supported")
-        if t.dtype not in SUPPORTED and t.dtype != torch.float64:
-            raise ValueError(f"unscale_and_check_: tensors[{i}] has dtype {t.dtype}; expected float32, "
-                             "float16 or bfloat16 (float64 on the reference backend)")
-        groups.setdefault((t.device, t.dtype), []).append(t)
+    if not tensors:
+        return {}
+    # grouping by (device, dtype) in C++ (torch's foreach helper): a Python loop over
+    # a thousand tensors would cost more than the pass
+    grouped = torch._C._group_tensors_by_device_and_dtype([tensors], False)
 
     sums = {}
     flag_cache, inv_cache = {}, {}
     local_flags = []
-    for (device, dtype), group in groups.items():
-        group = [t for t in group if t.numel()]
-        if not group:
+    for (device, dtype), ((group,), _) in grouped.items():
+        if dtype not in SUPPORTED and dtype != torch.float64:
+            raise ValueError(f"unscale_and_check_: got a tensor of dtype {dtype}; expected float32, "
+                             "float16 or bfloat16 (float64 on the reference backend)")
+        runs, copies = _prepare(group, compute_norm)
+        runs = [t for t in runs if t.numel()]
+        if not runs:
             continue
         backend = _backend.select(device, OP)
         if dtype == torch.float64 and backend != "reference":
@@ -124,15 +143,6 @@ def unscale_sumsq_(tensors, inv_scale, found_inf, *, compute_norm=False, write=T
                 flag_cache[device] = torch.zeros((), dtype=torch.float32, device=device)
                 local_flags.append(flag_cache[device])
             flag = flag_cache[device]
-        # non-dense tensors (slices with gaps): run on a dense copy, then copy back
-        runs, copies = [], []
-        for t in group:
-            if _dense(t):
-                runs.append(t)
-            else:
-                c = t.contiguous()
-                runs.append(c)
-                copies.append((t, c))
         s = _run_group(backend, runs, inv, flag, compute_norm, write)
         if write:
             for t, c in copies:

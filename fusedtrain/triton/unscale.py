@@ -11,6 +11,8 @@ inf/NaN x; squares of y are summed for the norm. With NORM each program stores i
 and the last program to finish (atomic counter) adds the partials in chunk order and stores
 the total: deterministic, and still one launch.
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -43,8 +45,8 @@ def unscale_chunks_kernel(meta_ptr, n_chunks, inv_scale_ptr, found_inf_ptr, part
     n = tl.load(meta_ptr + 1 + n_chunks + c)
     inv = tl.load(inv_scale_ptr)
     offs = tl.arange(0, BLOCK)
-    sq = tl.zeros([BLOCK], dtype=tl.float32)
-    pr = tl.zeros([BLOCK], dtype=tl.float32)
+    sq = tl.full([BLOCK], 0.0, tl.float32)
+    pr = tl.full([BLOCK], 0.0, tl.float32)
     for it in tl.static_range(ITERS):
         idx = it * BLOCK + offs
         m = idx < n
@@ -58,29 +60,41 @@ def unscale_chunks_kernel(meta_ptr, n_chunks, inv_scale_ptr, found_inf_ptr, part
                 tl.store(base + idx, _f32_to_bf16_rne(y), mask=m)
             else:
                 tl.store(base + idx, y.to(DTYPE), mask=m)
-    p = tl.sum(pr, axis=0)
-    tl.store(found_inf_ptr, 1.0, mask=p != p)
+    # found_inf = 1.0 from every lane whose probe is NaN (all store the same value; no
+    # reduction needed, and almost always no lane stores)
+    tl.store(found_inf_ptr + offs * 0, tl.full([BLOCK], 1.0, tl.float32), mask=pr != pr)
     if NORM:
         tl.store(partial_ptr + c, tl.sum(sq, axis=0))
         ticket = tl.atomic_add(meta_ptr, 1, sem="acq_rel")
         if ticket == n_chunks - 1:
             roffs = tl.arange(0, RBLOCK)
-            acc = tl.zeros([RBLOCK], dtype=tl.float32)
+            acc = tl.full([RBLOCK], 0.0, tl.float32)
             for start in range(0, n_chunks, RBLOCK):
                 acc += tl.load(partial_ptr + start + roffs, mask=start + roffs < n_chunks, other=0.0,
                                cache_modifier=".cg")
             tl.store(out_ptr, tl.sum(acc, axis=0))
 
 
-def chunk_table(tensors, device):
+def tiles(tensors):
+    """(BLOCK, ITERS) of a launch. On a GPU always (BLOCK, ITERS), a chunk of CHUNK elements.
+    Under the Triton interpreter, whose cost grows with the tile and not with the data, the
+    tile is shrunk to the largest tensor (a power of two, one iteration), which keeps the CPU
+    test run fast; the chunking is still a function of the tensor sizes only."""
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return BLOCK, ITERS
+    largest = max(t.numel() for t in tensors)
+    return min(triton.next_power_of_2(max(largest, 16)), BLOCK), 1
+
+
+def chunk_table(tensors, device, chunk=CHUNK):
     """The int64 meta table of a group (see the module docstring) on `device`."""
     addrs, lens = [], []
     for t in tensors:
         n = t.numel()
         base, es = t.data_ptr(), t.element_size()
-        for s in range(0, n, CHUNK):
+        for s in range(0, n, chunk):
             addrs.append(base + s * es)
-            lens.append(min(CHUNK, n - s))
+            lens.append(min(chunk, n - s))
     host = torch.tensor([0] + addrs + lens, dtype=torch.int64)
     if device.type == "cuda":
         return host.pin_memory().to(device, non_blocking=True), len(addrs)
@@ -90,7 +104,8 @@ def chunk_table(tensors, device):
 def unscale_and_check_(tensors, inv_scale, found_inf, compute_norm, write):
     """One launch over `tensors` (one device, one dtype; each non-overlapping and dense)."""
     dev = inv_scale.device
-    meta, n_chunks = chunk_table(tensors, dev)
+    block, iters = tiles(tensors)
+    meta, n_chunks = chunk_table(tensors, dev, block * iters)
     if n_chunks == 0:
         return torch.zeros((), dtype=torch.float32, device=dev) if compute_norm else \
             torch.empty((0,), dtype=torch.float32, device=dev)
@@ -101,7 +116,7 @@ def unscale_and_check_(tensors, inv_scale, found_inf, compute_norm, write):
         partials = out = torch.empty((0,), dtype=torch.float32, device=dev)
     unscale_chunks_kernel[(n_chunks,)](
         meta, n_chunks, inv_scale, found_inf, partials, out,
-        DTYPE=_TL_DTYPE[tensors[0].dtype], BLOCK=BLOCK, ITERS=ITERS, RBLOCK=RBLOCK,
+        DTYPE=_TL_DTYPE[tensors[0].dtype], BLOCK=block, ITERS=iters, RBLOCK=RBLOCK,
         WRITE=write, NORM=compute_norm, num_warps=8)
     return out
 
