@@ -65,7 +65,9 @@ def unscale_chunks_kernel(meta_ptr, n_chunks, inv_scale_ptr, found_inf_ptr, part
     tl.store(found_inf_ptr + offs * 0, tl.full([BLOCK], 1.0, tl.float32), mask=pr != pr)
     if NORM:
         tl.store(partial_ptr + c, tl.sum(sq, axis=0))
-        ticket = tl.atomic_add(meta_ptr, 1, sem="acq_rel")
+        # whichever thread stored the partial, it is ordered before the (release) ticket
+        tl.debug_barrier()
+        ticket = tl.atomic_add(meta_ptr, 1, sem="acq_rel", scope="gpu")
         if ticket == n_chunks - 1:
             roffs = tl.arange(0, RBLOCK)
             acc = tl.full([RBLOCK], 0.0, tl.float32)
