@@ -370,3 +370,29 @@ def test_cuda_default_device_without_cuda_disables_like_torch():
     with pytest.warns(UserWarning, match="CUDA is not available"):
         s = fusedtrain.GradScaler()
     assert not s.is_enabled()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_no_host_sync_on_cuda(backend_device):
+    _, device = backend_device
+    if device != "cuda":
+        pytest.skip("CUDA backends only")
+    model = _model(torch.float32, device)
+    opt = _ScaledOpt(model.parameters())
+    tfused = torch.optim.Adam(_model(torch.float32, device).parameters(), lr=1e-3, fused=True)
+    s = fusedtrain.GradScaler(device)
+    x = torch.randn(8, 16, device=device)
+    s.scale(model(x).sum()).backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        s.step(opt)                      # read-only check + _step_scaled
+        s.update()
+        s.scale(model(x).sum()).backward()
+        s.unscale_(opt)                  # fused unscale
+        s.clip_grad_norm_(opt, 1.0)      # check + norm + clip
+        s.step(opt)
+        s.update()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    del tfused

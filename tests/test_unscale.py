@@ -251,3 +251,34 @@ def test_native_op_direct_contract():
     s = torch.ops.fusedtrain.unscale_and_check_(ts, inv_scale, found_inf, True, False)
     assert s.item() == 169.0
     assert torch.ops.fusedtrain.unscale_and_check_(ts, inv_scale, found_inf, False, False).numel() == 0
+
+
+def test_one_call_per_device_dtype_group(backend_device, monkeypatch):
+    _, device = backend_device
+    from fusedtrain.ops import unscale as ops
+
+    calls = []
+    real = ops._run_group
+    monkeypatch.setattr(ops, "_run_group", lambda b, ts, *a: calls.append((b, len(ts))) or real(b, ts, *a))
+    ts = [torch.ones(n, dtype=FLOAT_DTYPES[n % 3], device=device) for n in range(1, 61)]
+    fusedtrain.unscale_and_check_(ts, *_scalars(device), compute_norm=True)
+    assert sorted(n for _, n in calls) == [20, 20, 20]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_one_kernel_launch_per_group(backend_device):
+    backend, device = backend_device
+    if device != "cuda":
+        pytest.skip("CUDA backends only")
+    from torch.profiler import ProfilerActivity, profile
+
+    ts = [torch.randn(n, device=device) for n in [4096] * 200 + [1 << 22]]
+    inv_scale, found_inf = _scalars(device)
+    fusedtrain.unscale_and_check_(ts, inv_scale, found_inf, compute_norm=True)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fusedtrain.unscale_and_check_(ts, inv_scale, found_inf, compute_norm=True)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and "unscale" in e.name]
+    assert len(kernels) == 1, kernels
