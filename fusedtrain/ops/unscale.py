@@ -109,14 +109,17 @@ def unscale_sumsq_(tensors, inv_scale, found_inf, *, compute_norm=False, write=T
     if isinstance(tensors, torch.Tensor):
         tensors = [tensors]
     tensors = [t for t in tensors if t is not None]
-    for i, t in enumerate(tensors):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"unscale_and_check_: tensors[{i}] is a {type(t).__name__}, not a tensor")
     if not tensors:
         return {}
     # grouping by (device, dtype) in C++ (torch's foreach helper): a Python loop over
     # a thousand tensors would cost more than the pass
-    grouped = torch._C._group_tensors_by_device_and_dtype([tensors], False)
+    try:
+        grouped = torch._C._group_tensors_by_device_and_dtype([tensors], False)
+    except TypeError:
+        for i, t in enumerate(tensors):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"unscale_and_check_: tensors[{i}] is a {type(t).__name__}, not a tensor") from None
+        raise
 
     sums = {}
     flag_cache, inv_cache = {}, {}
@@ -125,10 +128,7 @@ def unscale_sumsq_(tensors, inv_scale, found_inf, *, compute_norm=False, write=T
         if dtype not in SUPPORTED and dtype != torch.float64:
             raise ValueError(f"unscale_and_check_: got a tensor of dtype {dtype}; expected float32, "
                              "float16 or bfloat16 (float64 on the reference backend)")
-        runs, copies = _prepare(group, compute_norm)
-        runs = [t for t in runs if t.numel()]
-        if not runs:
-            continue
+        runs, copies = _prepare(group, compute_norm)  # (empty tensors are fine: no chunks)
         backend = _backend.select(device, OP)
         if dtype == torch.float64 and backend != "reference":
             if _backend._forced()[0] is not None:
