@@ -23,4 +23,14 @@ TORCH_LIBRARY(fusedtrain, m) {
   // ---- adam (fusedtrain/ops/adam.py) ----
 
   // ---- unscale (fusedtrain/ops/unscale.py) ----
+  // tensors: one device and one dtype (fp32, fp16 or bf16), each non-overlapping and dense;
+  // inv_scale, found_inf: one-element fp32 tensors on that device. One pass over all the
+  // tensors (one kernel launch on CUDA): every element x is checked, found_inf is set to 1.0
+  // when any x is inf or NaN (never read on the host, never cleared), and with write the
+  // tensors are overwritten by x * inv_scale (fp32 multiply, rounded once to the dtype).
+  // write=false is a read-only pass (check and norm only). Returns the fp32 sum of squares of
+  // the unscaled values x * inv_scale as a 0-d tensor when compute_norm (deterministic: fixed
+  // chunking, fixed-order combine; nonfinite when some x is), else an empty tensor.
+  m.def("unscale_and_check_(Tensor(a!)[] tensors, Tensor inv_scale, Tensor(b!) found_inf, "
+        "bool compute_norm, bool write) -> Tensor");
 }

@@ -1,3 +1,206 @@
-class GradScaler:
-    def __init__(self, *a, **k):
-        raise NotImplementedError("amp: not built yet")
+"""GradScaler: torch.amp.GradScaler's API and state_dict, with fusedtrain's fused pass.
+
+It subclasses torch.amp.GradScaler, so scale(), update(), get_scale(), the growth/backoff
+setters, state_dict()/load_state_dict() (a torch scaler's state loads into ours and the
+reverse), pickling and is_enabled() are torch's own; the scale update is
+torch._amp_update_scale_ on the scale's device (no host sync). What changes:
+
+* unscale_(optimizer): one fusedtrain.unscale_and_check_ pass per (device, dtype) group of
+  the optimizer's gradients (bit-identical to torch's unscale).
+* step(optimizer):
+  - an optimizer with ``_step_scaled`` (fusedtrain's FusedAdam/FusedAdamW): a read-only
+    check pass (or the results of an earlier unscale_), then
+    ``optimizer._step_scaled(grad_mult=inv_scale or None, found_inf=found_inf)``: the
+    gradients are unscaled as the optimizer reads them and never written; a nonzero
+    found_inf skips the step on the device; no host sync.
+  - another optimizer with ``_step_supports_amp_scaling`` (torch's fused Adam/AdamW/SGD/
+    Adagrad): torch's protocol (``optimizer.grad_scale`` / ``optimizer.found_inf``), with the
+    inf check as a read-only pass instead of torch's multiply-by-one.
+  - any other optimizer: the fused unscale pass, then the step is skipped on the host
+    exactly as torch does (this syncs, as torch's does).
+* clip_grad_norm_(optimizer, max_norm): unscale, check and clip by the global L2 norm with a
+  read-only check+norm pass and one scaling pass (x * inv_scale * clip_coef, rounded once);
+  returns the total norm (fp32, on the device). step(optimizer, max_norm=...) is shorthand
+  for clip_grad_norm_ then step.
+* Optimizers with no gradients at all (an empty parameter list, or every grad None) work:
+  step() calls optimizer.step() and update() leaves the scale growing, where torch raises
+  "No inf checks were recorded".
+"""
+from collections import defaultdict
+
+import torch
+from torch.amp.grad_scaler import OptState
+
+from fusedtrain.ops.unscale import combine_norm, unscale_sumsq_
+
+__all__ = ["GradScaler", "OptState"]
+
+
+class GradScaler(torch.amp.GradScaler):
+    """Drop-in torch.amp.GradScaler (same constructor, methods and state_dict) whose
+    unscale/inf-check is fusedtrain's one-launch-per-group pass, and which hands the scale to
+    fused optimizers without a host sync. See the module docstring."""
+
+    def __init__(self, device: str = "cuda", init_scale: float = 2.0**16, growth_factor: float = 2.0,
+                 backoff_factor: float = 0.5, growth_interval: int = 2000, enabled: bool = True) -> None:
+        super().__init__(device, init_scale=init_scale, growth_factor=growth_factor, backoff_factor=backoff_factor,
+                         growth_interval=growth_interval, enabled=enabled)
+
+    # ---- gathering gradients ------------------------------------------------------------
+    @staticmethod
+    def _grads_per_device(optimizer, allow_fp16, replace_sparse=True):
+        """{device: [grad tensors to process]} in parameter order (sparse grads: their values,
+        fp16 sparse grads coalesced first, exactly as torch does)."""
+        per_device = defaultdict(list)
+        with torch.no_grad():
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    if not isinstance(param, torch.Tensor):
+                        raise AssertionError(f"expected param to be torch.Tensor, got {type(param).__name__}")
+                    if param.grad is None:
+                        continue
+                    if (not allow_fp16) and param.grad.dtype == torch.float16:
+                        raise ValueError("Attempting to unscale FP16 gradients.")
+                    if param.grad.is_sparse:
+                        if param.grad.dtype is torch.float16 and replace_sparse:
+                            param.grad = param.grad.coalesce()
+                        g = param.grad._values()
+                    else:
+                        g = param.grad
+                    per_device[g.device].append(g)
+        return per_device
+
+    def _inv_scale(self):
+        # as torch: the reciprocal in fp64, then fp32
+        return self._scale.double().reciprocal().float()
+
+    def _pass(self, optimizer, inv_scale, allow_fp16, write, compute_norm=False, found=None):
+        """Run the fused pass over the optimizer's grads: ({device: found_inf},
+        {device: sum of squares}). Always records a found_inf on the scale's device, so an
+        optimizer without gradients still steps and updates."""
+        per_device = self._grads_per_device(optimizer, allow_fp16)
+        home = self._scale.device
+        found_per_device = {}
+        sums = {}
+        devices = [home] + [d for d in per_device if d != home]
+        inv_cache = {}
+        for dev in devices:
+            f = found.get(dev) if found is not None else None
+            if f is None:
+                f = torch.zeros((), dtype=torch.float32, device=dev)
+            found_per_device[dev] = f
+            grads = per_device.get(dev, [])
+            if not grads:
+                continue
+            if dev not in inv_cache:
+                inv_cache[dev] = inv_scale if inv_scale.device == dev else inv_scale.to(dev, non_blocking=True)
+            s = unscale_sumsq_(grads, inv_cache[dev], f, compute_norm=compute_norm, write=write)
+            sums.update(s)
+        return found_per_device, sums
+
+    # ---- torch's hooks, reimplemented on the fused pass ----------------------------------
+    def _unscale_grads_(self, optimizer, inv_scale, found_inf, allow_fp16):
+        # torch's signature; found_inf is torch's fresh zero on the scale's device
+        found, _ = self._pass(optimizer, inv_scale, allow_fp16, write=True,
+                              found={found_inf.device: found_inf})
+        return found
+
+    def _check_inf_per_device(self, optimizer):
+        # torch multiplies every grad by 1.0 here; a read-only pass gives the same flags
+        self._check_scale_growth_tracker("_check_inf_per_device")
+        ones = torch.ones((), dtype=torch.float32, device=self._scale.device)
+        found, _ = self._pass(optimizer, ones, True, write=False)
+        self._per_optimizer_states[id(optimizer)]["found_inf_per_device"] = found
+        return found
+
+    def _found_inf_sum(self, optimizer_state):
+        dev = self._scale.device
+        vals = [t.to(dev, non_blocking=True) for t in optimizer_state["found_inf_per_device"].values()]
+        return vals[0] if len(vals) == 1 else sum(vals)
+
+    # ---- step ------------------------------------------------------------------------------
+    def step(self, optimizer, *args, max_norm=None, **kwargs):
+        """torch.amp.GradScaler.step (see the module docstring for the fused paths).
+        max_norm: clip the unscaled gradients to this global L2 norm first
+        (clip_grad_norm_)."""
+        if not self._enabled:
+            if max_norm is not None:
+                params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+                torch.nn.utils.clip_grad_norm_(params, max_norm)
+            return optimizer.step(*args, **kwargs)
+        if "closure" in kwargs:
+            raise RuntimeError("Closure use is not currently supported if GradScaler is enabled.")
+        self._check_scale_growth_tracker("step")
+        optimizer_state = self._per_optimizer_states[id(optimizer)]
+        if optimizer_state["stage"] is OptState.STEPPED:
+            raise RuntimeError("step() has already been called since the last update().")
+        if max_norm is not None:
+            self.clip_grad_norm_(optimizer, max_norm)
+
+        step_scaled = getattr(optimizer, "_step_scaled", None)
+        if callable(step_scaled) and getattr(optimizer, "_step_supports_amp_scaling", False):
+            if optimizer_state["stage"] is OptState.READY:
+                grad_mult = self._inv_scale()
+                found, _ = self._pass(optimizer, grad_mult, True, write=False)
+                optimizer_state["found_inf_per_device"] = found
+            else:  # unscale_ already ran: the grads are unscaled, found_inf recorded
+                grad_mult = None
+            retval = step_scaled(*args, grad_mult=grad_mult, found_inf=self._found_inf_sum(optimizer_state),
+                                 **kwargs)
+            optimizer_state["stage"] = OptState.STEPPED
+            return retval
+
+        if getattr(optimizer, "_step_supports_amp_scaling", False):
+            # torch's protocol for its own fused optimizers (torch/amp/grad_scaler.py)
+            return super().step(optimizer, *args, **kwargs)
+
+        if optimizer_state["stage"] is OptState.READY:
+            self.unscale_(optimizer)
+        if len(optimizer_state["found_inf_per_device"]) == 0:
+            raise AssertionError("No inf checks were recorded for this optimizer.")
+        retval = self._maybe_opt_step(optimizer, optimizer_state, *args, **kwargs)
+        optimizer_state["stage"] = OptState.STEPPED
+        return retval
+
+    # ---- clipping ----------------------------------------------------------------------------
+    def clip_grad_norm_(self, optimizer, max_norm, norm_type=2.0, error_if_nonfinite=False):
+        """Unscale the optimizer's gradients (unless unscale_ already ran), check them for
+        inf/NaN and clip them to a global L2 norm of max_norm, like
+        ``scaler.unscale_(optimizer); torch.nn.utils.clip_grad_norm_(params, max_norm)``, with
+        one read-only pass (found_inf and the norm of the unscaled values) and one scaling
+        pass (x * inv_scale * clip_coef, computed on the device and rounded once). Returns
+        the total norm of the unscaled gradients (0-d fp32 tensor on the scale's device;
+        nonfinite when a gradient is). No host sync unless error_if_nonfinite."""
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not self._enabled:
+            return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite)
+        self._check_scale_growth_tracker("clip_grad_norm_")
+        optimizer_state = self._per_optimizer_states[id(optimizer)]
+        if optimizer_state["stage"] is OptState.STEPPED:
+            raise RuntimeError("clip_grad_norm_() is being called after step().")
+        if float(norm_type) != 2.0 or any(p.grad.is_sparse for p in params):
+            # not the fused case: torch's own path
+            if optimizer_state["stage"] is OptState.READY:
+                self.unscale_(optimizer)
+            return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite)
+
+        home = self._scale.device
+        if optimizer_state["stage"] is OptState.READY:
+            inv = self._inv_scale()
+            found, sums = self._pass(optimizer, inv, False, write=False, compute_norm=True)
+            optimizer_state["found_inf_per_device"] = found
+            optimizer_state["stage"] = OptState.UNSCALED
+        else:  # already unscaled: norm of the grads as they are; found_inf already recorded
+            inv = torch.ones((), dtype=torch.float32, device=home)
+            found, sums = self._pass(optimizer, inv, True, write=False, compute_norm=True)
+        total_norm = combine_norm(sums, home)
+        if error_if_nonfinite and not bool(torch.isfinite(total_norm)):
+            raise RuntimeError(
+                f"The total norm of order {float(norm_type)} for gradients from `parameters` is non-finite, so it "
+                "cannot be clipped. To disable this error and scale the gradients by the non-finite norm anyway, "
+                "set `error_if_nonfinite=False`")
+        # torch.nn.utils.clip_grad_norm_'s coefficient, then folded into the unscale multiplier
+        clip_coef = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
+        mult = inv * clip_coef
+        self._pass(optimizer, mult, True, write=True, found=found)
+        return total_norm

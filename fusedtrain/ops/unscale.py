@@ -1,2 +1,186 @@
-def unscale_and_check_(tensors, inv_scale, found_inf, *, compute_norm=False):
-    raise NotImplementedError("unscale: not built yet")
+"""unscale_and_check_: the multi-tensor "unscale gradients and check for inf/NaN" pass.
+
+Validation, grouping by (device, dtype), backend dispatch and the fake kernels live here;
+numerics live in the kernels (csrc/cpu/unscale.cpp, csrc/cuda/unscale.cu,
+fusedtrain/triton/unscale.py) and in the spec, fusedtrain/reference.py.
+
+Op: torch.ops.fusedtrain.unscale_and_check_(tensors, inv_scale, found_inf, compute_norm, write)
+-> fp32 sum of squares of the unscaled values (0-d; empty when not compute_norm), one launch
+per call; the Triton body is the Python custom op fusedtrain::unscale_and_check_triton with
+the same schema.
+"""
+
+import torch
+
+from fusedtrain import _backend, _ext, reference
+
+OP = "unscale_and_check_"
+SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ---- the Triton body as a custom op (the kernel reads raw addresses from a table, which
+# torch.library.triton_op could not trace; an opaque custom op keeps torch.compile correct) ----
+@torch.library.custom_op("fusedtrain::unscale_and_check_triton", mutates_args=("tensors", "found_inf"))
+def _triton_op(tensors: list[torch.Tensor], inv_scale: torch.Tensor, found_inf: torch.Tensor,
+               compute_norm: bool, write: bool) -> torch.Tensor:
+    from fusedtrain.triton import unscale as tk
+
+    return tk.unscale_and_check_(tensors, inv_scale, found_inf, compute_norm, write)
+
+
+def _fake(tensors, inv_scale, found_inf, compute_norm, write):
+    return inv_scale.new_empty(() if compute_norm else (0,), dtype=torch.float32)
+
+
+_triton_op.register_fake(_fake)
+
+if _ext._C is not None:
+    torch.library.register_fake("fusedtrain::unscale_and_check_")(_fake)
+
+
+# ---- the pass on one (device, dtype) group ----
+def _run_group(backend, tensors, inv_scale, found_inf, compute_norm, write):
+    if backend == "native":
+        return torch.ops.fusedtrain.unscale_and_check_(tensors, inv_scale, found_inf, compute_norm, write)
+    if backend == "triton":
+        return _triton_op(tensors, inv_scale, found_inf, compute_norm, write)
+    return reference.unscale_and_check_(tensors, inv_scale, found_inf, compute_norm, write)
+
+
+def _check_scalar(name, t):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"unscale_and_check_: {name} must be a tensor, got {type(t).__name__}")
+    if t.dtype != torch.float32 or t.numel() != 1:
+        raise ValueError(f"unscale_and_check_: {name} must be a one-element float32 tensor, "
+                         f"got {t.dtype} with {t.numel()} elements")
+
+
+def _dense(t):
+    """True when t's numel elements are one span that starts at data_ptr (any dim order)."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    dims = sorted(((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1))
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _per_device(t, device, cache):
+    if t.device == device:
+        return t
+    if device not in cache:
+        cache[device] = t.to(device, non_blocking=True)
+    return cache[device]
+
+
+def _prepare(group, compute_norm):
+    """(tensors the kernel can take, [(original, dense copy)] to copy back) for one group:
+    sparse COO tensors give their values, non-dense tensors a dense copy."""
+    if all(map(torch.Tensor.is_contiguous, group)):  # the common case, checked in C++ per tensor
+        return group, []
+    runs, copies = [], []
+    for t in group:
+        if t.layout == torch.sparse_coo:
+            if compute_norm and not t.is_coalesced():
+                raise ValueError("unscale_and_check_: an uncoalesced sparse tensor was given; the norm needs "
+                                 "coalesced values (call .coalesce() first)")
+            runs.append(t._values())
+        elif t.layout != torch.strided:
+            raise ValueError(f"unscale_and_check_: a tensor has layout {t.layout}; only strided and sparse COO "
+                             "tensors are supported")
+        elif _dense(t):
+            runs.append(t)
+        else:
+            c = t.contiguous()
+            runs.append(c)
+            copies.append((t, c))
+    return runs, copies
+
+
+def unscale_sumsq_(tensors, inv_scale, found_inf, *, compute_norm=False, write=True):
+    """The pass itself; returns {device: fp32 0-d sum of squares on that device} (empty dict
+    unless compute_norm). found_inf may live on another device than some tensors: such
+    groups get a local flag that is OR-ed into found_inf with device ops (no host sync)."""
+    _check_scalar("inv_scale", inv_scale)
+    _check_scalar("found_inf", found_inf)
+    if isinstance(tensors, torch.Tensor):
+        tensors = [tensors]
+    tensors = [t for t in tensors if t is not None]
+    if not tensors:
+        return {}
+    # grouping by (device, dtype) in C++ (torch's foreach helper): a Python loop over
+    # a thousand tensors would cost more than the pass
+    try:
+        grouped = torch._C._group_tensors_by_device_and_dtype([tensors], False)
+    except TypeError:
+        for i, t in enumerate(tensors):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"unscale_and_check_: tensors[{i}] is a {type(t).__name__}, not a tensor") from None
+        raise
+
+    sums = {}
+    flag_cache, inv_cache = {}, {}
+    local_flags = []
+    for (device, dtype), ((group,), _) in grouped.items():
+        if dtype not in SUPPORTED and dtype != torch.float64:
+            raise ValueError(f"unscale_and_check_: got a tensor of dtype {dtype}; expected float32, "
+                             "float16 or bfloat16 (float64 on the reference backend)")
+        runs, copies = _prepare(group, compute_norm)  # (empty tensors are fine: no chunks)
+        backend = _backend.select(device, OP)
+        if dtype == torch.float64 and backend != "reference":
+            if _backend._forced()[0] is not None:
+                raise _backend.BackendError(f"{OP}: backend {backend!r} has no float64 kernels; "
+                                            "use the reference backend for float64 tensors")
+            backend = "reference"
+        inv = _per_device(inv_scale, device, inv_cache)
+        if found_inf.device == device:
+            flag = found_inf
+        else:
+            if device not in flag_cache:
+                flag_cache[device] = torch.zeros((), dtype=torch.float32, device=device)
+                local_flags.append(flag_cache[device])
+            flag = flag_cache[device]
+        s = _run_group(backend, runs, inv, flag, compute_norm, write)
+        if write:
+            for t, c in copies:
+                t.copy_(c)
+        if compute_norm:
+            sums[device] = sums[device] + s if device in sums else s
+    for flag in local_flags:
+        found_inf.copy_(torch.maximum(found_inf, flag.to(found_inf.device, non_blocking=True).reshape(found_inf.shape)))
+    return sums
+
+
+def unscale_and_check_(tensors, inv_scale, found_inf, *, compute_norm=False, write=True):
+    """Multiply every tensor in `tensors` by `inv_scale` in place and set `found_inf` to 1.0
+    when any element is inf or NaN, in one pass (one kernel launch per (device, dtype) group).
+
+    tensors: any number of float32 / float16 / bfloat16 tensors (None entries are skipped;
+    for a sparse COO tensor its values are processed). inv_scale, found_inf: one-element
+    float32 tensors; found_inf is only ever set, never cleared, and never read on the host.
+    The unscaled value is the fp32 product x * inv_scale rounded once to the tensor's dtype,
+    bit-identical to torch._amp_foreach_non_finite_check_and_unscale_.
+
+    compute_norm=True returns the global L2 norm of the unscaled (fp32) values as a 0-d
+    float32 tensor on found_inf's device, computed in the same pass (deterministic; nonfinite
+    when an element is). write=False makes it a read-only pass: found_inf and the norm of the
+    unscaled values, tensors untouched. Returns None when compute_norm is False.
+    """
+    sums = unscale_sumsq_(tensors, inv_scale, found_inf, compute_norm=compute_norm, write=write)
+    if not compute_norm:
+        return None
+    return combine_norm(sums, found_inf.device)
+
+
+def combine_norm(sums, device):
+    """sqrt of the sum of per-device sums of squares, as a 0-d fp32 tensor on `device`."""
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for s in sums.values():
+        total = total + s.to(device, non_blocking=True)
+    return total.sqrt()
+
+
+__all__ = ["unscale_and_check_", "unscale_sumsq_", "combine_norm"]
