@@ -4,7 +4,7 @@
 """
 from fusedtrain import functional
 from fusedtrain._backend import BackendError, backends, use_backend
-from fusedtrain.amp import GradScaler
+from fusedtrain.amp import GradScaler, clipped_step_
 from fusedtrain.nn import FusedBCEWithLogits
 from fusedtrain.ops.unscale import unscale_and_check_
 from fusedtrain.optim import FusedAdam, FusedAdamW
@@ -18,6 +18,7 @@ __all__ = [
     "FusedBCEWithLogits",
     "GradScaler",
     "backends",
+    "clipped_step_",
     "functional",
     "unscale_and_check_",
     "use_backend",

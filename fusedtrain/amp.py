@@ -20,8 +20,16 @@ torch._amp_update_scale_ on the scale's device (no host sync). What changes:
     exactly as torch does (this syncs, as torch's does).
 * clip_grad_norm_(optimizer, max_norm): unscale, check and clip by the global L2 norm with a
   read-only check+norm pass and one scaling pass (x * inv_scale * clip_coef, rounded once);
-  returns the total norm (fp32, on the device). step(optimizer, max_norm=...) is shorthand
-  for clip_grad_norm_ then step.
+  returns the total norm (fp32, on the device).
+* step(optimizer, max_norm=...): the one-read clipped step. For fusedtrain's optimizers
+  (``_step_scaled``) it is two passes and no host sync: pass 1 reads every gradient once and
+  computes found_inf and the global norm of the unscaled gradients on the device, writing
+  nothing; pass 2 is the fused Adam/AdamW kernel, which multiplies each gradient by
+  inv_scale * clip_coef as it reads it and skips everything when found_inf is set (see
+  clipped_step_). The gradients are left as they were: still scaled, or unscaled if you
+  called unscale_ before (then found_inf comes from unscale_ and only the norm is taken).
+  For other optimizers it is clip_grad_norm_ then step. Either way it returns the total norm
+  of the unscaled gradients as a 0-d fp32 device tensor, like clip_grad_norm_.
 * Optimizers with no gradients at all (an empty parameter list, or every grad None) work:
   step() calls optimizer.step() and update() leaves the scale growing, where torch raises
   "No inf checks were recorded".
@@ -33,7 +41,41 @@ from torch.amp.grad_scaler import OptState
 
 from fusedtrain.ops.unscale import combine_norm, unscale_sumsq_
 
-__all__ = ["GradScaler", "OptState"]
+__all__ = ["GradScaler", "OptState", "clipped_step_"]
+
+
+def _has_step_scaled(optimizer):
+    return callable(getattr(optimizer, "_step_scaled", None)) and getattr(optimizer, "_step_supports_amp_scaling", False)
+
+
+def clipped_step_(optimizer, max_norm, *, inv_scale=None, found_inf=None):
+    """The one-read clipped optimizer step, without a GradScaler.
+
+    optimizer: a fusedtrain FusedAdam/FusedAdamW. inv_scale: optional one-element fp32 device
+    tensor the gradients are multiplied by (1 / loss scale). found_inf: optional one-element
+    fp32 device tensor; it is set when a gradient holds inf/NaN, and then the step is skipped
+    on the device (params, state and step untouched).
+
+    Pass 1 reads every gradient once (found_inf and the L2 norm of grad * inv_scale, nothing
+    written); pass 2 is the optimizer's fused kernel with every gradient multiplied by
+    inv_scale * min(1, max_norm / (norm + 1e-6)) as it is read -- torch's clip_grad_norm_
+    coefficient. No host sync. Returns the total norm (0-d fp32 tensor on found_inf's device).
+    """
+    if not _has_step_scaled(optimizer):
+        raise TypeError(f"clipped_step_: optimizer must be a fusedtrain FusedAdam/FusedAdamW (an optimizer with "
+                        f"_step_scaled), got {type(optimizer).__name__}")
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if any(g.is_sparse for g in grads):
+        raise RuntimeError("clipped_step_: sparse gradients are not supported (FusedAdam does not support them)")
+    if found_inf is None:
+        device = inv_scale.device if inv_scale is not None else (grads[0].device if grads else torch.device("cpu"))
+        found_inf = torch.zeros((), dtype=torch.float32, device=device)
+    mult = inv_scale if inv_scale is not None else torch.ones((), dtype=torch.float32, device=found_inf.device)
+    sums = unscale_sumsq_(grads, mult, found_inf, compute_norm=True, write=False)
+    total_norm = combine_norm(sums, found_inf.device)
+    clip_coef = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
+    optimizer._step_scaled(grad_mult=(mult.to(clip_coef.device) * clip_coef).reshape(()), found_inf=found_inf)
+    return total_norm
 
 
 class GradScaler(torch.amp.GradScaler):
@@ -134,11 +176,15 @@ class GradScaler(torch.amp.GradScaler):
         optimizer_state = self._per_optimizer_states[id(optimizer)]
         if optimizer_state["stage"] is OptState.STEPPED:
             raise RuntimeError("step() has already been called since the last update().")
+        if max_norm is not None and _has_step_scaled(optimizer):
+            return self._clipped_step(optimizer, optimizer_state, max_norm)
         if max_norm is not None:
-            self.clip_grad_norm_(optimizer, max_norm)
+            total_norm = self.clip_grad_norm_(optimizer, max_norm)
+            self.step(optimizer, *args, **kwargs)
+            return total_norm
 
         step_scaled = getattr(optimizer, "_step_scaled", None)
-        if callable(step_scaled) and getattr(optimizer, "_step_supports_amp_scaling", False):
+        if _has_step_scaled(optimizer):
             if optimizer_state["stage"] is OptState.READY:
                 grad_mult = self._inv_scale()
                 found, _ = self._pass(optimizer, grad_mult, True, write=False)
@@ -161,6 +207,17 @@ class GradScaler(torch.amp.GradScaler):
         retval = self._maybe_opt_step(optimizer, optimizer_state, *args, **kwargs)
         optimizer_state["stage"] = OptState.STEPPED
         return retval
+
+    def _clipped_step(self, optimizer, optimizer_state, max_norm):
+        home = self._scale.device
+        if optimizer_state["stage"] is OptState.READY:
+            found = torch.zeros((), dtype=torch.float32, device=home)
+            total_norm = clipped_step_(optimizer, max_norm, inv_scale=self._inv_scale(), found_inf=found)
+            optimizer_state["found_inf_per_device"] = {home: found}
+        else:  # unscale_ already ran: grads are unscaled and found_inf recorded; only the norm is new
+            total_norm = clipped_step_(optimizer, max_norm, found_inf=self._found_inf_sum(optimizer_state))
+        optimizer_state["stage"] = OptState.STEPPED
+        return total_norm
 
     # ---- clipping ----------------------------------------------------------------------------
     def clip_grad_norm_(self, optimizer, max_norm, norm_type=2.0, error_if_nonfinite=False):
