@@ -23,6 +23,21 @@ import triton.language as tl
 from fusedtrain.triton.aot import AotSpec
 
 _COLS = 8  # p, g, m, v, vmax, master, step, numel
+AOT_HELPERS = ("_store",)
+
+
+@triton.jit
+def _store(ptr, x, mask):
+    """Store fp32 `x` rounded once to the storage type, round-to-nearest-even. bf16 is rounded
+    with integer ops (what cvt.rn.bf16.f32 does on the GPU; the interpreter's own cast
+    truncates), NaN kept NaN."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        b = x.to(tl.uint32, bitcast=True)
+        r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        r = tl.where(x != x, (b >> 16) | 0x40, r)
+        tl.store(ptr, r.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -43,13 +58,13 @@ def _adam_kernel(tab, tile_t, tile_off, counters, p_ref, s_ref, lr_ptr, gm_ptr, 
     step = tl.load(step_ptr, mask=go, other=0.0) + 1.0
 
     # per-tensor scalars in float64 (the host's doubles, bit for bit)
-    beta1 = beta1_bits.to(tl.float64, bitcast=True)
-    beta2 = beta2_bits.to(tl.float64, bitcast=True)
-    wd = wd_bits.to(tl.float64, bitcast=True)
+    beta1 = beta1_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    beta2 = beta2_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    wd = wd_bits.to(tl.int64).to(tl.float64, bitcast=True)
     if LR_TENSOR:
         lr = tl.load(lr_ptr).to(tl.float64)
     else:
-        lr = lr_bits.to(tl.float64, bitcast=True)
+        lr = lr_bits.to(tl.int64).to(tl.float64, bitcast=True)
     s = step.to(tl.float64)
     bc1 = 1.0 - tl.exp(s * tl.log(beta1))
     bc2 = 1.0 - tl.exp(s * tl.log(beta2))
@@ -74,9 +89,10 @@ def _adam_kernel(tab, tile_t, tile_off, counters, p_ref, s_ref, lr_ptr, gm_ptr, 
     vp = tl.load(row + 3).to(s_ref.dtype)
     xp = tl.load(row + 4).to(s_ref.dtype)
     wp = tl.load(row + 5).to(tl.pointer_type(tl.float32))
+    lim = tl.where(go, numel, 0)  # found_inf: every load and store masked off
     for k in tl.range(0, CHUNK, BLOCK):
         offs = off0 + k + tl.arange(0, BLOCK)
-        mask = (offs < numel) & go
+        mask = offs < lim
         if MASTER:
             p = tl.load(wp + offs, mask=mask, other=0.0)
         else:
@@ -100,18 +116,18 @@ def _adam_kernel(tab, tile_t, tile_off, counters, p_ref, s_ref, lr_ptr, gm_ptr, 
             x = tl.load(xp + offs, mask=mask, other=0.0).to(tl.float32)
             x = tl.where((x != x) | (x > v), x, v)  # torch.maximum: NaN propagates
             denom = tl.sqrt_rn(x) / bc2_sqrt + eps
-            tl.store(xp + offs, x.to(xp.dtype.element_ty), mask=mask)
+            _store(xp + offs, x, mask)
         else:
             denom = tl.sqrt_rn(v) / bc2_sqrt + eps
         p = p - step_size * m / denom
         if MASTER:
             tl.store(wp + offs, p, mask=mask)
-        tl.store(pp + offs, p.to(pp.dtype.element_ty), mask=mask)
-        tl.store(mp + offs, m.to(mp.dtype.element_ty), mask=mask)
-        tl.store(vp + offs, v.to(vp.dtype.element_ty), mask=mask)
+        _store(pp + offs, p, mask)
+        _store(mp + offs, m, mask)
+        _store(vp + offs, v, mask)
 
     # the step increment: the last program of this tensor (all others have read the step)
-    ntiles = (numel + CHUNK - 1) // CHUNK
+    ntiles = tl.maximum((numel + CHUNK - 1) // CHUNK, 1)  # an empty tensor has one tile
     old = tl.atomic_add(counters + t, 1, mask=go)
     last = go & (old == ntiles - 1)
     tl.store(step_ptr, step, mask=last)
@@ -123,9 +139,17 @@ def _bits(x: float) -> int:
 
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# The interpreter runs a program at a time in numpy: fewer, bigger tiles.
-BLOCK = 4096 if _INTERPRET else 1024
-CHUNK = 65536 if _INTERPRET else 4096
+BLOCK = 1024   # elements per loop iteration of a program
+CHUNK = 4096   # elements per program (tile)
+
+
+def _tile(max_numel):
+    """(CHUNK, BLOCK) of a launch. The interpreter runs one program at a time, one numpy call
+    per operation: one iteration per program, tiles no wider than the largest tensor."""
+    if _INTERPRET:
+        b = min(1 << 16, max(16, triton.next_power_of_2(max(int(max_numel), 1))))
+        return b, b
+    return CHUNK, BLOCK
 
 _lock = threading.Lock()
 _tables = {}      # (device, key) -> (tab, tile_t, tile_off); key = every address and size
@@ -137,8 +161,8 @@ def _ptr(t):
     return t.data_ptr() if t is not None else 0
 
 
-def _tables_for(device, cols):
-    key = (str(device), tuple(cols))
+def _tables_for(device, cols, chunk):
+    key = (str(device), chunk, tuple(cols))
     with _lock:
         hit = _tables.get(key)
         if hit is not None:
@@ -146,10 +170,10 @@ def _tables_for(device, cols):
     n = len(cols) // _COLS
     tab = torch.tensor(cols, dtype=torch.int64).reshape(n, _COLS)
     numel = tab[:, 7]
-    per = torch.clamp((numel + CHUNK - 1) // CHUNK, min=0)
+    per = torch.clamp((numel + chunk - 1) // chunk, min=1)  # an empty tensor: one tile (its step)
     tile_t = torch.repeat_interleave(torch.arange(n, dtype=torch.int32), per)
     first = torch.cumsum(per, 0) - per
-    tile_off = (torch.arange(int(per.sum()), dtype=torch.int64) - torch.repeat_interleave(first, per)) * CHUNK
+    tile_off = (torch.arange(int(per.sum()), dtype=torch.int64) - torch.repeat_interleave(first, per)) * chunk
     entry = (tab.to(device), tile_t.to(device), tile_off.to(device))
     with _lock:
         if len(_tables) >= _MAX_TABLES:
@@ -177,7 +201,8 @@ def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_p
                  max_exp_avg_sqs[i].data_ptr() if amsgrad else 0,
                  master_params[i].data_ptr() if master_params else 0, steps[i].data_ptr(), params[i].numel()]
     device = params[0].device
-    tab, tile_t, tile_off = _tables_for(device, cols)
+    chunk, block = _tile(max(p.numel() for p in params))
+    tab, tile_t, tile_off = _tables_for(device, cols, chunk)
     ntiles = tile_t.numel()
     if ntiles == 0:
         return
@@ -191,7 +216,7 @@ def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_p
         _bits(lr), _bits(beta1), _bits(beta2), float(eps), _bits(weight_decay),
         AMSGRAD=bool(amsgrad), MASTER=bool(master_params), LR_TENSOR=lr_tensor is not None,
         HAS_MULT=grad_mult is not None, HAS_FI=found_inf is not None, MAXIMIZE=bool(maximize),
-        DECOUPLED=bool(decoupled_weight_decay), CHUNK=CHUNK, BLOCK=BLOCK)
+        DECOUPLED=bool(decoupled_weight_decay), CHUNK=chunk, BLOCK=block)
 
 
 def _spec(pdt, sdt, amsgrad, master, flags):
