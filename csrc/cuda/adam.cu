@@ -20,7 +20,7 @@
 namespace fusedtrain {
 namespace {
 
-constexpr int kThreads = 512;
+constexpr int kThreads = 256;  // __launch_bounds__: up to 255 registers (the double-precision pow of make_coef)
 constexpr int kIlp = 4;
 constexpr int64_t kChunk = 16384;  // elements per block
 
@@ -81,7 +81,7 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(mta::Tables tab, int32_t
                                              static_cast<double>(step), mult, h.maximize));
 
   const int64_t lo = chunk_idx * tab.chunk;
-  const int64_t hi = min(lo + tab.chunk, numel);
+  const int64_t hi = lo + tab.chunk < numel ? lo + tab.chunk : numel;
   const bool vec = aligned4<P>(p) && aligned4<P>(g) && aligned4<S>(m) && aligned4<S>(v) &&
                    (!AMS || aligned4<S>(vm)) && (!MASTER || aligned4<float>(w)) && (lo % kIlp) == 0;
   if (vec) {
@@ -120,7 +120,8 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(mta::Tables tab, int32_t
   __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence();
-    const int32_t nblocks = static_cast<int32_t>(max<int64_t>(1, (numel + tab.chunk - 1) / tab.chunk));
+    const int64_t nb = (numel + tab.chunk - 1) / tab.chunk;
+    const int32_t nblocks = static_cast<int32_t>(nb > 0 ? nb : 1);  // an empty tensor has one block
     if (atomicAdd(&counters[t], 1) == nblocks - 1) {
       *step_ptr = step;
       counters[t] = 0;
