@@ -60,6 +60,7 @@ class FusedAdam(torch.optim.Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self._states_changed()
         for group in self.param_groups:
             group.setdefault("amsgrad", False)
             group.setdefault("maximize", False)
@@ -106,12 +107,14 @@ class FusedAdam(torch.optim.Optimizer):
                     st["master_param"] = p.detach().float().clone()
             else:
                 st.pop("master_param", None)
+        self._states_changed()
 
     @staticmethod
     def _uses_master(group, p):
         return bool(group.get("master_weights")) and p.dtype in _LOW
 
     def _init_state(self, group, p):
+        self._states_changed()
         state = self.state[p]
         master = self._uses_master(group, p)
         sdtype = torch.float32 if master else p.dtype
@@ -122,6 +125,56 @@ class FusedAdam(torch.optim.Optimizer):
             state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=sdtype, memory_format=torch.preserve_format)
         if master:
             state["master_param"] = p.detach().float().clone(memory_format=torch.preserve_format)
+
+    def _plan(self, group, ps):
+        """[(device, params, (exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, masters), trusted)] per
+        (device, dtype) of this group's params with grads: built once and reused while the
+        same params have grads and no state was created or loaded (the per-step cost is then
+        the grads alone)."""
+        plans = self.__dict__.setdefault("_plans", {})
+        key = self._plan_key(group, ps)
+        hit = plans.get(id(group))
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        buckets = {}
+        for p in ps:
+            buckets.setdefault((p.device, p.dtype), []).append(p)
+        out = []
+        for (dev, _), bp in buckets.items():
+            sts = [self.state[p] for p in bp]
+            master = self._uses_master(group, bp[0])
+            lists = ([s["exp_avg"] for s in sts], [s["exp_avg_sq"] for s in sts],
+                     [s["max_exp_avg_sq"] for s in sts] if group["amsgrad"] else [],
+                     [s["step"] for s in sts], [s["master_param"] for s in sts] if master else [])
+            # trusted: states as this class creates them (validated once here, not every step)
+            sdt = torch.float32 if master else bp[0].dtype
+            trusted = all(
+                p.is_contiguous() and all(t.is_contiguous() and t.shape == p.shape and t.dtype == sdt
+                                          and t.device == p.device for t in (s["exp_avg"], s["exp_avg_sq"]))
+                and (not group["amsgrad"] or (s["max_exp_avg_sq"].is_contiguous()
+                                              and s["max_exp_avg_sq"].shape == p.shape
+                                              and s["max_exp_avg_sq"].dtype == sdt))
+                and (not master or (s["master_param"].is_contiguous() and s["master_param"].shape == p.shape))
+                and torch.is_tensor(s["step"]) and s["step"].dtype == torch.float32 and s["step"].device == p.device
+                for p, s in zip(bp, sts))
+            out.append((dev, bp, lists, trusted))
+        plans[id(group)] = (key, out)
+        return out
+
+    def _plan_key(self, group, ps):
+        return (tuple(map(id, ps)), bool(group["amsgrad"]), bool(group.get("master_weights")),
+                self.__dict__.get("_state_version", 0))
+
+    def _plan_is_current(self, group, ps):
+        hit = self.__dict__.get("_plans", {}).get(id(group))
+        return hit is not None and hit[0] == self._plan_key(group, ps)
+
+    def _states_changed(self):
+        self.__dict__["_state_version"] = self.__dict__.get("_state_version", 0) + 1
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        self._states_changed()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -162,20 +215,15 @@ class FusedAdam(torch.optim.Optimizer):
             return
         created = []
         try:
+            # 2. lazy state init (skipped when this group's plan is current: all have state);
+            #    the grads are validated by adam_ops.prepare below, before anything is written,
+            #    and a failure removes the states created here
             for group, ps in work:
-                for p in ps:
-                    g = p.grad
-                    if g.is_sparse:
-                        raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
-                    if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
-                        raise RuntimeError(f"{type(self).__name__}: grad of {g.dtype} {tuple(g.shape)} on "
-                                           f"{g.device} for a param of {p.dtype} {tuple(p.shape)} on {p.device}")
-            # 2. lazy state init
-            for group, ps in work:
-                for p in ps:
-                    if len(self.state[p]) == 0:
-                        self._init_state(group, p)
-                        created.append(p)
+                if not self._plan_is_current(group, ps):
+                    for p in ps:
+                        if len(self.state[p]) == 0:
+                            self._init_state(group, p)
+                            created.append(p)
             # 3. prepare every (group, device, dtype) call: validation, no writes
             calls = []
             per_dev = {}
@@ -188,27 +236,23 @@ class FusedAdam(torch.optim.Optimizer):
                     per_dev[key] = t.to(device=dev, dtype=torch.float32, non_blocking=True).reshape(1)
                 return per_dev[key]
 
-            for group, ps in work:
-                buckets = {}
-                for p in ps:
-                    buckets.setdefault((p.device, p.dtype), []).append(p)
+            for gi, (group, ps) in enumerate(work):
                 beta1, beta2 = group["betas"]
                 lr = group["lr"]
-                for (dev, _), bp in buckets.items():
-                    sts = [self.state[p] for p in bp]
-                    master = self._uses_master(group, bp[0])
+                for (dev, bp, sts_lists, trusted) in self._plan(group, ps):
+                    exp_avgs, exp_avg_sqs, max_sqs, steps, masters = sts_lists
                     calls.append(adam_ops.prepare(
-                        bp, [p.grad for p in bp], [s["exp_avg"] for s in sts], [s["exp_avg_sq"] for s in sts],
-                        [s["max_exp_avg_sq"] for s in sts] if group["amsgrad"] else [],
-                        [s["step"] for s in sts], [s["master_param"] for s in sts] if master else [],
+                        bp, [p.grad for p in bp], exp_avgs, exp_avg_sqs, max_sqs, steps, masters,
                         lr=lr if torch.is_tensor(lr) else float(lr), beta1=_scalar(beta1), beta2=_scalar(beta2),
                         eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
                         amsgrad=bool(group["amsgrad"]), maximize=bool(group["maximize"]),
                         decoupled_weight_decay=bool(group["decoupled_weight_decay"]),
-                        grad_mult=on(dev, grad_mult), found_inf=on(dev, found_inf)))
+                        grad_mult=on(dev, grad_mult), found_inf=on(dev, found_inf), trusted_states=trusted))
         except BaseException:
             for p in created:  # a failed step leaves no trace
                 self.state.pop(p, None)
+            if created:
+                self._states_changed()
             raise
         # 4. launch: one kernel per (group, device, dtype)
         for c in calls:

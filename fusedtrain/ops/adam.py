@@ -64,8 +64,12 @@ def _one_element(name, t, device):
 
 def prepare(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params=(), *,
             lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay,
-            grad_mult=None, found_inf=None) -> "AdamCall | None":
-    """Validate and normalize one call; raise before anything is written. None: nothing to do."""
+            grad_mult=None, found_inf=None, trusted_states=False) -> "AdamCall | None":
+    """Validate and normalize one call; raise before anything is written. None: nothing to do.
+
+    trusted_states: the caller (FusedAdam, from a plan it validated when it built it) vouches
+    that params, states, steps and masters are consistent and contiguous; only the grads are
+    checked (every call)."""
     params, grads, exp_avgs, exp_avg_sqs = list(params), list(grads), list(exp_avgs), list(exp_avg_sqs)
     max_exp_avg_sqs, steps, master_params = list(max_exp_avg_sqs or ()), list(steps), list(master_params or ())
     n = len(params)
@@ -82,6 +86,46 @@ def prepare(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master
         return None
     device = params[0].device
     pdtype = params[0].dtype
+    strided = torch.strided
+    # the common case in one pass (params of a trusted plan share device and dtype already);
+    # otherwise find the culprit and say what is wrong
+    if trusted_states:
+        ok = all(g is not None and g.layout is strided and g.dtype is pdtype and g.shape == p.shape
+                 and g.device == device for p, g in zip(params, grads))
+    else:
+        ok = all(g is not None and g.layout is strided and g.dtype is pdtype and p.dtype is pdtype
+                 and g.shape == p.shape and g.device == device and p.device == device for p, g in zip(params, grads))
+    if not ok:
+        _check_grads(params, grads, device, pdtype)
+    if trusted_states:
+        return _call(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, device, pdtype,
+                     lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_mult,
+                     found_inf, stage_states=False)
+    for i, s in enumerate(steps):
+        if not torch.is_tensor(s) or s.numel() != 1 or s.dtype != torch.float32 or s.device != device:
+            _fail(f"step of param {i} must be a one-element fp32 tensor on {device}, got "
+                  f"{s.dtype if torch.is_tensor(s) else type(s).__name__}"
+                  f"{'' if not torch.is_tensor(s) else ' on ' + str(s.device)}")
+    sdtype = exp_avgs[0].dtype
+    for name, lst in (("exp_avg", exp_avgs), ("exp_avg_sq", exp_avg_sqs), ("max_exp_avg_sq", max_exp_avg_sqs)):
+        for i, s in enumerate(lst):
+            if s.device != device or s.shape != params[i].shape or s.dtype != sdtype or s.is_sparse:
+                _fail(f"{name} of param {i} is {s.dtype} {tuple(s.shape)} on {s.device}; expected "
+                      f"{sdtype} {tuple(params[i].shape)} on {device}")
+    if sdtype != pdtype and not (sdtype == torch.float32 and pdtype in LOW_PRECISION):
+        _fail(f"states must be in the param dtype or fp32 (params {pdtype}, states {sdtype})", TypeError)
+    if master_params:
+        if pdtype not in LOW_PRECISION or sdtype != torch.float32:
+            _fail("master_params are for fp16/bf16 params with fp32 states", TypeError)
+        for i, w in enumerate(master_params):
+            if w.dtype != torch.float32 or w.shape != params[i].shape or w.device != device:
+                _fail(f"master param {i} must be fp32 {tuple(params[i].shape)} on {device}")
+    return _call(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, device, pdtype,
+                 lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_mult,
+                 found_inf, stage_states=True)
+
+
+def _check_grads(params, grads, device, pdtype):
     for i, (p, g) in enumerate(zip(params, grads)):
         if g is None:
             _fail(f"param {i} has no grad (skip params whose grad is None)", ValueError)
@@ -95,32 +139,17 @@ def prepare(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master
         if p.dtype != pdtype:
             _fail(f"param {i} is {p.dtype}, param 0 {pdtype}: one call takes one dtype", TypeError)
         if g.dtype != p.dtype:
-            _fail(f"grad of param {i} is {g.dtype} but the param is {p.dtype}", TypeError)
+            _fail(f"grad of param {i} is {g.dtype} but the param is {p.dtype}")
         if g.shape != p.shape:
             _fail(f"grad of param {i} has shape {tuple(g.shape)} but the param {tuple(p.shape)}")
+
+
+def _call(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, device, pdtype, lr, beta1,
+          beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_mult, found_inf, stage_states):
     complex_ = pdtype.is_complex
     real = torch.empty((), dtype=pdtype).real.dtype if complex_ else pdtype
     if not real.is_floating_point:
         _fail(f"params must be floating point or complex, got {pdtype}", TypeError)
-    sdtype = exp_avgs[0].dtype
-    for name, lst in (("exp_avg", exp_avgs), ("exp_avg_sq", exp_avg_sqs), ("max_exp_avg_sq", max_exp_avg_sqs)):
-        for i, s in enumerate(lst):
-            if s.device != device or s.shape != params[i].shape or s.dtype != sdtype or s.is_sparse:
-                _fail(f"{name} of param {i} is {s.dtype} {tuple(s.shape)} on {s.device}; expected "
-                      f"{sdtype} {tuple(params[i].shape)} on {device}")
-    if sdtype != pdtype and not (sdtype == torch.float32 and pdtype in LOW_PRECISION):
-        _fail(f"states must be in the param dtype or fp32 (params {pdtype}, states {sdtype})", TypeError)
-    for i, s in enumerate(steps):
-        if not torch.is_tensor(s) or s.numel() != 1 or s.dtype != torch.float32 or s.device != device:
-            _fail(f"step of param {i} must be a one-element fp32 tensor on {device}, got "
-                  f"{s.dtype if torch.is_tensor(s) else type(s).__name__}"
-                  f"{'' if not torch.is_tensor(s) else ' on ' + str(s.device)}")
-    if master_params:
-        if pdtype not in LOW_PRECISION or sdtype != torch.float32:
-            _fail("master_params are for fp16/bf16 params with fp32 states", TypeError)
-        for i, w in enumerate(master_params):
-            if w.dtype != torch.float32 or w.shape != params[i].shape or w.device != device:
-                _fail(f"master param {i} must be fp32 {tuple(params[i].shape)} on {device}")
     if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
         _fail(f"betas must be in [0, 1), got ({beta1}, {beta2})", ValueError)
     lr_tensor = None
@@ -145,7 +174,8 @@ def prepare(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master
         max_exp_avg_sqs = [torch.view_as_real(t) for t in max_exp_avg_sqs]
     writeback = []
     if backend != "reference":
-        grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
+        if not all(g.is_contiguous() for g in grads):
+            grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
 
         def staged(lst):
             out = []
@@ -158,8 +188,9 @@ def prepare(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master
                     out.append(c)
             return out
 
-        params, exp_avgs, exp_avg_sqs = staged(params), staged(exp_avgs), staged(exp_avg_sqs)
-        max_exp_avg_sqs, master_params = staged(max_exp_avg_sqs), staged(master_params)
+        if stage_states:
+            params, exp_avgs, exp_avg_sqs = staged(params), staged(exp_avgs), staged(exp_avg_sqs)
+            max_exp_avg_sqs, master_params = staged(max_exp_avg_sqs), staged(master_params)
     return AdamCall(backend, device, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
                     master_params, float(lr), lr_tensor, float(beta1), float(beta2), float(eps),
                     float(weight_decay), bool(amsgrad), bool(maximize), bool(decoupled_weight_decay),
