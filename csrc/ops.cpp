@@ -21,6 +21,20 @@ TORCH_LIBRARY(fusedtrain, m) {
         "Tensor? pos_weight, int reduction) -> Tensor");
 
   // ---- adam (fusedtrain/ops/adam.py) ----
+  // One Adam/AdamW step over every tensor of the lists, one kernel launch (one parallel
+  // region on CPU) for all of them. All tensors on one device, contiguous; params and grads
+  // of one dtype (fp32/bf16/fp16); states in the param dtype or fp32; max_exp_avg_sqs empty
+  // unless amsgrad; master_params empty or fp32 copies of the params (the update then runs
+  // on them and params receive their rounding; states must be fp32). steps: one fp32
+  // one-element tensor per param on its device, incremented by the kernel.
+  // lr: the float lr, unless lr_tensor (one-element fp32 on the device) is given.
+  // grad_mult: one-element fp32 on the device; every grad element is multiplied by it as it
+  // is read (grads are never written). found_inf: one-element fp32 on the device; nonzero ->
+  // nothing at all is written (params, states, masters, steps untouched).
+  m.def("adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+        "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, Tensor(f!)[] master_params, float lr, "
+        "Tensor? lr_tensor, float beta1, float beta2, float eps, float weight_decay, bool amsgrad, "
+        "bool maximize, bool decoupled_weight_decay, Tensor? grad_mult, Tensor? found_inf) -> ()");
 
   // ---- unscale (fusedtrain/ops/unscale.py) ----
   // tensors: one device and one dtype (fp32, fp16 or bf16), each non-overlapping and dense;
