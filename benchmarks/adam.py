@@ -10,6 +10,7 @@ fp32 step must move: param, grad, exp_avg, exp_avg_sq read, param and states wri
     python benchmarks/adam.py [--quick] [--device cpu|cuda]
 """
 import os
+import statistics
 import sys
 
 import torch
@@ -64,41 +65,48 @@ def _ours_backends(device):
     return names
 
 
+def _paired(ours, base, device, warmup, reps, rounds):
+    """Median times of two step functions measured in alternating rounds, so that a machine
+    whose load drifts (shared CPUs) slows both alike."""
+    a, b = [], []
+    for _ in range(rounds):
+        a.append(harness.time_ms(ours, device, warmup=warmup, reps=reps))
+        b.append(harness.time_ms(base, device, warmup=warmup, reps=reps))
+        warmup = 1
+    return statistics.median(a), statistics.median(b)
+
+
 def run(device: str, quick: bool) -> list:
     rows = []
-    reps = 5 if quick else 30
+    reps, rounds = (3, 2) if quick else (10, 5)
     warmup = 2 if quick else 5
-    dtypes = [torch.float32] if quick or torch.device(device).type == "cpu" else [torch.float32, torch.bfloat16]
-    backends = _ours_backends(device)
+    cpu = torch.device(device).type == "cpu"
+    dtypes = [torch.float32] if quick or cpu else [torch.float32, torch.bfloat16]
     for case, shapes in WORKLOADS.items():
-        if quick and case == "22M mix" and torch.device(device).type == "cpu":
+        if quick and case == "22M mix" and cpu:
             shapes = [(1024, 1024), (40, 4096)]
             case = "1.2M mix (quick)"
         for dtype in dtypes:
-            ours_ms = {}
-            for b in backends:
-                ps = _params(shapes, device, dtype)
-                opt = fusedtrain.FusedAdamW(ps, lr=1e-3, weight_decay=0.01)
+            for b in _ours_backends(device):
+                ours_opt = fusedtrain.FusedAdamW(_params(shapes, device, dtype), lr=1e-3, weight_decay=0.01)
 
-                def step(opt=opt, b=b):
+                def ours(opt=ours_opt, b=b):
                     with fusedtrain.use_backend(b):
                         opt.step()
 
-                ours_ms[b] = harness.time_ms(step, device, warmup=warmup, reps=reps)
-            for bname, make in _baselines(device):
-                if dtype != torch.float32 and bname == "DeepSpeedCPUAdam":
-                    continue
-                ps = _params(shapes, device, dtype)
-                try:
-                    opt = make(ps)
-                    base_ms = harness.time_ms(opt.step, device, warmup=warmup,
-                                              reps=max(3, reps // 3) if "for-loop" in bname else reps)
-                except Exception as e:  # a baseline that cannot run here
-                    print(f"skipping {bname}: {e}", file=sys.stderr)
-                    continue
-                for b, ms in ours_ms.items():
+                for bname, make in _baselines(device):
+                    if dtype != torch.float32 and bname == "DeepSpeedCPUAdam":
+                        continue
+                    try:
+                        base_opt = make(_params(shapes, device, dtype))
+                        slow = "for-loop" in bname or "foreach" in bname
+                        ours_ms, base_ms = _paired(ours, base_opt.step, device, warmup, reps,
+                                                   max(2, rounds // 2) if slow else rounds)
+                    except Exception as e:  # a baseline that cannot run here
+                        print(f"skipping {bname}: {e}", file=sys.stderr)
+                        continue
                     rows.append(harness.Row("adam", f"AdamW step {case}", str(dtype).replace("torch.", ""), bname,
-                                            base_ms, f"FusedAdamW {b}", ms, _bytes(shapes, dtype)))
+                                            base_ms, f"FusedAdamW {b}", ours_ms, _bytes(shapes, dtype)))
     return rows
 
 

@@ -29,6 +29,7 @@ using adam::CoefV;
 
 constexpr int64_t kVec = 2 * fVec::size();  // elements per vector iteration (16 on AVX2)
 constexpr int64_t kUnit = 64 * kVec;         // elements per scheduling unit (1024)
+constexpr int64_t kPrefetch = 256;           // software prefetch distance, elements
 
 template <typename T>
 struct Io {
@@ -74,6 +75,15 @@ void run_range(const TensorJob& j, int64_t lo, int64_t hi) {
   const CoefV<fVec> cv(j.coef);
   int64_t i = lo;
   for (; i + kVec <= hi; i += kVec) {
+    // software prefetch a few cache lines ahead in every stream: small tensors are many short
+    // streams (each a few 4 KiB pages) that the hardware prefetchers pick up late
+    if (i + kPrefetch < hi) {
+      __builtin_prefetch(MASTER ? static_cast<const void*>(w + i + kPrefetch) : static_cast<const void*>(p + i + kPrefetch), 1);
+      __builtin_prefetch(g + i + kPrefetch, 0);
+      __builtin_prefetch(m + i + kPrefetch, 1);
+      __builtin_prefetch(v + i + kPrefetch, 1);
+      if constexpr (AMS) __builtin_prefetch(vm + i + kPrefetch, 1);
+    }
     fVec p0, p1, g0, g1, m0, m1, v0, v1, x0, x1;
     if constexpr (MASTER) Io<float>::load(w + i, p0, p1); else Io<P>::load(p + i, p0, p1);
     Io<P>::load(g + i, g0, g1);
