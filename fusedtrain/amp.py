@@ -39,6 +39,7 @@ from collections import defaultdict
 import torch
 from torch.amp.grad_scaler import OptState
 
+from fusedtrain import _dtensor
 from fusedtrain.ops.unscale import combine_norm, unscale_sumsq_
 
 __all__ = ["GradScaler", "OptState", "clipped_step_"]
@@ -67,11 +68,16 @@ def clipped_step_(optimizer, max_norm, *, inv_scale=None, found_inf=None):
     grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     if any(g.is_sparse for g in grads):
         raise RuntimeError("clipped_step_: sparse gradients are not supported (FusedAdam does not support them)")
+    sharded = [g for g in grads if _dtensor.is_dtensor(g)]
+    grads = [_dtensor.local(g) for g in grads]
     if found_inf is None:
         device = inv_scale.device if inv_scale is not None else (grads[0].device if grads else torch.device("cpu"))
         found_inf = torch.zeros((), dtype=torch.float32, device=device)
     mult = inv_scale if inv_scale is not None else torch.ones((), dtype=torch.float32, device=found_inf.device)
     sums = unscale_sumsq_(grads, mult, found_inf, compute_norm=True, write=False)
+    if sharded:  # FSDP2: the flag and the norm over every rank's shard
+        sums = {d: s.clone() for d, s in sums.items()}
+        _dtensor.reduce_across_shards_(sharded, [found_inf], list(sums.values()))
     total_norm = combine_norm(sums, found_inf.device)
     clip_coef = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
     optimizer._step_scaled(grad_mult=(mult.to(clip_coef.device) * clip_coef).reshape(()), found_inf=found_inf)
@@ -91,9 +97,11 @@ class GradScaler(torch.amp.GradScaler):
     # ---- gathering gradients ------------------------------------------------------------
     @staticmethod
     def _grads_per_device(optimizer, allow_fp16, replace_sparse=True):
-        """{device: [grad tensors to process]} in parameter order (sparse grads: their values,
-        fp16 sparse grads coalesced first, exactly as torch does)."""
+        """({device: [grad tensors to process]} in parameter order, [DTensor grads]). Sparse
+        grads: their values, fp16 sparse grads coalesced first, exactly as torch does; DTensor
+        grads (FSDP2): their local shards."""
         per_device = defaultdict(list)
+        sharded = []
         with torch.no_grad():
             for group in optimizer.param_groups:
                 for param in group["params"]:
@@ -107,10 +115,13 @@ class GradScaler(torch.amp.GradScaler):
                         if param.grad.dtype is torch.float16 and replace_sparse:
                             param.grad = param.grad.coalesce()
                         g = param.grad._values()
+                    elif _dtensor.is_dtensor(param.grad):
+                        sharded.append(param.grad)
+                        g = _dtensor.local(param.grad)
                     else:
                         g = param.grad
                     per_device[g.device].append(g)
-        return per_device
+        return per_device, sharded
 
     def _inv_scale(self):
         # as torch: the reciprocal in fp64, then fp32
@@ -120,7 +131,7 @@ class GradScaler(torch.amp.GradScaler):
         """Run the fused pass over the optimizer's grads: ({device: found_inf},
         {device: sum of squares}). Always records a found_inf on the scale's device, so an
         optimizer without gradients still steps and updates."""
-        per_device = self._grads_per_device(optimizer, allow_fp16)
+        per_device, sharded = self._grads_per_device(optimizer, allow_fp16)
         home = self._scale.device
         found_per_device = {}
         sums = {}
@@ -138,6 +149,8 @@ class GradScaler(torch.amp.GradScaler):
                 inv_cache[dev] = inv_scale if inv_scale.device == dev else inv_scale.to(dev, non_blocking=True)
             s = unscale_sumsq_(grads, inv_cache[dev], f, compute_norm=compute_norm, write=write)
             sums.update(s)
+        if sharded:  # FSDP2: every rank must see an inf on any rank's shard, and the whole norm
+            _dtensor.reduce_across_shards_(sharded, list(found_per_device.values()), list(sums.values()))
         return found_per_device, sums
 
     # ---- torch's hooks, reimplemented on the fused pass ----------------------------------

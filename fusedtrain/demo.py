@@ -109,9 +109,12 @@ def train(kind: str, cfg: Config, data, progress=True):
                     loss = crit(model(x[idx]), y[idx]) / cfg.accum
                 scaler.scale(loss).backward()
                 step_loss += loss.detach()
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_norm)
-            scaler.step(opt)
+            if kind == "fusedtrain":  # the one-read step: check, norm, clip and AdamW, no host sync
+                scaler.step(opt, max_norm=cfg.max_norm)
+            else:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_norm)
+                scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
             sched.step()

@@ -14,6 +14,7 @@ the whole update on the device when found_inf is nonzero. fusedtrain.GradScaler 
 """
 import torch
 
+from fusedtrain import _dtensor
 from fusedtrain.ops import adam as adam_ops
 
 _LOW = (torch.float16, torch.bfloat16)
@@ -157,7 +158,9 @@ class FusedAdam(torch.optim.Optimizer):
                 and (not master or (s["master_param"].is_contiguous() and s["master_param"].shape == p.shape))
                 and torch.is_tensor(s["step"]) and s["step"].dtype == torch.float32 and s["step"].device == p.device
                 for p, s in zip(bp, sts))
-            out.append((dev, bp, lists, trusted))
+            # DTensor params (FSDP2): the kernels run on the local shards, states included
+            lists = tuple([_dtensor.local(t) for t in lst] for lst in lists)
+            out.append((dev, bp, [_dtensor.local(p) for p in bp], lists, trusted))
         plans[id(group)] = (key, out)
         return out
 
@@ -239,10 +242,10 @@ class FusedAdam(torch.optim.Optimizer):
             for gi, (group, ps) in enumerate(work):
                 beta1, beta2 = group["betas"]
                 lr = group["lr"]
-                for (dev, bp, sts_lists, trusted) in self._plan(group, ps):
+                for (dev, bp, bp_local, sts_lists, trusted) in self._plan(group, ps):
                     exp_avgs, exp_avg_sqs, max_sqs, steps, masters = sts_lists
                     calls.append(adam_ops.prepare(
-                        bp, [p.grad for p in bp], exp_avgs, exp_avg_sqs, max_sqs, steps, masters,
+                        bp_local, [_dtensor.local(p.grad) for p in bp], exp_avgs, exp_avg_sqs, max_sqs, steps, masters,
                         lr=lr if torch.is_tensor(lr) else float(lr), beta1=_scalar(beta1), beta2=_scalar(beta2),
                         eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
                         amsgrad=bool(group["amsgrad"]), maximize=bool(group["maximize"]),

@@ -31,7 +31,10 @@ def bce_terms(x, y=None, w=None, pw=None, *, want=("loss", "dx")):
     if "loss" in want or "dx" in want:
         lw = None if pw is None else 1 + (pw - 1) * y
         if "loss" in want:
-            out["loss"] = (1 - y) * x + (sp_neg if lw is None else lw * sp_neg)
+            # regrouped as in bce_math.h forward(): no cancelling large terms; (x - x) keeps
+            # torch's NaN at x = -inf
+            tail = torch.where(x >= 0, (1 - y) * x, (x - x) - (y if pw is None else pw * y) * x)
+            out["loss"] = (l1p if lw is None else lw * l1p) + tail
         if "dx" in want:
             r = 1 / (1 + e)
             sig = torch.where(x >= 0, r, e * r)

@@ -13,7 +13,9 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reaso
 
 
 def _run(mode, path):
-    subprocess.run([sys.executable, os.path.join(HERE, "resume_worker.py"), mode, path], check=True, timeout=300)
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    subprocess.run([sys.executable, os.path.join(HERE, "resume_worker.py"), mode, path], check=True, timeout=300,
+                   env=env)
     return torch.load(path) if mode != "first-half" else None
 
 

@@ -82,15 +82,18 @@ def _bce_fwd_kernel(x_ptr, y_ptr, w_ptr, pw_ptr, loss_ptr, grad_ptr, part_ptr,
     w = _load_weight(w_ptr, offs, rows, cols, ws0, ws1, mask, HAS_W, FLAT, ACC)
     pw = _load_weight(pw_ptr, offs, rows, cols, pws0, pws1, mask, HAS_PW, FLAT, ACC)
     e, l1p = _softplus_terms(x)
-    sp_neg = l1p + tl.maximum(-x, 0.0)          # softplus(-x) = -log sigmoid(x)
     r = 1.0 / (1.0 + e)
     sig = tl.where(x >= 0, r, e * r)
+    # (1 - y) * x + lw * softplus(-x) regrouped as in bce_math.h forward(): no cancelling large
+    # terms; (x - x) makes x = -inf NaN, as torch's formula gives
+    ypw = pw * y if HAS_PW else y
+    tail = tl.where(x >= 0, (1.0 - y) * x, (x - x) - ypw * x)
     if HAS_PW:
         lw = 1.0 + (pw - 1.0) * y
-        loss = w * ((1.0 - y) * x + lw * sp_neg)
-        dx = w * (lw * sig - pw * y)
+        loss = w * (lw * l1p + tail)
+        dx = w * (lw * sig - ypw)
     else:
-        loss = w * ((1.0 - y) * x + sp_neg)
+        loss = w * (l1p + tail)
         dx = w * (sig - y)
     if REDUCE:
         tl.store(part_ptr + pid, tl.sum(tl.where(mask, loss, 0.0), axis=0))

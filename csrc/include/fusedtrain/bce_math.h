@@ -6,7 +6,7 @@
 //
 // With e = exp(-|x|), L = log1p(e) (log1p_unit below), softplus(-x) = L + max(-x, 0) = -log sigmoid(x):
 //   lw   = 1 + (pos_weight - 1) * y                       (lw = 1 without pos_weight)
-//   loss = w * ((1 - y) * x + lw * softplus(-x))
+//   loss = w * ((1 - y) * x + lw * softplus(-x))  (evaluated regrouped: see forward())
 //   dx   = w * (lw * sigmoid(x) - pos_weight * y)          (w * (sigmoid(x) - y) without)
 //   dy   = w * (pos_weight * softplus(-x) - softplus(x))   (w * -x without)
 // sigmoid(x) = 1 / (1 + e) for x >= 0 and e / (1 + e) for x < 0, from the same e: never
@@ -92,15 +92,22 @@ template <bool HasPosWeight, typename T>
 FT_HD void forward(T x, T y, T w, T pw, T& loss, T& dx) {
   const T one(1);
   const T e = ft_exp(T(0) - ft_abs(x));
-  const T sp_neg = log1p_unit(e) + ft_relu(T(0) - x);  // softplus(-x) = -log sigmoid(x)
+  const T l = log1p_unit(e);
   const T r = one / (one + e);
   const T sig = ft_select_nonneg(x, r, e * r);
+  // (1 - y) * x + lw * softplus(-x), regrouped so that no two large terms cancel: for x >= 0
+  // it is lw * L + (1 - y) * x, for x < 0 it is lw * L - pos_weight * y * x (both sums of
+  // non-negative terms for y in [0, 1]). That keeps fp32 accuracy for large |x| and no
+  // intermediate overflows before the result does. (x - x) is 0 for finite x and NaN for
+  // x = -inf, where torch's ungrouped formula gives inf - inf = NaN.
+  const T ypw = HasPosWeight ? pw * y : y;
+  const T tail = ft_select_nonneg(x, (one - y) * x, (x - x) - ypw * x);
   if (HasPosWeight) {
     const T lw = one + (pw - one) * y;
-    loss = w * ((one - y) * x + lw * sp_neg);
-    dx = w * (lw * sig - pw * y);
+    loss = w * (lw * l + tail);
+    dx = w * (lw * sig - ypw);
   } else {
-    loss = w * ((one - y) * x + sp_neg);
+    loss = w * (l + tail);
     dx = w * (sig - y);
   }
 }

@@ -1,0 +1,46 @@
+"""DTensor (FSDP2 / torch.distributed.tensor) support: kernels run on the local shards, and
+what must agree across ranks (found_inf, the gradient norm) is all-reduced over the mesh."""
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed
+    DTensor = None
+
+
+def is_dtensor(t) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t):
+    """The local shard of a DTensor (shares its storage, so in-place updates reach the
+    DTensor); any other tensor as it is."""
+    return t._local_tensor if is_dtensor(t) else t
+
+
+def reduce_across_shards_(dtensors, found_infs=(), sums=()):
+    """Make found_inf and sum-of-squares tensors computed on local shards global: found_inf
+    is max-reduced over every mesh dimension (every rank then skips together); a sum of
+    squares is sum-reduced over the dimensions the tensors are sharded on (a replicated
+    dimension already holds the whole sum)."""
+    import torch.distributed as dist
+
+    layouts = {}
+    for t in dtensors:
+        layouts.setdefault(id(t.device_mesh), (t.device_mesh, set()))[1].add(tuple(t.placements))
+    for mesh, placements in layouts.values():
+        if sums and len(placements) > 1:
+            raise NotImplementedError("gradient norm of DTensors with different placements on one mesh")
+        for dim in range(mesh.ndim):
+            group = mesh.get_group(dim)
+            for f in found_infs:
+                dist.all_reduce(f, op=dist.ReduceOp.MAX, group=group)
+            if sums:
+                place = next(iter(placements))[dim]
+                if place.is_shard():
+                    for s in sums:
+                        dist.all_reduce(s, op=dist.ReduceOp.SUM, group=group)
+                elif not place.is_replicate():
+                    raise NotImplementedError(f"gradient norm of DTensors with placement {place} on mesh dim {dim}")
+
+
+__all__ = ["is_dtensor", "local", "reduce_across_shards_"]
