@@ -55,18 +55,16 @@ def check_bce(backend, device):
 
 
 def _adam_run(backend, device, dtype, amsgrad):
-    torch.manual_seed(1)
-    params = [torch.randn(s, device=device, dtype=dtype if backend != "reference" else torch.float64)
+    g = torch.Generator().manual_seed(1)
+    # the reference runs in float64 on the same (dtype-rounded) starting values
+    store = torch.float64 if backend == "reference" else dtype
+    params = [torch.randn(s, generator=g).to(dtype).to(device, store).requires_grad_()
               for s in [(7,), (130, 33), (1,)]]
-    if backend != "reference":
-        params = [p.detach().requires_grad_() for p in params]
-    else:
-        params = [p.detach().double().requires_grad_() for p in params]
     opt = _in(backend, lambda: fusedtrain.FusedAdamW(params, lr=1e-2, weight_decay=0.1, amsgrad=amsgrad))
-    g = torch.Generator().manual_seed(2)
+    g.manual_seed(2)
     for _ in range(5):
         for p in params:
-            p.grad = torch.randn(p.shape, generator=g).to(device, p.dtype)
+            p.grad = torch.randn(p.shape, generator=g).to(dtype).to(device, p.dtype)
         _in(backend, opt.step)
     return params
 

@@ -52,6 +52,21 @@ def _softplus_terms(x):
 
 
 @triton.jit
+def _tile(pid, N, C, FLAT: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's flat offsets into the (R, C) tensors, their mask, and their row and
+    column (the flat offset for both when FLAT: every weight is then indexed flat)."""
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    if FLAT:
+        rows = offs
+        cols = offs
+    else:
+        rows = offs // C
+        cols = offs - rows * C
+    return offs, mask, rows, cols
+
+
+@triton.jit
 def _load_weight(ptr, offs, rows, cols, s0, s1, mask, HAS: tl.constexpr, FLAT: tl.constexpr, ACC: tl.constexpr):
     if HAS:
         if FLAT:
@@ -69,14 +84,7 @@ def _bce_fwd_kernel(x_ptr, y_ptr, w_ptr, pw_ptr, loss_ptr, grad_ptr, part_ptr,
                     HAS_W: tl.constexpr, HAS_PW: tl.constexpr, FLAT: tl.constexpr, REDUCE: tl.constexpr,
                     GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    if FLAT:
-        rows = offs
-        cols = offs
-    else:
-        rows = offs // C
-        cols = offs - rows * C
+    offs, mask, rows, cols = _tile(pid, N, C, FLAT, BLOCK)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
     w = _load_weight(w_ptr, offs, rows, cols, ws0, ws1, mask, HAS_W, FLAT, ACC)
@@ -119,14 +127,7 @@ def _bce_target_grad_kernel(x_ptr, w_ptr, pw_ptr, out_ptr, N, C, ws0, ws1, pws0,
                             HAS_W: tl.constexpr, HAS_PW: tl.constexpr, FLAT: tl.constexpr,
                             ACC: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    if FLAT:
-        rows = offs
-        cols = offs
-    else:
-        rows = offs // C
-        cols = offs - rows * C
+    offs, mask, rows, cols = _tile(pid, N, C, FLAT, BLOCK)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     w = _load_weight(w_ptr, offs, rows, cols, ws0, ws1, mask, HAS_W, FLAT, ACC)
     pw = _load_weight(pw_ptr, offs, rows, cols, pws0, pws1, mask, HAS_PW, FLAT, ACC)
@@ -138,7 +139,7 @@ def _bce_target_grad_kernel(x_ptr, w_ptr, pw_ptr, out_ptr, N, C, ws0, ws1, pws0,
     tl.store(out_ptr + offs, (dy * scale).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-AOT_HELPERS = ("_log1p_small", "_softplus_terms", "_load_weight")
+AOT_HELPERS = ("_log1p_small", "_softplus_terms", "_tile", "_load_weight")
 
 
 # ---- launchers (the triton_op bodies) --------------------------------------------------
