@@ -20,7 +20,8 @@ torch._amp_update_scale_ on the scale's device (no host sync). What changes:
     exactly as torch does (this syncs, as torch's does).
 * clip_grad_norm_(optimizer, max_norm): unscale, check and clip by the global L2 norm with a
   read-only check+norm pass and one scaling pass (x * inv_scale * clip_coef, rounded once);
-  returns the total norm (fp32, on the device).
+  on CPU, while clipping is inactive, one unscale+check+norm pass and no scaling pass.
+  Returns the total norm (fp32, on the device).
 * step(optimizer, max_norm=...): the one-read clipped step. For fusedtrain's optimizers
   (``_step_scaled``) it is two passes and no host sync: pass 1 reads every gradient once and
   computes found_inf and the global norm of the unscaled gradients on the device, writing
@@ -88,6 +89,8 @@ class GradScaler(torch.amp.GradScaler):
     """Drop-in torch.amp.GradScaler (same constructor, methods and state_dict) whose
     unscale/inf-check is fusedtrain's one-launch-per-group pass, and which hands the scale to
     fused optimizers without a host sync. See the module docstring."""
+
+    _last_clip_active = False  # did the last clip_grad_norm_ clip (CPU pass planning)
 
     def __init__(self, device: str = "cuda", init_scale: float = 2.0**16, growth_factor: float = 2.0,
                  backoff_factor: float = 0.5, growth_interval: int = 2000, enabled: bool = True) -> None:
@@ -255,9 +258,17 @@ class GradScaler(torch.amp.GradScaler):
             return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite)
 
         home = self._scale.device
+        # On CPU a host read of the norm costs nothing: when the previous clip did not clip,
+        # pass 1 unscales in place while it takes the norm (one read, one write) and the
+        # scaling pass runs only when this call clips. Otherwise -- and always on a GPU, where
+        # that read would sync -- pass 1 only reads, and one scaling pass applies
+        # inv_scale * clip_coef (two reads, one write). Clipping tends to stay on or off
+        # for many steps, so the previous call is the guess.
+        on_cpu = home.type == "cpu" and all(p.grad.device.type == "cpu" for p in params)
+        unscale_first = on_cpu and not self._last_clip_active and optimizer_state["stage"] is OptState.READY
         if optimizer_state["stage"] is OptState.READY:
             inv = self._inv_scale()
-            found, sums = self._pass(optimizer, inv, False, write=False, compute_norm=True)
+            found, sums = self._pass(optimizer, inv, False, write=unscale_first, compute_norm=True)
             optimizer_state["found_inf_per_device"] = found
             optimizer_state["stage"] = OptState.UNSCALED
         else:  # already unscaled: norm of the grads as they are; found_inf already recorded
@@ -269,8 +280,13 @@ class GradScaler(torch.amp.GradScaler):
                 f"The total norm of order {float(norm_type)} for gradients from `parameters` is non-finite, so it "
                 "cannot be clipped. To disable this error and scale the gradients by the non-finite norm anyway, "
                 "set `error_if_nonfinite=False`")
-        # torch.nn.utils.clip_grad_norm_'s coefficient, then folded into the unscale multiplier
+        # torch.nn.utils.clip_grad_norm_'s coefficient
         clip_coef = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
-        mult = inv * clip_coef
-        self._pass(optimizer, mult, True, write=True, found=found)
+        if on_cpu:
+            self._last_clip_active = not bool(clip_coef >= 1.0)  # a NaN coefficient scales, as torch's does
+        if unscale_first:
+            if self._last_clip_active:
+                self._pass(optimizer, clip_coef.reshape(()), True, write=True, found=found)
+        else:
+            self._pass(optimizer, inv * clip_coef, True, write=True, found=found)
         return total_norm

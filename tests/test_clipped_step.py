@@ -239,3 +239,28 @@ def test_cuda_graph_capture_of_the_whole_step():
     graph.replay()
     torch.cuda.synchronize()
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_scaler_clip_grad_norm_as_clipping_turns_on_and_off(backend_device):
+    """GradScaler.clip_grad_norm_ plans its passes from the previous call (on CPU: unscale in
+    the norm pass while clipping is off); every on/off sequence must give torch's gradients."""
+    _, device = backend_device
+    g = torch.Generator().manual_seed(5)
+    ours = [torch.zeros(s, device=device, requires_grad=True) for s in SHAPES]
+    theirs = [torch.zeros(s, device=device, requires_grad=True) for s in SHAPES]
+    opt, topt = torch.optim.SGD(ours, lr=0.0), torch.optim.SGD(theirs, lr=0.0)
+    scaler = fusedtrain.GradScaler(device, init_scale=2.0 ** 6)
+    tscaler = torch.amp.GradScaler(device, init_scale=2.0 ** 6)
+    for max_norm in [1e9, 1e9, 0.1, 0.1, 1e9, 0.1, 1e9]:
+        scaler.scale(torch.ones((), device=device)), tscaler.scale(torch.ones((), device=device))
+        for p, q in zip(ours, theirs):
+            p.grad = (torch.randn(p.shape, generator=g) * 64).to(device)
+            q.grad = p.grad.clone()
+        norm = scaler.clip_grad_norm_(opt, max_norm)
+        tscaler.unscale_(topt)
+        tnorm = torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+        torch.testing.assert_close(norm, tnorm, rtol=1e-6, atol=0)
+        for p, q in zip(ours, theirs):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-12)
+        scaler.step(opt), tscaler.step(topt)
+        scaler.update(), tscaler.update()
