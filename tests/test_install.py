@@ -31,13 +31,18 @@ def test_pure_python_install(tmp_path, env):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "installing pure Python" in out.stdout + out.stderr
     assert not list(target.glob("fusedtrain/_C*.so"))
-    code = ("import fusedtrain, torch\n"
+    # the test venv itself may hold an editable install of this checkout, whose import hook
+    # would hand out its fusedtrain._C: drop it, so only the pure-Python install is importable
+    code = ("import sys\n"
+            "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+            "import fusedtrain, torch\n"
+            "assert fusedtrain.__file__.startswith(sys.argv[1]), fusedtrain.__file__\n"
             "ok, why = fusedtrain.backends('cpu')['native']\n"
             "assert not ok and 'not built' in why, why\n"
             "x = torch.randn(10); y = torch.rand(10)\n"
             "l = fusedtrain.functional.binary_cross_entropy_with_logits(x, y)\n"
             "r = torch.nn.functional.binary_cross_entropy_with_logits(x, y)\n"
             "assert torch.allclose(l, r), (l, r)\n")
-    run = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path),
+    run = subprocess.run([sys.executable, "-c", code, str(target)], cwd=str(tmp_path),
                          env={**os.environ, "PYTHONPATH": str(target)}, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
