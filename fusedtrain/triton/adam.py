@@ -161,6 +161,13 @@ def _ptr(t):
     return t.data_ptr() if t is not None else 0
 
 
+def _to_device(t, device):
+    # from pinned memory and stream-ordered: a pageable host-to-device copy would block the host
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _tables_for(device, cols, chunk):
     key = (str(device), chunk, tuple(cols))
     with _lock:
@@ -169,12 +176,14 @@ def _tables_for(device, cols, chunk):
             return hit
     n = len(cols) // _COLS
     tab = torch.tensor(cols, dtype=torch.int64).reshape(n, _COLS)
-    numel = tab[:, 7]
-    per = torch.clamp((numel + chunk - 1) // chunk, min=1)  # an empty tensor: one tile (its step)
+    # tiles per tensor in Python ints (no tensor is read back); an empty tensor gets one tile
+    # (its step)
+    per_list = [max(1, -(-cols[i * _COLS + 7] // chunk)) for i in range(n)]
+    per = torch.tensor(per_list, dtype=torch.int64)
     tile_t = torch.repeat_interleave(torch.arange(n, dtype=torch.int32), per)
     first = torch.cumsum(per, 0) - per
-    tile_off = (torch.arange(int(per.sum()), dtype=torch.int64) - torch.repeat_interleave(first, per)) * chunk
-    entry = (tab.to(device), tile_t.to(device), tile_off.to(device))
+    tile_off = (torch.arange(sum(per_list), dtype=torch.int64) - torch.repeat_interleave(first, per)) * chunk
+    entry = tuple(_to_device(t, device) for t in (tab, tile_t, tile_off))
     with _lock:
         if len(_tables) >= _MAX_TABLES:
             _tables.pop(next(iter(_tables)))
