@@ -8,9 +8,9 @@ torch._amp_update_scale_ on the scale's device (no host sync). What changes:
 * unscale_(optimizer): one fusedtrain.unscale_and_check_ pass per (device, dtype) group of
   the optimizer's gradients (bit-identical to torch's unscale).
 * step(optimizer):
-  - an optimizer with ``_step_scaled`` (fusedtrain's FusedAdam/FusedAdamW): a read-only
-    check pass (or the results of an earlier unscale_), then
-    ``optimizer._step_scaled(grad_mult=inv_scale or None, found_inf=found_inf)``: the
+  - an optimizer with ``_step_supports_grad_mult`` (fusedtrain's FusedAdam/FusedAdamW): a
+    read-only check pass (or the results of an earlier unscale_), then ``optimizer.step()``
+    with ``optimizer.grad_mult`` (inv_scale, or None) and ``optimizer.found_inf`` set: the
     gradients are unscaled as the optimizer reads them and never written; a nonzero
     found_inf skips the step on the device; no host sync.
   - another optimizer with ``_step_supports_amp_scaling`` (torch's fused Adam/AdamW/SGD/
@@ -23,7 +23,7 @@ torch._amp_update_scale_ on the scale's device (no host sync). What changes:
   on CPU, while clipping is inactive, one unscale+check+norm pass and no scaling pass.
   Returns the total norm (fp32, on the device).
 * step(optimizer, max_norm=...): the one-read clipped step. For fusedtrain's optimizers
-  (``_step_scaled``) it is two passes and no host sync: pass 1 reads every gradient once and
+  (``_step_supports_grad_mult``) it is two passes and no host sync: pass 1 reads every gradient once and
   computes found_inf and the global norm of the unscaled gradients on the device, writing
   nothing; pass 2 is the fused Adam/AdamW kernel, which multiplies each gradient by
   inv_scale * clip_coef as it reads it and skips everything when found_inf is set (see
@@ -47,7 +47,18 @@ __all__ = ["GradScaler", "OptState", "clipped_step_"]
 
 
 def _has_step_scaled(optimizer):
-    return callable(getattr(optimizer, "_step_scaled", None)) and getattr(optimizer, "_step_supports_amp_scaling", False)
+    return bool(getattr(optimizer, "_step_supports_grad_mult", False))
+
+
+def _step_with(optimizer, grad_mult, found_inf, *args, **kwargs):
+    """optimizer.step() -- so step hooks, profilers and the LR schedulers' bookkeeping see the
+    step -- with the gradient multiplier and the skip flag handed over as attributes, the way
+    torch's GradScaler hands grad_scale/found_inf to its fused optimizers."""
+    optimizer.grad_mult, optimizer.found_inf = grad_mult, found_inf
+    try:
+        return optimizer.step(*args, **kwargs)
+    finally:
+        del optimizer.grad_mult, optimizer.found_inf
 
 
 def clipped_step_(optimizer, max_norm, *, inv_scale=None, found_inf=None):
@@ -65,7 +76,7 @@ def clipped_step_(optimizer, max_norm, *, inv_scale=None, found_inf=None):
     """
     if not _has_step_scaled(optimizer):
         raise TypeError(f"clipped_step_: optimizer must be a fusedtrain FusedAdam/FusedAdamW (an optimizer with "
-                        f"_step_scaled), got {type(optimizer).__name__}")
+                        f"_step_supports_grad_mult), got {type(optimizer).__name__}")
     grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     if any(g.is_sparse for g in grads):
         raise RuntimeError("clipped_step_: sparse gradients are not supported (FusedAdam does not support them)")
@@ -81,7 +92,7 @@ def clipped_step_(optimizer, max_norm, *, inv_scale=None, found_inf=None):
         _dtensor.reduce_across_shards_(sharded, [found_inf], list(sums.values()))
     total_norm = combine_norm(sums, found_inf.device)
     clip_coef = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
-    optimizer._step_scaled(grad_mult=(mult.to(clip_coef.device) * clip_coef).reshape(()), found_inf=found_inf)
+    _step_with(optimizer, (mult.to(clip_coef.device) * clip_coef).reshape(()), found_inf)
     return total_norm
 
 
@@ -199,7 +210,6 @@ class GradScaler(torch.amp.GradScaler):
             self.step(optimizer, *args, **kwargs)
             return total_norm
 
-        step_scaled = getattr(optimizer, "_step_scaled", None)
         if _has_step_scaled(optimizer):
             if optimizer_state["stage"] is OptState.READY:
                 grad_mult = self._inv_scale()
@@ -207,8 +217,7 @@ class GradScaler(torch.amp.GradScaler):
                 optimizer_state["found_inf_per_device"] = found
             else:  # unscale_ already ran: the grads are unscaled, found_inf recorded
                 grad_mult = None
-            retval = step_scaled(*args, grad_mult=grad_mult, found_inf=self._found_inf_sum(optimizer_state),
-                                 **kwargs)
+            retval = _step_with(optimizer, grad_mult, self._found_inf_sum(optimizer_state), *args, **kwargs)
             optimizer_state["stage"] = OptState.STEPPED
             return retval
 

@@ -9,8 +9,10 @@ trajectory), plus `master_weights=True`: an fp32 copy of every fp16/bf16 param (
 AMP: `_step_supports_amp_scaling = True`. torch.amp.GradScaler sets `optimizer.grad_scale`
 (None when unscale_ already ran) and `optimizer.found_inf` before calling step(); step() then
 unscales inside the kernel (grad_mult = 1 / grad_scale, computed on the device) and skips
-the whole update on the device when found_inf is nonzero. fusedtrain.GradScaler calls
-`_step_scaled(grad_mult, found_inf)` directly.
+the whole update on the device when found_inf is nonzero. fusedtrain.GradScaler instead sets
+`optimizer.grad_mult` (1 / scale, times the clip coefficient in the one-read clipped step)
+with `found_inf` (`_step_supports_grad_mult = True`); step() then delegates to
+`_step_scaled(grad_mult, found_inf)`.
 """
 import torch
 
@@ -30,6 +32,7 @@ class FusedAdam(torch.optim.Optimizer):
     differentiable=True is not supported."""
 
     _step_supports_amp_scaling = True
+    _step_supports_grad_mult = True  # fusedtrain.GradScaler hands grad_mult + found_inf to step()
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
@@ -190,8 +193,8 @@ class FusedAdam(torch.optim.Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        grad_mult = None
-        if grad_scale is not None:
+        grad_mult = getattr(self, "grad_mult", None)  # set by fusedtrain.GradScaler
+        if grad_mult is None and grad_scale is not None:
             grad_mult = (torch.reciprocal(grad_scale.to(torch.float32)) if torch.is_tensor(grad_scale)
                          else torch.tensor(1.0 / float(grad_scale), dtype=torch.float32))
         self._step_scaled(grad_mult=grad_mult, found_inf=found_inf)

@@ -147,20 +147,20 @@ def test_300_steps_fused_adamw_matches_torch(backend_device, mode):
     _race("adamw_torch", torch.float32, device, mode, exact=False, ours_opt_kind="fused_adamw")
 
 
-# ---- the _step_scaled protocol ---------------------------------------------------------------
+# ---- the grad_mult protocol ------------------------------------------------------------------
 class _ScaledOpt(torch.optim.SGD):
-    """Records what GradScaler hands a fusedtrain-style optimizer."""
+    """Records what GradScaler hands a fusedtrain-style optimizer through step()."""
     _step_supports_amp_scaling = True
+    _step_supports_grad_mult = True
 
     def __init__(self, params):
         super().__init__(params, lr=0.1)
         self.calls = []
 
-    def step(self, closure=None):  # pragma: no cover - must not be called by GradScaler
-        raise AssertionError("GradScaler must call _step_scaled")
-
-    def _step_scaled(self, grad_mult=None, found_inf=None):
-        self.calls.append((None if grad_mult is None else grad_mult.clone(), found_inf.clone()))
+    def step(self, closure=None):
+        assert getattr(self, "grad_scale", None) is None, "torch's grad_scale protocol used instead"
+        grad_mult = self.grad_mult
+        self.calls.append((None if grad_mult is None else grad_mult.clone(), self.found_inf.clone()))
 
 
 @pytest.mark.parametrize("grad_dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)

@@ -264,3 +264,26 @@ def test_scaler_clip_grad_norm_as_clipping_turns_on_and_off(backend_device):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-12)
         scaler.step(opt), tscaler.step(topt)
         scaler.update(), tscaler.update()
+
+
+def test_step_goes_through_optimizer_step(backend_device):
+    """GradScaler reaches FusedAdamW through optimizer.step(): step hooks run and LR
+    schedulers see the step (no "lr_scheduler.step() before optimizer.step()" warning)."""
+    import warnings
+
+    _, device = backend_device
+    p = torch.randn(10, device=device, requires_grad=True)
+    opt = fusedtrain.FusedAdamW([p], lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1)
+    scaler = fusedtrain.GradScaler(device, init_scale=4.0)
+    seen = []
+    opt.register_step_post_hook(lambda o, a, k: seen.append(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for max_norm in (None, 1.0):
+            scaler.scale(p.sum()).backward()
+            scaler.step(opt, max_norm=max_norm)
+            scaler.update()
+            sched.step()
+            opt.zero_grad()
+    assert len(seen) == 2
