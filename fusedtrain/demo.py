@@ -161,8 +161,8 @@ def _plot(curves: dict, path: str):
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name, ys in curves.items():
-        ax.plot(ys, label=name, linewidth=1)
+    for (name, ys), style in zip(curves.items(), ("-", "--")):
+        ax.plot(ys, style, label=name, linewidth=1, alpha=0.8)  # dashed: visible where they coincide
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (BCE with pos_weight)")
     ax.set_yscale("log")
