@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
+from fusedtrain import _plot  # noqa: E402
 
 SUITES = ("bce", "adam", "amp")
 
@@ -28,13 +29,9 @@ def copy_bandwidth_gbps(device: str) -> float:
     return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
 
 
-def _plot(rows, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+def _plot_ratios(rows, path):
+    plt = _plot.pyplot()
+    if plt is None:
         return None
     labels = [f"{r.suite} {r.case} {r.dtype}\nvs {r.baseline} ({r.ours})" for r in rows]
     fig, ax = plt.subplots(figsize=(10, 0.42 * len(rows) + 1.2))
@@ -46,10 +43,7 @@ def _plot(rows, path):
     ax.set_xscale("log")
     ax.set_xlabel("speed-up over baseline (x, log scale; >1 is faster)")
     ax.set_title("fusedtrain bench")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _plot.save(fig, path, dpi=110)
 
 
 def main(argv=None) -> int:
@@ -87,7 +81,7 @@ def main(argv=None) -> int:
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump({"meta": meta, "rows": [r.as_dict() for r in rows]}, f, indent=2)
-    png = _plot(rows, os.path.join(a.out, "ratios.png"))
+    png = _plot_ratios(rows, os.path.join(a.out, "ratios.png"))
     print(f"\nwrote {os.path.join(a.out, 'results.json')}" + (f" and {png}" if png else ""))
     return 0
 

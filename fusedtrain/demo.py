@@ -17,6 +17,8 @@ import time
 import torch
 from torch import nn
 
+from fusedtrain import _plot
+
 NUM_CLASSES = 64
 FEATURES = 128
 
@@ -152,13 +154,9 @@ def max_param_diff(a: nn.Module, b: nn.Module) -> float:
     return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
 
 
-def _plot(curves: dict, path: str):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+def _plot_curves(curves: dict, path: str):
+    plt = _plot.pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
     for (name, ys), style in zip(curves.items(), ("-", "--")):
@@ -168,10 +166,7 @@ def _plot(curves: dict, path: str):
     ax.set_yscale("log")
     ax.legend()
     ax.set_title("fusedtrain demo: loss curves")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _plot.save(fig, path, dpi=120)
 
 
 def main(argv=None) -> int:
@@ -211,7 +206,7 @@ def main(argv=None) -> int:
               f"({t_ref / t_ours:.2f}x)")
         result["torch"] = {"losses": ref_losses, "ms_per_step": t_ref * 1e3}
         result["max_param_diff"] = diff
-        png = _plot({"fusedtrain": losses, "torch": ref_losses}, os.path.join(a.out, "demo_loss.png"))
+        png = _plot_curves({"fusedtrain": losses, "torch": ref_losses}, os.path.join(a.out, "demo_loss.png"))
         if png:
             print(f"loss curves: {png}")
     with open(os.path.join(a.out, "demo.json"), "w") as f:
