@@ -32,7 +32,10 @@ def test_bce_matches_reference(shape, dtype, reduction, weight_form, pw_form, ma
         # logits up to the dtype's largest finite value; for fp32/bf16 (whose max is fp32's) up
         # to max/8: the DESIGN formula in fp32 (torch's too) forms lw * softplus(-x) with
         # lw <= pos_weight <= 4, which overflows fp32 before the terms cancel beyond that
+        # (and for mean/sum also / numel: fp32 sums, ours and torch's, overflow past that)
         top = torch.finfo(dtype).max if dtype == torch.float16 else torch.finfo(torch.float32).max / 8
+        if reduction != "none" and dtype != torch.float16:
+            top /= x64.numel()
         x64 = x64.sign() * top * torch.rand(shape, generator=g, dtype=torch.float64)
     else:
         x64 = x64 * magnitude
