@@ -163,7 +163,11 @@ class FusedAdam(torch.optim.Optimizer):
                 for p, s in zip(bp, sts))
             # DTensor params (FSDP2): the kernels run on the local shards, states included
             lists = tuple([_dtensor.local(t) for t in lst] for lst in lists)
-            out.append((dev, bp, [_dtensor.local(p) for p in bp], lists, trusted))
+            # bp_local is bp itself when no param is a DTensor (step() then reads grads as they are)
+            bp_local = [_dtensor.local(p) for p in bp]
+            if all(a is b for a, b in zip(bp_local, bp)):
+                bp_local = bp
+            out.append((dev, bp, bp_local, lists, trusted))
         plans[id(group)] = (key, out)
         return out
 
@@ -248,7 +252,8 @@ class FusedAdam(torch.optim.Optimizer):
                 for (dev, bp, bp_local, sts_lists, trusted) in self._plan(group, ps):
                     exp_avgs, exp_avg_sqs, max_sqs, steps, masters = sts_lists
                     calls.append(adam_ops.prepare(
-                        bp_local, [_dtensor.local(p.grad) for p in bp], exp_avgs, exp_avg_sqs, max_sqs, steps, masters,
+                        bp_local, [p.grad for p in bp] if bp_local is bp else [_dtensor.local(p.grad) for p in bp],
+                        exp_avgs, exp_avg_sqs, max_sqs, steps, masters,
                         lr=lr if torch.is_tensor(lr) else float(lr), beta1=_scalar(beta1), beta2=_scalar(beta2),
                         eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
                         amsgrad=bool(group["amsgrad"]), maximize=bool(group["maximize"]),
