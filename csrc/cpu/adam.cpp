@@ -63,10 +63,22 @@ struct TensorJob {
   Coef coef;
 };
 
-// Elements [lo, hi) of one tensor. P: param/grad storage, S: state storage. With MASTER the
-// update reads and writes the fp32 master and stores its rounding into the param.
+// Prefetch the cache line holding element i of every stream of one tensor.
 template <typename P, typename S, bool AMS, bool MASTER>
-void run_range(const TensorJob& j, int64_t lo, int64_t hi) {
+inline void prefetch_at(const TensorJob& j, int64_t i) {
+  __builtin_prefetch(MASTER ? static_cast<const void*>(j.master + i) : static_cast<const void*>(static_cast<const P*>(j.p) + i), 1);
+  __builtin_prefetch(static_cast<const P*>(j.g) + i, 0);
+  __builtin_prefetch(static_cast<const S*>(j.m) + i, 1);
+  __builtin_prefetch(static_cast<const S*>(j.v) + i, 1);
+  if constexpr (AMS) __builtin_prefetch(static_cast<const S*>(j.vmax) + i, 1);
+}
+
+// Elements [lo, hi) of one tensor. P: param/grad storage, S: state storage. With MASTER the
+// update reads and writes the fp32 master and stores its rounding into the param. next: the
+// tensor this thread goes on with (or null); near the end of this one, the prefetch runs on
+// into its first elements, so that many small tensors read as one continuous stream.
+template <typename P, typename S, bool AMS, bool MASTER>
+void run_range(const TensorJob& j, int64_t lo, int64_t hi, const TensorJob* next = nullptr) {
   P* p = static_cast<P*>(j.p);
   const P* g = static_cast<const P*>(j.g);
   S* m = static_cast<S*>(j.m);
@@ -78,12 +90,11 @@ void run_range(const TensorJob& j, int64_t lo, int64_t hi) {
   for (; i + kVec <= hi; i += kVec) {
     // software prefetch a few cache lines ahead in every stream: small tensors are many short
     // streams (each a few 4 KiB pages) that the hardware prefetchers pick up late
-    if (i + kPrefetch < hi) {
-      __builtin_prefetch(MASTER ? static_cast<const void*>(w + i + kPrefetch) : static_cast<const void*>(p + i + kPrefetch), 1);
-      __builtin_prefetch(g + i + kPrefetch, 0);
-      __builtin_prefetch(m + i + kPrefetch, 1);
-      __builtin_prefetch(v + i + kPrefetch, 1);
-      if constexpr (AMS) __builtin_prefetch(vm + i + kPrefetch, 1);
+    const int64_t ahead = i + kPrefetch;
+    if (ahead < hi) {
+      prefetch_at<P, S, AMS, MASTER>(j, ahead);
+    } else if (next != nullptr && ahead - hi < next->numel) {
+      prefetch_at<P, S, AMS, MASTER>(*next, ahead - hi);
     }
     fVec p0, p1, g0, g1, m0, m1, v0, v1, x0, x1;
     if constexpr (MASTER) Io<float>::load(w + i, p0, p1); else Io<P>::load(p + i, p0, p1);
@@ -130,7 +141,8 @@ void run_all(const std::vector<TensorJob>& jobs) {
       const TensorJob& j = jobs[t];
       const int64_t lo = std::max<int64_t>(ub - start[t], 0) * kUnit;
       const int64_t hi = std::min<int64_t>((ue - start[t]) * kUnit, j.numel);
-      if (lo < hi) run_range<P, S, AMS, MASTER>(j, lo, hi);
+      const TensorJob* next = (t + 1 < n && start[t + 1] < ue) ? &jobs[t + 1] : nullptr;
+      if (lo < hi) run_range<P, S, AMS, MASTER>(j, lo, hi, next);
     }
   });
 }
