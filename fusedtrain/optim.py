@@ -14,6 +14,9 @@ the whole update on the device when found_inf is nonzero. fusedtrain.GradScaler 
 with `found_inf` (`_step_supports_grad_mult = True`); step() then delegates to
 `_step_scaled(grad_mult, found_inf)`.
 """
+import itertools
+import operator
+
 import torch
 
 from fusedtrain import _dtensor
@@ -163,7 +166,11 @@ class FusedAdam(torch.optim.Optimizer):
                 for p, s in zip(bp, sts))
             # DTensor params (FSDP2): the kernels run on the local shards, states included
             lists = tuple([_dtensor.local(t) for t in lst] for lst in lists)
-            out.append((dev, bp, [_dtensor.local(p) for p in bp], lists, trusted))
+            # bp_local is bp itself when no param is a DTensor (step() then reads grads as they are)
+            bp_local = [_dtensor.local(p) for p in bp]
+            if all(a is b for a, b in zip(bp_local, bp)):
+                bp_local = bp
+            out.append((dev, bp, bp_local, lists, trusted))
         plans[id(group)] = (key, out)
         return out
 
@@ -214,9 +221,15 @@ class FusedAdam(torch.optim.Optimizer):
         #    created or any tensor written
         work = []
         for group in self.param_groups:
-            ps = [p for p in group["params"] if p.grad is not None]
+            params = group["params"]
+            gs = [p.grad for p in params]  # each .grad read once per step
+            if all(map(operator.is_not, gs, itertools.repeat(None))):
+                ps = params
+            else:
+                ps = [p for p, g in zip(params, gs) if g is not None]
+                gs = [g for g in gs if g is not None]
             if ps:
-                work.append((group, ps))
+                work.append((group, ps, gs))
         if not work:
             return
         created = []
@@ -224,7 +237,7 @@ class FusedAdam(torch.optim.Optimizer):
             # 2. lazy state init (skipped when this group's plan is current: all have state);
             #    the grads are validated by adam_ops.prepare below, before anything is written,
             #    and a failure removes the states created here
-            for group, ps in work:
+            for group, ps, _ in work:
                 if not self._plan_is_current(group, ps):
                     for p in ps:
                         if len(self.state[p]) == 0:
@@ -242,13 +255,17 @@ class FusedAdam(torch.optim.Optimizer):
                     per_dev[key] = t.to(device=dev, dtype=torch.float32, non_blocking=True).reshape(1)
                 return per_dev[key]
 
-            for gi, (group, ps) in enumerate(work):
+            for gi, (group, ps, gs) in enumerate(work):
                 beta1, beta2 = group["betas"]
                 lr = group["lr"]
-                for (dev, bp, bp_local, sts_lists, trusted) in self._plan(group, ps):
+                plan = self._plan(group, ps)
+                for (dev, bp, bp_local, sts_lists, trusted) in plan:
                     exp_avgs, exp_avg_sqs, max_sqs, steps, masters = sts_lists
                     calls.append(adam_ops.prepare(
-                        bp_local, [_dtensor.local(p.grad) for p in bp], exp_avgs, exp_avg_sqs, max_sqs, steps, masters,
+                        # one (device, dtype) bucket holds ps in order: its grads are gs
+                        bp_local, (gs if len(plan) == 1 else [p.grad for p in bp]) if bp_local is bp
+                        else [_dtensor.local(p.grad) for p in bp],
+                        exp_avgs, exp_avg_sqs, max_sqs, steps, masters,
                         lr=lr if torch.is_tensor(lr) else float(lr), beta1=_scalar(beta1), beta2=_scalar(beta2),
                         eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
                         amsgrad=bool(group["amsgrad"]), maximize=bool(group["maximize"]),

@@ -18,6 +18,7 @@
 
 #define FT_ADAM_WITH_ATEN_VEC 1
 #include "fusedtrain/adam_math.h"
+#include "fusedtrain/adam_direct.h"
 
 namespace fusedtrain {
 namespace {
@@ -62,10 +63,22 @@ struct TensorJob {
   Coef coef;
 };
 
-// Elements [lo, hi) of one tensor. P: param/grad storage, S: state storage. With MASTER the
-// update reads and writes the fp32 master and stores its rounding into the param.
+// Prefetch the cache line holding element i of every stream of one tensor.
 template <typename P, typename S, bool AMS, bool MASTER>
-void run_range(const TensorJob& j, int64_t lo, int64_t hi) {
+inline void prefetch_at(const TensorJob& j, int64_t i) {
+  __builtin_prefetch(MASTER ? static_cast<const void*>(j.master + i) : static_cast<const void*>(static_cast<const P*>(j.p) + i), 1);
+  __builtin_prefetch(static_cast<const P*>(j.g) + i, 0);
+  __builtin_prefetch(static_cast<const S*>(j.m) + i, 1);
+  __builtin_prefetch(static_cast<const S*>(j.v) + i, 1);
+  if constexpr (AMS) __builtin_prefetch(static_cast<const S*>(j.vmax) + i, 1);
+}
+
+// Elements [lo, hi) of one tensor. P: param/grad storage, S: state storage. With MASTER the
+// update reads and writes the fp32 master and stores its rounding into the param. next: the
+// tensor this thread goes on with (or null); near the end of this one, the prefetch runs on
+// into its first elements, so that many small tensors read as one continuous stream.
+template <typename P, typename S, bool AMS, bool MASTER>
+void run_range(const TensorJob& j, int64_t lo, int64_t hi, const TensorJob* next = nullptr) {
   P* p = static_cast<P*>(j.p);
   const P* g = static_cast<const P*>(j.g);
   S* m = static_cast<S*>(j.m);
@@ -77,12 +90,11 @@ void run_range(const TensorJob& j, int64_t lo, int64_t hi) {
   for (; i + kVec <= hi; i += kVec) {
     // software prefetch a few cache lines ahead in every stream: small tensors are many short
     // streams (each a few 4 KiB pages) that the hardware prefetchers pick up late
-    if (i + kPrefetch < hi) {
-      __builtin_prefetch(MASTER ? static_cast<const void*>(w + i + kPrefetch) : static_cast<const void*>(p + i + kPrefetch), 1);
-      __builtin_prefetch(g + i + kPrefetch, 0);
-      __builtin_prefetch(m + i + kPrefetch, 1);
-      __builtin_prefetch(v + i + kPrefetch, 1);
-      if constexpr (AMS) __builtin_prefetch(vm + i + kPrefetch, 1);
+    const int64_t ahead = i + kPrefetch;
+    if (ahead < hi) {
+      prefetch_at<P, S, AMS, MASTER>(j, ahead);
+    } else if (next != nullptr && ahead - hi < next->numel) {
+      prefetch_at<P, S, AMS, MASTER>(*next, ahead - hi);
     }
     fVec p0, p1, g0, g1, m0, m1, v0, v1, x0, x1;
     if constexpr (MASTER) Io<float>::load(w + i, p0, p1); else Io<P>::load(p + i, p0, p1);
@@ -129,7 +141,8 @@ void run_all(const std::vector<TensorJob>& jobs) {
       const TensorJob& j = jobs[t];
       const int64_t lo = std::max<int64_t>(ub - start[t], 0) * kUnit;
       const int64_t hi = std::min<int64_t>((ue - start[t]) * kUnit, j.numel);
-      if (lo < hi) run_range<P, S, AMS, MASTER>(j, lo, hi);
+      const TensorJob* next = (t + 1 < n && start[t + 1] < ue) ? &jobs[t + 1] : nullptr;
+      if (lo < hi) run_range<P, S, AMS, MASTER>(j, lo, hi, next);
     }
   });
 }
@@ -153,12 +166,13 @@ void run_param(const std::vector<TensorJob>& jobs, bool amsgrad, bool fp32_state
 
 float read_scalar(const at::Tensor& t) { return t.to(at::kFloat).item<float>(); }
 
-void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-              at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
-              at::TensorList master_params, double lr, const std::optional<at::Tensor>& lr_tensor,
-              double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
-              bool maximize, bool decoupled_weight_decay,
-              const std::optional<at::Tensor>& grad_mult, const std::optional<at::Tensor>& found_inf) {
+// L: at::TensorList (the op) or PtrList (the direct entry below): size(), empty(), [i].
+template <typename L>
+void adam_impl(const L& params, const L& grads, const L& exp_avgs, const L& exp_avg_sqs,
+               const L& max_exp_avg_sqs, const L& steps, const L& master_params, double lr,
+               const at::Tensor* lr_tensor, double beta1, double beta2, double eps, double weight_decay,
+               bool amsgrad, bool maximize, bool decoupled_weight_decay, const at::Tensor* grad_mult,
+               const at::Tensor* found_inf) {
   const size_t n = params.size();
   // Not user-input validation (fusedtrain/ops/adam.py does that); only what keeps this
   // kernel from reading or writing out of bounds.
@@ -167,9 +181,9 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
   TORCH_CHECK(!amsgrad || max_exp_avg_sqs.size() == n, "adam_: amsgrad needs max_exp_avg_sqs");
   TORCH_CHECK(master_params.empty() || master_params.size() == n, "adam_: master_params length");
   if (n == 0) return;
-  if (found_inf.has_value() && read_scalar(*found_inf) != 0.f) return;  // skip: write nothing
-  const float mult = grad_mult.has_value() ? read_scalar(*grad_mult) : 1.f;
-  const double lr_v = lr_tensor.has_value() ? lr_tensor->to(at::kDouble).item<double>() : lr;
+  if (found_inf && read_scalar(*found_inf) != 0.f) return;  // skip: write nothing
+  const float mult = grad_mult ? read_scalar(*grad_mult) : 1.f;
+  const double lr_v = lr_tensor ? lr_tensor->to(at::kDouble).item<double>() : lr;
   const bool master = !master_params.empty();
   const auto pdt = params[0].scalar_type();
   const auto sdt = exp_avgs[0].scalar_type();
@@ -201,10 +215,10 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
     if (master) {
       TORCH_CHECK(master_params[i].scalar_type() == at::kFloat && master_params[i].is_contiguous() &&
                       master_params[i].numel() == numel, "adam_: master param mismatch");
-      j.master = master_params[i].data_ptr<float>();
+      j.master = master_params[i].template data_ptr<float>();
     }
     j.numel = numel;
-    const float s = *steps[i].data_ptr<float>() + 1.f;  // torch: step_t += 1 (fp32)
+    const float s = *steps[i].template data_ptr<float>() + 1.f;  // torch: step_t += 1 (fp32)
     new_steps[i] = s;
     j.coef = adam::make_coef(lr_v, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
                              static_cast<double>(s), mult, maximize);
@@ -218,10 +232,32 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
     case at::kHalf: run_param<at::Half>(jobs, amsgrad, fp32_state, master); break;
     default: TORCH_CHECK(false, "adam_: unsupported param dtype ", pdt);
   }
-  for (size_t i = 0; i < n; ++i) *steps[i].data_ptr<float>() = new_steps[i];
+  for (size_t i = 0; i < n; ++i) *steps[i].template data_ptr<float>() = new_steps[i];
+}
+
+void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+              at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
+              at::TensorList master_params, double lr, const std::optional<at::Tensor>& lr_tensor,
+              double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
+              bool maximize, bool decoupled_weight_decay,
+              const std::optional<at::Tensor>& grad_mult, const std::optional<at::Tensor>& found_inf) {
+  adam_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, lr,
+            lr_tensor ? &*lr_tensor : nullptr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
+            decoupled_weight_decay, grad_mult ? &*grad_mult : nullptr, found_inf ? &*found_inf : nullptr);
 }
 
 }  // namespace
+
+// The same kernel without the dispatcher's list boxing (csrc/module.cpp, used by
+// fusedtrain/ops/adam.py for plain CPU tensors outside tracing).
+void adam_cpu_direct(const PtrList& params, const PtrList& grads, const PtrList& exp_avgs,
+                     const PtrList& exp_avg_sqs, const PtrList& max_exp_avg_sqs, const PtrList& steps,
+                     const PtrList& master_params, double lr, const at::Tensor* lr_tensor, double beta1,
+                     double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
+                     bool decoupled_weight_decay, const at::Tensor* grad_mult, const at::Tensor* found_inf) {
+  adam_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, lr, lr_tensor, beta1,
+            beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_mult, found_inf);
+}
 
 TORCH_LIBRARY_IMPL(fusedtrain, CPU, m) { m.impl("adam_", &adam_cpu); }
 

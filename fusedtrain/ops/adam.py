@@ -89,9 +89,15 @@ def prepare(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master
     strided = torch.strided
     # the common case in one pass (params of a trusted plan share device and dtype already);
     # otherwise find the culprit and say what is wrong
+    grads_contiguous = False
     if trusted_states:
-        ok = all(g is not None and g.layout is strided and g.dtype is pdtype and g.shape == p.shape
-                 and g.device == device for p, g in zip(params, grads))
+        check = getattr(_ext._C, "adam_check_grads", None)
+        fast = check(params, grads) if check is not None else 2
+        if fast != 2:  # the check below, in C++ (and whether every grad is contiguous)
+            ok, grads_contiguous = True, fast == 0
+        else:
+            ok = all(g is not None and g.layout is strided and g.dtype is pdtype and g.shape == p.shape
+                     and g.device == device for p, g in zip(params, grads))
     else:
         ok = all(g is not None and g.layout is strided and g.dtype is pdtype and p.dtype is pdtype
                  and g.shape == p.shape and g.device == device and p.device == device for p, g in zip(params, grads))
@@ -100,7 +106,7 @@ def prepare(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master
     if trusted_states:
         return _call(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, device, pdtype,
                      lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_mult,
-                     found_inf, stage_states=False)
+                     found_inf, stage_states=False, grads_contiguous=grads_contiguous)
     for i, s in enumerate(steps):
         if not torch.is_tensor(s) or s.numel() != 1 or s.dtype != torch.float32 or s.device != device:
             _fail(f"step of param {i} must be a one-element fp32 tensor on {device}, got "
@@ -145,7 +151,8 @@ def _check_grads(params, grads, device, pdtype):
 
 
 def _call(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, device, pdtype, lr, beta1,
-          beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_mult, found_inf, stage_states):
+          beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_mult, found_inf, stage_states,
+          grads_contiguous=False):
     complex_ = pdtype.is_complex
     real = torch.empty((), dtype=pdtype).real.dtype if complex_ else pdtype
     if not real.is_floating_point:
@@ -174,7 +181,7 @@ def _call(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_p
         max_exp_avg_sqs = [torch.view_as_real(t) for t in max_exp_avg_sqs]
     writeback = []
     if backend != "reference":
-        if not all(g.is_contiguous() for g in grads):
+        if not grads_contiguous and not all(g.is_contiguous() for g in grads):
             grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
 
         def staged(lst):
@@ -197,13 +204,26 @@ def _call(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_p
                     grad_mult, found_inf, writeback)
 
 
+def _tracing():
+    return (torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
+            or torch._C._len_torch_dispatch_stack() > 0)
+
+
 def launch(c: AdamCall) -> None:
     """Run a prepared call: one kernel launch (CPU: one parallel region)."""
     if c.backend == "native":
-        torch.ops.fusedtrain.adam_(c.params, c.grads, c.exp_avgs, c.exp_avg_sqs, c.max_exp_avg_sqs, c.steps,
-                                   c.master_params, c.lr, c.lr_tensor, c.beta1, c.beta2, c.eps,
-                                   c.weight_decay, c.amsgrad, c.maximize, c.decoupled_weight_decay,
-                                   c.grad_mult, c.found_inf)
+        # plain CPU tensors outside tracing and dispatch modes: the same kernel without the
+        # dispatcher's per-tensor list boxing (False: not eligible, nothing done)
+        direct = getattr(_ext._C, "adam_cpu_direct", None)
+        if not (direct is not None and c.device.type == "cpu" and not _tracing()
+                and direct(c.params, c.grads, c.exp_avgs, c.exp_avg_sqs, c.max_exp_avg_sqs,
+                                            c.steps, c.master_params, c.lr, c.lr_tensor, c.beta1, c.beta2, c.eps,
+                                            c.weight_decay, c.amsgrad, c.maximize, c.decoupled_weight_decay,
+                                            c.grad_mult, c.found_inf)):
+            torch.ops.fusedtrain.adam_(c.params, c.grads, c.exp_avgs, c.exp_avg_sqs, c.max_exp_avg_sqs, c.steps,
+                                       c.master_params, c.lr, c.lr_tensor, c.beta1, c.beta2, c.eps,
+                                       c.weight_decay, c.amsgrad, c.maximize, c.decoupled_weight_decay,
+                                       c.grad_mult, c.found_inf)
     elif c.backend == "triton":
         from fusedtrain.triton import adam as tk
 
