@@ -19,6 +19,7 @@
 #define FT_ADAM_WITH_ATEN_VEC 1
 #include "fusedtrain/adam_math.h"
 #include "fusedtrain/adam_direct.h"
+#include "fusedtrain/adam_lists.h"
 
 namespace fusedtrain {
 namespace {
@@ -174,12 +175,7 @@ void adam_impl(const L& params, const L& grads, const L& exp_avgs, const L& exp_
                bool amsgrad, bool maximize, bool decoupled_weight_decay, const at::Tensor* grad_mult,
                const at::Tensor* found_inf) {
   const size_t n = params.size();
-  // Not user-input validation (fusedtrain/ops/adam.py does that); only what keeps this
-  // kernel from reading or writing out of bounds.
-  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && steps.size() == n,
-              "adam_: tensor lists of different lengths");
-  TORCH_CHECK(!amsgrad || max_exp_avg_sqs.size() == n, "adam_: amsgrad needs max_exp_avg_sqs");
-  TORCH_CHECK(master_params.empty() || master_params.size() == n, "adam_: master_params length");
+  adam::check_list_lengths(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, amsgrad);
   if (n == 0) return;
   if (found_inf && read_scalar(*found_inf) != 0.f) return;  // skip: write nothing
   const float mult = grad_mult ? read_scalar(*grad_mult) : 1.f;

@@ -14,6 +14,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "fusedtrain/adam_lists.h"
 #include "fusedtrain/adam_math.h"
 #include "multi_tensor_apply.cuh"
 
@@ -162,10 +163,7 @@ void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                double weight_decay, bool amsgrad, bool maximize, bool decoupled_weight_decay,
                const std::optional<at::Tensor>& grad_mult, const std::optional<at::Tensor>& found_inf) {
   const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && steps.size() == n,
-              "adam_: tensor lists of different lengths");
-  TORCH_CHECK(!amsgrad || max_exp_avg_sqs.size() == n, "adam_: amsgrad needs max_exp_avg_sqs");
-  TORCH_CHECK(master_params.empty() || master_params.size() == n, "adam_: master_params length");
+  adam::check_list_lengths(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, amsgrad);
   if (n == 0) return;
   const at::Device dev = params[0].device();
   const auto pdt = params[0].scalar_type();
