@@ -20,6 +20,7 @@ import operator
 import torch
 
 from fusedtrain import _dtensor
+from fusedtrain._optim_state import StateMap, Version
 from fusedtrain.ops import adam as adam_ops
 
 _LOW = (torch.float16, torch.bfloat16)
@@ -65,8 +66,31 @@ class FusedAdam(torch.optim.Optimizer):
                         decoupled_weight_decay=decoupled_weight_decay, master_weights=master_weights)
         super().__init__(params, defaults)
 
+    @property
+    def state(self):
+        """param -> dict of state tensors, as torch keeps it; an entry assigned or removed
+        here (not only in place) is what the next step uses (fusedtrain/_optim_state.py)."""
+        return self.__dict__["_state_map"]
+
+    @state.setter
+    def state(self, value):
+        box = self.__dict__.setdefault("_state_box", Version())
+        self.__dict__["_state_map"] = value if isinstance(value, StateMap) and value._version is box \
+            else StateMap(box, value)
+        box.bump()
+
+    def state_dict(self):
+        sd = super().state_dict()
+        # plain dicts: a checkpoint loads without fusedtrain and with weights_only=True
+        sd["state"] = {k: dict(v) for k, v in sd["state"].items()}
+        return sd
+
     def __setstate__(self, state):
+        state = dict(state)
+        st = state.pop("state", None)
         super().__setstate__(state)
+        if st is not None:
+            self.state = st
         self._states_changed()
         for group in self.param_groups:
             group.setdefault("amsgrad", False)
@@ -133,13 +157,14 @@ class FusedAdam(torch.optim.Optimizer):
         if master:
             state["master_param"] = p.detach().float().clone(memory_format=torch.preserve_format)
 
-    def _plan(self, group, ps):
+    def _plan(self, group, ps, key=None):
         """[(device, params, (exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, masters), trusted)] per
         (device, dtype) of this group's params with grads: built once and reused while the
         same params have grads and no state was created or loaded (the per-step cost is then
         the grads alone)."""
         plans = self.__dict__.setdefault("_plans", {})
-        key = self._plan_key(group, ps)
+        if key is None:
+            key = self._plan_key(group, ps)
         hit = plans.get(id(group))
         if hit is not None and hit[0] == key:
             return hit[1]
@@ -176,14 +201,14 @@ class FusedAdam(torch.optim.Optimizer):
 
     def _plan_key(self, group, ps):
         return (tuple(map(id, ps)), bool(group["amsgrad"]), bool(group.get("master_weights")),
-                self.__dict__.get("_state_version", 0))
+                self.__dict__["_state_box"].n)
 
-    def _plan_is_current(self, group, ps):
+    def _plan_is_current(self, group, key):
         hit = self.__dict__.get("_plans", {}).get(id(group))
-        return hit is not None and hit[0] == self._plan_key(group, ps)
+        return hit is not None and hit[0] == key
 
     def _states_changed(self):
-        self.__dict__["_state_version"] = self.__dict__.get("_state_version", 0) + 1
+        self.__dict__.setdefault("_state_box", Version()).bump()
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
@@ -229,7 +254,7 @@ class FusedAdam(torch.optim.Optimizer):
                 ps = [p for p, g in zip(params, gs) if g is not None]
                 gs = [g for g in gs if g is not None]
             if ps:
-                work.append((group, ps, gs))
+                work.append((group, ps, gs, self._plan_key(group, ps)))
         if not work:
             return
         created = []
@@ -237,8 +262,8 @@ class FusedAdam(torch.optim.Optimizer):
             # 2. lazy state init (skipped when this group's plan is current: all have state);
             #    the grads are validated by adam_ops.prepare below, before anything is written,
             #    and a failure removes the states created here
-            for group, ps, _ in work:
-                if not self._plan_is_current(group, ps):
+            for group, ps, _, key in work:
+                if not self._plan_is_current(group, key):
                     for p in ps:
                         if len(self.state[p]) == 0:
                             self._init_state(group, p)
@@ -255,10 +280,11 @@ class FusedAdam(torch.optim.Optimizer):
                     per_dev[key] = t.to(device=dev, dtype=torch.float32, non_blocking=True).reshape(1)
                 return per_dev[key]
 
-            for gi, (group, ps, gs) in enumerate(work):
+            for group, ps, gs, key in work:
                 beta1, beta2 = group["betas"]
                 lr = group["lr"]
-                plan = self._plan(group, ps)
+                # the key again after any state creation above (which changes it)
+                plan = self._plan(group, ps, None if created else key)
                 for (dev, bp, bp_local, sts_lists, trusted) in plan:
                     exp_avgs, exp_avg_sqs, max_sqs, steps, masters = sts_lists
                     calls.append(adam_ops.prepare(

@@ -294,6 +294,56 @@ def test_master_weights_state_dict_round_trip(backend_device):
         assert torch.equal(opt2.state[a]["master_param"], ref_opt.state[b]["master_param"])
 
 
+@pytest.mark.parametrize("how", ["entries", "whole-dict", "deepcopy", "pickle"])
+def test_state_replaced_by_hand_is_the_state_stepped(backend_device, how):
+    """Moving state by reassignment (st[k] = v.to(...)), as offloading code does, between
+    steps: the next step must update the new tensors, not the ones the plan cached."""
+    import io
+    import pickle
+
+    backend, device = backend_device
+    shapes = [(6, 5), (11,)]
+    init = _rand_params(shapes, 21)
+    grads = _rand_grads(shapes, 6, 22)
+    kw = dict(lr=1e-2, weight_decay=0.05, amsgrad=True)
+    ref, ref_opt = _free_run(lambda ps: torch.optim.AdamW(ps, foreach=False, **kw), init, grads, "cpu")
+    ps = [p.detach().clone().to(device).requires_grad_() for p in init]
+    opt = FusedAdamW(ps, **kw)
+    for i, gs in enumerate(grads):
+        for p, g in zip(ps, gs):
+            p.grad = g.to(device)
+        opt.step()
+        if how == "entries":
+            for st in opt.state.values():
+                for k, v in list(st.items()):
+                    st[k] = v.clone()
+        elif how == "whole-dict":
+            for p in ps:
+                opt.state[p] = {k: v.clone() for k, v in opt.state[p].items()}
+        elif how == "deepcopy" and i == 2:
+            ps = copy.deepcopy(ps)
+            opt2 = FusedAdamW(ps, **kw)
+            opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+            opt = copy.deepcopy(opt2)
+            ps = opt.param_groups[0]["params"]
+        elif how == "pickle" and i == 2:
+            opt = pickle.loads(pickle.dumps(opt))
+            ps = opt.param_groups[0]["params"]
+    for p, r in zip(ps, ref):
+        assert_close(p, r.double(), torch.float32, rtol=1e-5, atol=1e-6, what=how)
+        for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            assert_close(opt.state[p][k], ref_opt.state[r][k].double(), torch.float32, rtol=1e-5, atol=1e-7,
+                         what=f"{how}: {k}")
+        assert opt.state[p]["step"].item() == len(grads)
+    # the checkpoint holds builtin containers only: it loads without fusedtrain's classes
+    sd = opt.state_dict()
+    assert all(type(v) is dict for v in sd["state"].values())
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    assert torch.load(buf, weights_only=True)["state"][0]["step"].item() == len(grads)
+
+
 def _one_step_vs_torch(device, shapes, seed, steps=2):
     init = _rand_params(shapes, seed)
     grads = _rand_grads(shapes, steps, seed + 1)
