@@ -5,6 +5,7 @@ Plain PyTorch ops, any device. Each section follows the contract of its op famil
 float64 for float64 storage. Tests call them on float64 tensors to get the float64 truth.
 """
 import torch
+import torch.nn.functional as F
 
 # ---- bce ----------------------------------------------------------------------------------
 # BCE with logits (DESIGN §4), per element, with e = exp(-|x|), softplus(-x) = log1p(e) + max(-x, 0):
@@ -44,6 +45,27 @@ def bce_terms(x, y=None, w=None, pw=None, *, want=("loss", "dx")):
     if w is not None:
         out = {k: v * w for k, v in out.items()}
     return out
+
+
+def bce_grads_differentiable(input, target, weight, pos_weight, reduction: int, want_dx=True, want_dy=True):
+    """(d loss / d input, d loss / d target) of the (R, C) op inputs, 1/N of mean folded in,
+    in opmath, as autograd-differentiable expressions (None where not wanted): the dx and dy
+    of bce_terms, written with torch.sigmoid and softplus, whose derivatives are right at
+    x = 0 (bce_terms' exp(-|x|) form has a zero derivative there)."""
+    op = _bce_opmath(input)
+    x, y = input.to(op), target.to(op)
+    w = None if weight is None else weight.to(op)
+    pw = None if pos_weight is None else pos_weight.to(op)
+    n = max(x.numel(), 1) if reduction == 1 else 1
+    dx = dy = None
+    if want_dx:
+        sig = torch.sigmoid(x)
+        dx = sig - y if pw is None else (1 + (pw - 1) * y) * sig - pw * y
+    if want_dy:
+        dy = -x if pw is None else pw * F.softplus(-x) - F.softplus(x)
+    if w is not None:
+        dx, dy = (None if d is None else d * w for d in (dx, dy))
+    return tuple(None if d is None else d / n for d in (dx, dy))
 
 
 def bce_with_logits(input, target, weight, pos_weight, reduction: int, compute_grad: bool, out_dtype):

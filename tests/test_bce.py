@@ -392,6 +392,49 @@ def test_gradcheck_float64_native(with_w):
                 torch.testing.assert_close(g.view(-1), numg, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("with_pw", [False, True], ids=["no-pw", "pw"])
+def test_double_backward_matches_torch(backend_device, reduction, with_pw):
+    """backward(create_graph=True), as a gradient penalty on the loss's input gradient does:
+    the second derivatives (through input and target) are torch's."""
+    _, device = backend_device
+    _seed("double", reduction, with_pw)
+    x0 = torch.randn(4, 6, dtype=torch.float64) * 3
+    x0[0, :3] = 0.0  # sigmoid'(0) = 1/4: a formula through |x| would give 0 here
+    y0 = torch.rand(4, 6, dtype=torch.float64)
+    w = (torch.rand(6, dtype=torch.float64) + 0.5).to(device)
+    pw = (torch.rand(4, 1, dtype=torch.float64) * 3).to(device) if with_pw else None
+
+    def second_derivatives(loss_fn, dtype):
+        x = x0.to(device, dtype).requires_grad_()
+        y = y0.to(device, dtype).requires_grad_()
+        loss = loss_fn(x, y, weight=w.to(dtype), pos_weight=None if pw is None else pw.to(dtype),
+                       reduction=reduction)
+        gx, gy = torch.autograd.grad(loss.sum(), (x, y), create_graph=True)
+        assert gx.requires_grad and gy.requires_grad, "first derivatives must carry a graph"
+        penalty = gx.pow(2).sum() + (gy * gx).sum()
+        return [t.double().cpu() for t in torch.autograd.grad(penalty, (x, y))]
+
+    truth = second_derivatives(F.binary_cross_entropy_with_logits, torch.float64)
+    for dtype in (torch.float64, torch.float32):
+        got = second_derivatives(bce, dtype)
+        for g, t, name in zip(got, truth, ("input", "target")):
+            assert_close(g, t, dtype, what=f"{dtype} d/d{name} of the penalty")
+
+
+@needs_native
+@normal_only
+def test_gradgradcheck_float64_native():
+    torch.manual_seed(3)
+    x = (torch.randn(3, 5, dtype=torch.float64) * 2).requires_grad_()
+    y = torch.rand(3, 5, dtype=torch.float64).requires_grad_()
+    w = torch.rand(5, dtype=torch.float64) + 0.5
+    pw = torch.rand(3, 1, dtype=torch.float64) * 3
+    with fusedtrain.use_backend("native"):
+        for red in REDUCTIONS:
+            assert torch.autograd.gradgradcheck(lambda a, b: bce(a, b, weight=w, pos_weight=pw, reduction=red), (x, y))
+
+
 @needs_native
 @normal_only
 def test_native_float64_matches_reference():

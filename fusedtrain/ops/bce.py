@@ -37,7 +37,9 @@ loss.backward() on CPU, outside torch.compile) the saved buffer is returned as i
 at all. Under torch.compile the backward graph is functional (`mul`), and the saved buffer is
 donated to it, so Inductor can reuse its memory. For 'none' it is `saved * grad_output` out of place (the
 grad_output is input-sized anyway), so retain_graph works there. d loss / d target comes from the
-`_target_grad` op (one pass) times grad_output.
+`_target_grad` op (one pass) times grad_output. backward(create_graph=True) (double backward,
+gradient penalties) computes both gradients with differentiable torch ops instead
+(reference.bce_grads_differentiable), as torch's own BCE does.
 """
 import torch
 
@@ -77,14 +79,25 @@ def _make_autograd(target_grad_op):
         ctx.reduction = reduction
         ctx.has_grad = compute_grad
         ctx.target_grad = target.requires_grad
-        ctx.save_for_backward(grad if compute_grad else None,
-                              *((input, target, weight, pos_weight) if target.requires_grad else (None,) * 4))
+        # the inputs too (references, as torch's BCE keeps them): the target gradient and a
+        # create_graph backward are computed from them
+        ctx.save_for_backward(grad if compute_grad else None, input, target, weight, pos_weight)
 
     def backward(ctx, grad_loss, _grad_grad):
         grad, input, target, weight, pos_weight = ctx.saved_tensors
         gi = gt = None
         if grad_loss is None:  # the loss took no part in what was differentiated
             return None, None, None, None, None, None, None
+        if torch.is_grad_enabled():
+            # backward(create_graph=True): the gradients as differentiable torch expressions of
+            # the inputs, so that a gradient penalty differentiates through them (the fused
+            # kernels' outputs carry no graph)
+            dx, dy = reference.bce_grads_differentiable(
+                input, target, weight, pos_weight, ctx.reduction,
+                want_dx=ctx.needs_input_grad[0], want_dy=ctx.needs_input_grad[1] and ctx.target_grad)
+            gi = None if dx is None else (dx * grad_loss).to(input.dtype)
+            gt = None if dy is None else (dy * grad_loss).to(target.dtype)
+            return gi, gt, None, None, None, None, None
         if ctx.needs_input_grad[0]:
             if not ctx.has_grad:
                 raise RuntimeError("bce_with_logits: input requires grad but the forward ran with "
