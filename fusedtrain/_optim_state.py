@@ -28,21 +28,11 @@ class Version:
         self.n += 1
 
 
-class ParamState(dict):
-    """One param's state: a dict that counts its assignments and removals."""
+class _CountsRemovals:
+    """The removing methods of a dict, each counted in self._version (the setting ones differ
+    between the two classes below)."""
 
-    __slots__ = ("_version",)
-
-    def __init__(self, version, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._version = version
-
-    def __reduce__(self):
-        return (ParamState, (self._version, dict(self)))
-
-    def __setitem__(self, key, value):
-        super().__setitem__(key, value)
-        self._version.bump()
+    __slots__ = ()
 
     def __delitem__(self, key):
         super().__delitem__(key)
@@ -63,6 +53,23 @@ class ParamState(dict):
     def clear(self):
         self._version.bump()
         super().clear()
+
+
+class ParamState(_CountsRemovals, dict):
+    """One param's state: a dict that counts its assignments and removals."""
+
+    __slots__ = ("_version",)
+
+    def __init__(self, version, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._version = version
+
+    def __reduce__(self):
+        return (ParamState, (self._version, dict(self)))
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self._version.bump()
 
     def update(self, *args, **kwargs):
         self._version.bump()
@@ -85,7 +92,7 @@ class _NewParamState:
         return ParamState(self.version)
 
 
-class StateMap(collections.defaultdict):
+class StateMap(_CountsRemovals, collections.defaultdict):
     """param -> ParamState; a plain dict stored in it becomes a ParamState."""
 
     def __init__(self, version, items=()):
@@ -97,6 +104,9 @@ class StateMap(collections.defaultdict):
     def __reduce__(self):
         return (StateMap, (self._version, dict(self)))
 
+    def __copy__(self):
+        return StateMap(self._version, self)
+
     def _wrap(self, value):
         if isinstance(value, ParamState) and value._version is self._version:
             return value
@@ -105,26 +115,6 @@ class StateMap(collections.defaultdict):
     def __setitem__(self, key, value):
         super().__setitem__(key, self._wrap(value))
         self._version.bump()
-
-    def __delitem__(self, key):
-        super().__delitem__(key)
-        self._version.bump()
-
-    def __ior__(self, other):
-        self.update(other)
-        return self
-
-    def pop(self, *args):
-        self._version.bump()
-        return super().pop(*args)
-
-    def popitem(self):
-        self._version.bump()
-        return super().popitem()
-
-    def clear(self):
-        self._version.bump()
-        super().clear()
 
     def update(self, *args, **kwargs):
         for k, v in dict(*args, **kwargs).items():

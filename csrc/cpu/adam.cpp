@@ -188,33 +188,16 @@ void adam_impl(const L& params, const L& grads, const L& exp_avgs, const L& exp_
   std::vector<float> new_steps(n);
   adam::Coef coef{};
   for (size_t i = 0; i < n; ++i) {
-    const int64_t numel = params[i].numel();
-    TORCH_CHECK(params[i].is_contiguous() && grads[i].is_contiguous() && exp_avgs[i].is_contiguous() &&
-                    exp_avg_sqs[i].is_contiguous(), "adam_: tensors must be contiguous");
-    TORCH_CHECK(params[i].scalar_type() == pdt && grads[i].scalar_type() == pdt &&
-                    exp_avgs[i].scalar_type() == sdt && exp_avg_sqs[i].scalar_type() == sdt,
-                "adam_: mixed dtypes in one call");
-    TORCH_CHECK(grads[i].numel() == numel && exp_avgs[i].numel() == numel && exp_avg_sqs[i].numel() == numel,
-                "adam_: sizes differ");
-    TORCH_CHECK(steps[i].scalar_type() == at::kFloat && steps[i].numel() == 1, "adam_: step must be fp32 scalar");
+    adam::check_tensor(i, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, pdt, sdt,
+                       amsgrad);
     TensorJob& j = jobs[i];
     j.p = params[i].data_ptr();
     j.g = grads[i].data_ptr();
     j.m = exp_avgs[i].data_ptr();
     j.v = exp_avg_sqs[i].data_ptr();
-    j.vmax = nullptr;
-    if (amsgrad) {
-      TORCH_CHECK(max_exp_avg_sqs[i].is_contiguous() && max_exp_avg_sqs[i].numel() == numel &&
-                      max_exp_avg_sqs[i].scalar_type() == sdt, "adam_: max_exp_avg_sq mismatch");
-      j.vmax = max_exp_avg_sqs[i].data_ptr();
-    }
-    j.master = nullptr;
-    if (master) {
-      TORCH_CHECK(master_params[i].scalar_type() == at::kFloat && master_params[i].is_contiguous() &&
-                      master_params[i].numel() == numel, "adam_: master param mismatch");
-      j.master = master_params[i].template data_ptr<float>();
-    }
-    j.numel = numel;
+    j.vmax = amsgrad ? max_exp_avg_sqs[i].data_ptr() : nullptr;
+    j.master = master ? master_params[i].template data_ptr<float>() : nullptr;
+    j.numel = params[i].numel();
     const float s = *steps[i].template data_ptr<float>() + 1.f;  // torch: step_t += 1 (fp32)
     new_steps[i] = s;
     // the tensors of a group share their step almost always: two pow() per distinct step,
@@ -225,8 +208,7 @@ void adam_impl(const L& params, const L& grads, const L& exp_avgs, const L& exp_
     }
     j.coef = coef;
   }
-  TORCH_CHECK(!master || sdt == at::kFloat, "adam_: master weights need fp32 states");
-  TORCH_CHECK(sdt == pdt || sdt == at::kFloat, "adam_: states must be in the param dtype or fp32");
+  adam::check_state_dtype(pdt, sdt, master);
   const bool fp32_state = sdt == at::kFloat;
   switch (pdt) {
     case at::kFloat: run_param<float>(jobs, amsgrad, fp32_state, master); break;

@@ -170,29 +170,15 @@ void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
   const auto sdt = exp_avgs[0].scalar_type();
   const bool master = !master_params.empty();
   for (size_t i = 0; i < n; ++i) {
-    const int64_t numel = params[i].numel();
     TORCH_CHECK(params[i].device() == dev && grads[i].device() == dev && exp_avgs[i].device() == dev &&
                     exp_avg_sqs[i].device() == dev && steps[i].device() == dev,
                 "adam_: every tensor must be on ", dev);
-    TORCH_CHECK(params[i].is_contiguous() && grads[i].is_contiguous() && exp_avgs[i].is_contiguous() &&
-                    exp_avg_sqs[i].is_contiguous(), "adam_: tensors must be contiguous");
-    TORCH_CHECK(params[i].scalar_type() == pdt && grads[i].scalar_type() == pdt &&
-                    exp_avgs[i].scalar_type() == sdt && exp_avg_sqs[i].scalar_type() == sdt,
-                "adam_: mixed dtypes in one call");
-    TORCH_CHECK(grads[i].numel() == numel && exp_avgs[i].numel() == numel && exp_avg_sqs[i].numel() == numel,
-                "adam_: sizes differ");
-    TORCH_CHECK(steps[i].scalar_type() == at::kFloat && steps[i].numel() == 1, "adam_: step must be fp32 scalar");
-    if (amsgrad)
-      TORCH_CHECK(max_exp_avg_sqs[i].device() == dev && max_exp_avg_sqs[i].is_contiguous() &&
-                      max_exp_avg_sqs[i].numel() == numel && max_exp_avg_sqs[i].scalar_type() == sdt,
-                  "adam_: max_exp_avg_sq mismatch");
-    if (master)
-      TORCH_CHECK(master_params[i].device() == dev && master_params[i].scalar_type() == at::kFloat &&
-                      master_params[i].is_contiguous() && master_params[i].numel() == numel,
-                  "adam_: master param mismatch");
+    if (amsgrad) TORCH_CHECK(max_exp_avg_sqs[i].device() == dev, "adam_: every tensor must be on ", dev);
+    if (master) TORCH_CHECK(master_params[i].device() == dev, "adam_: every tensor must be on ", dev);
+    adam::check_tensor(i, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, pdt, sdt,
+                       amsgrad);
   }
-  TORCH_CHECK(!master || sdt == at::kFloat, "adam_: master weights need fp32 states");
-  TORCH_CHECK(sdt == pdt || sdt == at::kFloat, "adam_: states must be in the param dtype or fp32");
+  adam::check_state_dtype(pdt, sdt, master);
   const c10::cuda::CUDAGuard guard(dev);
   Hyper h{lr, beta1, beta2, eps, weight_decay, opt_ptr(lr_tensor, dev, "lr_tensor"),
           opt_ptr(grad_mult, dev, "grad_mult"), opt_ptr(found_inf, dev, "found_inf"), maximize,
