@@ -1,16 +1,27 @@
 """Adam/AdamW step benchmark: FusedAdamW against torch.optim.AdamW (for-loop, foreach,
-fused=True) and DeepSpeed's DeepSpeedCPUAdam where deepspeed is importable (CPU only).
+fused=True), DeepSpeed's DeepSpeedCPUAdam where deepspeed is installed (CPU only), and the
+memory floor (CPU fp32: stream_floor.c, the step's bytes with no math).
 
 Workloads: a 22M-parameter mix (4096x4096, 4096x1024, 1024x1024, 40x4096) and 1000 tensors
-of 4096. One row per (workload, dtype, baseline, ours backend); timings of one row are taken
-in the same process on the same inputs (median after warm-up). GB/s counts the bytes one
-fp32 step must move: param, grad, exp_avg, exp_avg_sq read, param and states written
-(28 bytes per fp32 parameter).
+of 4096. One row per (workload, dtype, baseline, ours backend). Every optimizer of a
+workload steps the same param and grad tensors (each keeps its own states), and the two
+sides of a row are timed in alternating rounds in the same process (median after warm-up):
+on a VM the same kernel was seen at 55 and at 110 GB/s minutes apart, so only what is
+measured side by side compares. GB/s counts the bytes one fp32 step must move: param,
+grad, exp_avg, exp_avg_sq read, param and states written (28 bytes per fp32 parameter).
+
+DeepSpeed rows run in a child process that times FusedAdamW first and imports deepspeed
+after: with deepspeed 0.19.8 imported, FusedAdamW and torch's fused AdamW both ran 2x
+slower in that process on this 2-core VM (DeepSpeedCPUAdam did not), so an in-process
+comparison would understate every other row.
 
     python benchmarks/adam.py [--quick] [--device cpu|cuda]
 """
+import importlib.util
+import json
 import os
 import statistics
+import subprocess
 import sys
 
 import torch
@@ -18,6 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import harness  # noqa: E402
+import stream_floor  # noqa: E402
 
 import fusedtrain  # noqa: E402
 
@@ -25,6 +37,8 @@ WORKLOADS = {
     "22M mix": [(4096, 4096), (4096, 1024), (1024, 1024), (40, 4096)],
     "1000x4096": [(4096,)] * 1000,
 }
+QUICK_MIX = ("1.2M mix (quick)", [(1024, 1024), (40, 4096)])
+HYPER = dict(lr=1e-3, weight_decay=0.01)
 
 
 def _params(shapes, device, dtype, seed=0):
@@ -41,19 +55,10 @@ def _bytes(shapes, dtype):
     return 7 * n * torch.empty((), dtype=dtype).element_size()
 
 
-def _baselines(device):
-    out = [("AdamW for-loop", lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01, foreach=False)),
-           ("AdamW foreach", lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01, foreach=True)),
-           ("AdamW fused", lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01, fused=True))]
-    if torch.device(device).type == "cpu":
-        try:
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-            out.append(("DeepSpeedCPUAdam", lambda ps: DeepSpeedCPUAdam(ps, lr=1e-3, weight_decay=0.01,
-                                                                           adamw_mode=True)))
-        except Exception:  # not installed, or its op cannot build here: skip the row
-            pass
-    return out
+def _baselines():
+    return [("AdamW for-loop", lambda ps: torch.optim.AdamW(ps, foreach=False, **HYPER)),
+            ("AdamW foreach", lambda ps: torch.optim.AdamW(ps, foreach=True, **HYPER)),
+            ("AdamW fused", lambda ps: torch.optim.AdamW(ps, fused=True, **HYPER))]
 
 
 def _ours_backends(device):
@@ -76,6 +81,35 @@ def _paired(ours, base, device, warmup, reps, rounds):
     return statistics.median(a), statistics.median(b)
 
 
+def _deepspeed_child(case: str, quick: bool) -> None:
+    """Child process of a DeepSpeed row: FusedAdamW timed first, then DeepSpeedCPUAdam on the
+    same params; prints {"ours_ms", "ds_ms"} as JSON on its last line."""
+    shapes = dict([QUICK_MIX] + list(WORKLOADS.items()))[case]
+    reps, rounds, warmup = (3, 2, 2) if quick else (10, 5, 5)
+    ps = _params(shapes, "cpu", torch.float32)
+    ours = fusedtrain.FusedAdamW(ps, **HYPER)
+    ours_ms = statistics.median(harness.time_ms(ours.step, "cpu", warmup=warmup, reps=reps) for _ in range(rounds))
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    ds = DeepSpeedCPUAdam(ps, adamw_mode=True, **HYPER)
+    ds_ms = statistics.median(harness.time_ms(ds.step, "cpu", warmup=warmup, reps=reps) for _ in range(rounds))
+    print(json.dumps({"ours_ms": ours_ms, "ds_ms": ds_ms}))
+
+
+def _deepspeed_row(case, shapes, quick):
+    if importlib.util.find_spec("deepspeed") is None:
+        return None
+    cmd = [sys.executable, os.path.abspath(__file__), "--deepspeed-child", case] + (["--quick"] if quick else [])
+    try:  # the first run builds DeepSpeed's CPU Adam op (about a minute)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=True).stdout
+        r = json.loads(out.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError) as e:
+        print(f"skipping DeepSpeedCPUAdam: {e}", file=sys.stderr)
+        return None
+    return harness.Row("adam", f"AdamW step {case}", "float32", "DeepSpeedCPUAdam (own process)", r["ds_ms"],
+                       "FusedAdamW native", r["ours_ms"], _bytes(shapes, torch.float32))
+
+
 def run(device: str, quick: bool) -> list:
     rows = []
     reps, rounds = (3, 2) if quick else (10, 5)
@@ -84,31 +118,46 @@ def run(device: str, quick: bool) -> list:
     dtypes = [torch.float32] if quick or cpu else [torch.float32, torch.bfloat16]
     for case, shapes in WORKLOADS.items():
         if quick and case == "22M mix" and cpu:
-            shapes = [(1024, 1024), (40, 4096)]
-            case = "1.2M mix (quick)"
+            case, shapes = QUICK_MIX
         for dtype in dtypes:
+            ps = _params(shapes, device, dtype)
+            dname = str(dtype).replace("torch.", "")
             for b in _ours_backends(device):
-                ours_opt = fusedtrain.FusedAdamW(_params(shapes, device, dtype), lr=1e-3, weight_decay=0.01)
+                ours_opt = fusedtrain.FusedAdamW(ps, **HYPER)
 
                 def ours(opt=ours_opt, b=b):
                     with fusedtrain.use_backend(b):
                         opt.step()
 
-                for bname, make in _baselines(device):
-                    if dtype != torch.float32 and bname == "DeepSpeedCPUAdam":
-                        continue
+                row = lambda bname, base_ms, ours_ms: harness.Row(  # noqa: E731
+                    "adam", f"AdamW step {case}", dname, bname, base_ms, f"FusedAdamW {b}", ours_ms,
+                    _bytes(shapes, dtype))
+                for bname, make in _baselines():
                     try:
-                        base_opt = make(_params(shapes, device, dtype))
+                        base_opt = make(ps)
                         slow = "for-loop" in bname or "foreach" in bname
                         ours_ms, base_ms = _paired(ours, base_opt.step, device, warmup, reps,
                                                    max(2, rounds // 2) if slow else rounds)
                     except Exception as e:  # a baseline that cannot run here
                         print(f"skipping {bname}: {e}", file=sys.stderr)
                         continue
-                    rows.append(harness.Row("adam", f"AdamW step {case}", str(dtype).replace("torch.", ""), bname,
-                                            base_ms, f"FusedAdamW {b}", ours_ms, _bytes(shapes, dtype)))
+                    rows.append(row(bname, base_ms, ours_ms))
+                if cpu and dtype == torch.float32 and stream_floor.available():
+                    ours()  # states exist: the floor streams the very tensors the step does
+                    st = [ours_opt.state[p] for p in ps]
+                    floor = stream_floor.make_pass([p.detach() for p in ps], [p.grad for p in ps],
+                                                   [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st])
+                    ours_ms, floor_ms = _paired(ours, floor, device, warmup, reps, rounds)
+                    rows.append(row("memory floor (no math)", floor_ms, ours_ms))
+            if cpu and dtype == torch.float32:
+                r = _deepspeed_row(case, shapes, quick)
+                if r is not None:
+                    rows.append(r)
     return rows
 
 
 if __name__ == "__main__":
-    harness.main(run)
+    if len(sys.argv) > 2 and sys.argv[1] == "--deepspeed-child":
+        _deepspeed_child(sys.argv[2], "--quick" in sys.argv)
+    else:
+        harness.main(run)
