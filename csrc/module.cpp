@@ -1,5 +1,5 @@
 // The Python module fusedtrain._C: importing it loads the TORCH_LIBRARY registrations, and
-// two helpers of the optimizer's per-step path (fusedtrain/ops/adam.py) that take Python
+// three helpers of the optimizer's per-step path (fusedtrain/ops/adam.py) that take Python
 // lists of tensors as they are, without boxing each tensor into a dispatcher list.
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
@@ -100,6 +100,25 @@ int adam_check_grads(py::handle params, py::handle grads) {
   return res;
 }
 
+// [p.grad for p in params] without the interpreter (FusedAdam's per-step gather), or None
+// when params is not a list of plain tensors/Parameters (a subclass may define grad its own
+// way) or some grad is None: the caller then does it in Python.
+py::object grads_of(py::handle params) {
+  PyObject* ps = params.ptr();
+  if (!PyList_Check(ps)) return py::none();
+  const Py_ssize_t n = PyList_GET_SIZE(ps);
+  py::list out(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* o = PyList_GET_ITEM(ps, i);
+    if (!THPVariable_CheckExact(o) && Py_TYPE(o) != reinterpret_cast<PyTypeObject*>(parameter_type()))
+      return py::none();
+    const at::Tensor& g = THPVariable_Unpack(o).grad();
+    if (!g.defined()) return py::none();
+    PyList_SET_ITEM(out.ptr(), i, THPVariable_Wrap(g));  // what p.grad returns: a new reference
+  }
+  return std::move(out);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -116,4 +135,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   m.def("adam_cpu_direct", &adam_cpu_direct);
   m.def("adam_check_grads", &adam_check_grads);
+  m.def("grads_of", &grads_of);
 }

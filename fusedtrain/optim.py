@@ -19,7 +19,7 @@ import operator
 
 import torch
 
-from fusedtrain import _dtensor
+from fusedtrain import _dtensor, _ext
 from fusedtrain._optim_state import StateMap, Version
 from fusedtrain.ops import adam as adam_ops
 
@@ -245,14 +245,20 @@ class FusedAdam(torch.optim.Optimizer):
         # 1. gather: (group, [params with grad]) — validation of every grad before any state is
         #    created or any tensor written
         work = []
+        grads_of = getattr(_ext._C, "grads_of", None)
         for group in self.param_groups:
             params = group["params"]
-            gs = [p.grad for p in params]  # each .grad read once per step
-            if all(map(operator.is_not, gs, itertools.repeat(None))):
+            # each .grad read once per step; in C++ when every param is a plain tensor with a grad
+            gs = grads_of(params) if grads_of is not None else None
+            if gs is not None:
                 ps = params
             else:
-                ps = [p for p, g in zip(params, gs) if g is not None]
-                gs = [g for g in gs if g is not None]
+                gs = [p.grad for p in params]
+                if all(map(operator.is_not, gs, itertools.repeat(None))):
+                    ps = params
+                else:
+                    ps = [p for p, g in zip(params, gs) if g is not None]
+                    gs = [g for g in gs if g is not None]
             if ps:
                 work.append((group, ps, gs, self._plan_key(group, ps)))
         if not work:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import fusedtrain
-from fusedtrain import FusedAdam, FusedAdamW
+from fusedtrain import FusedAdam, FusedAdamW, _ext
 from fusedtrain.ops import adam as adam_ops
 from helpers import RTOL, assert_close
 
@@ -552,3 +552,25 @@ def test_multi_device_groups_are_split_per_device():
     assert_close(a, ra, torch.float32, what="cpu")
     assert_close(b, rb, torch.float32, what="cuda")
     assert opt.state[b]["step"].device.type == "cuda"
+
+
+@pytest.mark.skipif(getattr(_ext._C, "grads_of", None) is None, reason="extension not built")
+def test_grads_of_is_the_python_gather():
+    """The per-step C++ gather hands back the very .grad objects, and declines (None) whatever
+    the Python gather must handle: a missing grad, a tensor subclass, a non-list."""
+    ps = [torch.nn.Parameter(torch.randn(3)), torch.randn(2, requires_grad=True)]
+    for p in ps:
+        p.grad = torch.randn(p.shape)
+    gs = _ext._C.grads_of(ps)
+    assert len(gs) == 2 and all(g is p.grad for g, p in zip(gs, ps))
+    assert _ext._C.grads_of(tuple(ps)) is None
+    ps[1].grad = None
+    assert _ext._C.grads_of(ps) is None
+
+    class Sub(torch.Tensor):
+        pass
+
+    s = torch.randn(2).as_subclass(Sub).requires_grad_()
+    s.grad = torch.randn(2)
+    assert _ext._C.grads_of([s]) is None
+    assert _ext._C.grads_of([]) == []
