@@ -81,18 +81,25 @@ def _paired(ours, base, device, warmup, reps, rounds):
     return statistics.median(a), statistics.median(b)
 
 
+def _timing(quick):
+    """(reps, rounds, warmup) of every row."""
+    return (3, 2, 2) if quick else (10, 5, 5)
+
+
 def _deepspeed_child(case: str, quick: bool) -> None:
     """Child process of a DeepSpeed row: FusedAdamW timed first, then DeepSpeedCPUAdam on the
     same params; prints {"ours_ms", "ds_ms"} as JSON on its last line."""
     shapes = dict([QUICK_MIX] + list(WORKLOADS.items()))[case]
-    reps, rounds, warmup = (3, 2, 2) if quick else (10, 5, 5)
+    reps, rounds, warmup = _timing(quick)
     ps = _params(shapes, "cpu", torch.float32)
-    ours = fusedtrain.FusedAdamW(ps, **HYPER)
-    ours_ms = statistics.median(harness.time_ms(ours.step, "cpu", warmup=warmup, reps=reps) for _ in range(rounds))
+
+    def median_ms(step):
+        return statistics.median(harness.time_ms(step, "cpu", warmup=warmup, reps=reps) for _ in range(rounds))
+
+    ours_ms = median_ms(fusedtrain.FusedAdamW(ps, **HYPER).step)
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-    ds = DeepSpeedCPUAdam(ps, adamw_mode=True, **HYPER)
-    ds_ms = statistics.median(harness.time_ms(ds.step, "cpu", warmup=warmup, reps=reps) for _ in range(rounds))
+    ds_ms = median_ms(DeepSpeedCPUAdam(ps, adamw_mode=True, **HYPER).step)
     print(json.dumps({"ours_ms": ours_ms, "ds_ms": ds_ms}))
 
 
@@ -112,8 +119,7 @@ def _deepspeed_row(case, shapes, quick):
 
 def run(device: str, quick: bool) -> list:
     rows = []
-    reps, rounds = (3, 2) if quick else (10, 5)
-    warmup = 2 if quick else 5
+    reps, rounds, warmup = _timing(quick)
     cpu = torch.device(device).type == "cpu"
     dtypes = [torch.float32] if quick or cpu else [torch.float32, torch.bfloat16]
     for case, shapes in WORKLOADS.items():

@@ -281,10 +281,10 @@ class FusedAdam(torch.optim.Optimizer):
             def on(dev, t):
                 if t is None or not torch.is_tensor(t):
                     return t
-                key = (id(t), dev)
-                if key not in per_dev:
-                    per_dev[key] = t.to(device=dev, dtype=torch.float32, non_blocking=True).reshape(1)
-                return per_dev[key]
+                slot = (id(t), dev)
+                if slot not in per_dev:
+                    per_dev[slot] = t.to(device=dev, dtype=torch.float32, non_blocking=True).reshape(1)
+                return per_dev[slot]
 
             for group, ps, gs, key in work:
                 beta1, beta2 = group["betas"]
