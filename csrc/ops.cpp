@@ -11,14 +11,16 @@ TORCH_LIBRARY(fusedtrain, m) {
   // or 1 (broadcast rows/columns are stride 0), in opmath (float32; float64 for a float64
   // input). input: float32/float16/bfloat16/float64; target and out_dtype: input's dtype or
   // opmath (ops/bce.py converts anything else). reduction: 0 none, 1 mean, 2 sum.
-  // Returns (loss, grad_input): loss is (R, C) for none and 0-d otherwise, in out_dtype;
-  // grad_input is d loss / d input (the 1/N of mean folded in), in input's dtype, and a
-  // (0, 0) tensor when compute_grad is false. Reductions are deterministic (fixed chunks).
+  // Returns the loss: (R, C) for none and 0-d otherwise, in out_dtype. Reductions are
+  // deterministic (fixed chunks).
   m.def("bce_with_logits(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, "
-        "int reduction, bool compute_grad, ScalarType out_dtype) -> (Tensor, Tensor)");
-  // d loss / d target (the 1/N of mean folded in), in target's dtype, (R, C).
-  m.def("bce_with_logits_target_grad(Tensor input, Tensor target, Tensor? weight, "
-        "Tensor? pos_weight, int reduction) -> Tensor");
+        "int reduction, ScalarType out_dtype) -> Tensor");
+  // The gradients of that loss, times grad_output (opmath; 0-d for mean/sum, contiguous (R, C)
+  // for none), each computed in opmath and rounded once: grad_input (input's dtype) when
+  // input_grad, grad_target (target's dtype) when target_grad, else an empty (0,) tensor.
+  // For mean the factor is grad_output / N.
+  m.def("bce_with_logits_backward(Tensor grad_output, Tensor input, Tensor target, Tensor? weight, "
+        "Tensor? pos_weight, int reduction, bool input_grad, bool target_grad) -> (Tensor, Tensor)");
 
   // ---- adam (fusedtrain/ops/adam.py) ----
   // One Adam/AdamW step over every tensor of the lists, one kernel launch (one parallel

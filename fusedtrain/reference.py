@@ -24,24 +24,22 @@ def _bce_opmath(t: torch.Tensor) -> torch.dtype:
 
 def bce_terms(x, y=None, w=None, pw=None, *, want=("loss", "dx")):
     """Per-element BCE terms in the dtype of `x` (callers upcast): a dict with the requested
-    of "loss", "dx", "dy"."""
+    of "loss", "dx", "dy", each grouped as in bce_math.h."""
     e = torch.exp(-x.abs())
-    l1p = torch.log1p(e)
-    sp_neg = l1p + torch.clamp_min(-x, 0)
     out = {}
-    if "loss" in want or "dx" in want:
-        lw = None if pw is None else 1 + (pw - 1) * y
-        if "loss" in want:
-            # regrouped as in bce_math.h forward(): no cancelling large terms; (x - x) keeps
-            # torch's NaN at x = -inf
-            tail = torch.where(x >= 0, (1 - y) * x, (x - x) - (y if pw is None else pw * y) * x)
-            out["loss"] = (l1p if lw is None else lw * l1p) + tail
-        if "dx" in want:
-            r = 1 / (1 + e)
-            sig = torch.where(x >= 0, r, e * r)
-            out["dx"] = sig - y if pw is None else lw * sig - pw * y
+    lw = None if pw is None or y is None else 1 + (pw - 1) * y
+    if "loss" in want:
+        # regrouped as in bce_math.h loss(): no cancelling large terms; (x - x) keeps torch's
+        # NaN at x = -inf
+        tail = torch.where(x >= 0, (1 - y) * x, (x - x) - (y if pw is None else pw * y) * x)
+        l1p = torch.log1p(e)
+        out["loss"] = (l1p if lw is None else lw * l1p) + tail
+    if "dx" in want:
+        # as bce_math.h input_grad(): sigmoid(x) = 1 - e/(1+e) or e/(1+e), no cancellation
+        lwer = e / (1 + e) if lw is None else lw * (e / (1 + e))
+        out["dx"] = torch.where(x >= 0, (1 - y) - lwer, lwer - (y if pw is None else pw * y))
     if "dy" in want:
-        out["dy"] = -x if pw is None else pw * sp_neg - (l1p + torch.clamp_min(x, 0))
+        out["dy"] = -x if pw is None else (pw - 1) * torch.log1p(e) - torch.where(x >= 0, x, pw * x)
     if w is not None:
         out = {k: v * w for k, v in out.items()}
     return out
@@ -68,61 +66,43 @@ def bce_grads_differentiable(input, target, weight, pos_weight, reduction: int, 
     return tuple(None if d is None else d / n for d in (dx, dy))
 
 
-def bce_with_logits(input, target, weight, pos_weight, reduction: int, compute_grad: bool, out_dtype):
-    """The contract of the fusedtrain::bce_with_logits op: (loss, grad_input).
+def bce_with_logits(input, target, weight, pos_weight, reduction: int, out_dtype):
+    """The contract of the fusedtrain::bce_with_logits op: the loss.
 
     input, target: (R, C); weight, pos_weight: None or broadcastable to (R, C). reduction 0 none,
-    1 mean, 2 sum. loss: (R, C) for none, 0-d otherwise, in out_dtype. grad_input: d loss / d input
-    with the 1/N of mean folded in, in input's dtype; shape (0, 0) when compute_grad is false."""
+    1 mean, 2 sum. (R, C) for none, 0-d otherwise, in out_dtype."""
     op = _bce_opmath(input)
     x, y = input.to(op), target.to(op)
     w = None if weight is None else weight.to(op)
     pw = None if pos_weight is None else pos_weight.to(op)
-    terms = bce_terms(x, y, w, pw, want=("loss", "dx") if compute_grad else ("loss",))
-    loss = terms["loss"]
+    loss = bce_terms(x, y, w, pw, want=("loss",))["loss"]
+    loss = torch.broadcast_to(loss, input.shape)
     n = loss.numel()
     if reduction == 1:
         loss = loss.sum() / n if n else loss.new_tensor(float("nan"))
     elif reduction == 2:
         loss = loss.sum()
-    loss = loss.to(out_dtype)
-    if compute_grad:
-        dx = terms["dx"]
-        grad = (dx / n if reduction == 1 else dx).to(input.dtype)
-    else:
-        grad = input.new_empty((0, 0))
-    return loss, grad
+    return loss.to(out_dtype)
 
 
-def bce_with_logits_target_grad(input, target, weight, pos_weight, reduction: int):
-    """The contract of fusedtrain::bce_with_logits_target_grad: d loss / d target (1/N of mean
-    folded in), (R, C) in target's dtype."""
+def bce_with_logits_backward(grad_output, input, target, weight, pos_weight, reduction: int,
+                             input_grad: bool, target_grad: bool):
+    """The contract of fusedtrain::bce_with_logits_backward: (grad_input, grad_target), each the
+    opmath derivative times grad_output (grad_output / N for mean), rounded once to input's /
+    target's dtype; an empty (0,) tensor where not wanted."""
     op = _bce_opmath(input)
     x = input.to(op)
     w = None if weight is None else weight.to(op)
     pw = None if pos_weight is None else pos_weight.to(op)
-    dy = bce_terms(x, None, w, pw, want=("dy",))["dy"]
-    dy = torch.broadcast_to(dy, input.shape)
-    if reduction == 1:
-        dy = dy / max(input.numel(), 1)
-    return dy.to(target.dtype).contiguous()
-
-
-def bce_loss_float64(input, target, weight=None, reduction="mean", pos_weight=None):
-    """The float64 truth for tests: (loss, d loss / d input, d loss / d target), any shapes that
-    torch's binary_cross_entropy_with_logits accepts; loss for 'none' has input's shape."""
-    d = torch.float64
-    x, y = input.detach().to(d), target.detach().to(d)
-    w = None if weight is None else weight.detach().to(d)
-    pw = None if pos_weight is None else pos_weight.detach().to(d)
-    t = bce_terms(x, y, w, pw, want=("loss", "dx", "dy"))
-    loss, dx, dy = (torch.broadcast_to(t[k], x.shape) for k in ("loss", "dx", "dy"))
-    n = x.numel()
-    if reduction == "mean":
-        return (loss.sum() / n if n else loss.new_tensor(float("nan"))), dx / max(n, 1), dy / max(n, 1)
-    if reduction == "sum":
-        return loss.sum(), dx, dy
-    return loss, dx, dy
+    go = grad_output.to(op)
+    factor = go / input.numel() if reduction == 1 else go
+    want = (("dx",) if input_grad else ()) + (("dy",) if target_grad else ())
+    terms = bce_terms(x, target.to(op), w, pw, want=want)
+    gi = (torch.broadcast_to(terms["dx"] * factor, input.shape).to(input.dtype).contiguous() if input_grad
+          else input.new_empty((0,)))
+    gt = (torch.broadcast_to(terms["dy"] * factor, input.shape).to(target.dtype).contiguous() if target_grad
+          else target.new_empty((0,)))
+    return gi, gt
 
 
 # ---------------------------------------------------------------------------------------

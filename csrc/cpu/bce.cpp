@@ -1,5 +1,5 @@
 // BCE with logits, CPU bodies of fusedtrain::bce_with_logits and
-// fusedtrain::bce_with_logits_target_grad (schemas and contract in csrc/ops.cpp).
+// fusedtrain::bce_with_logits_backward (schemas and contract in csrc/ops.cpp).
 //
 // The flat index space [0, R*C) is cut into fixed chunks of kChunk elements (independent of
 // the thread count); at::parallel_for hands out whole chunks, each chunk writes its loss
@@ -13,10 +13,6 @@
 #include <torch/library.h>
 
 #include <vector>
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #include "fusedtrain/bce_dispatch.h"
 #include "fusedtrain/bce_math.h"
@@ -68,23 +64,6 @@ struct Bcast {
   inline op_t at(const op_t* rp, int64_t c) const { return rp[c * s1]; }
 };
 
-// A fresh output of many MiB is mmap'ed memory that page-faults on first touch, 4 KiB at a
-// time; on small VMs the faults cost more than the whole kernel. Ask for transparent huge
-// pages before the kernel writes it (what torch's own THP_MEM_ALLOC_ENABLE=1 does for every
-// allocation). Advisory only: a no-op where THP is off or the memory is already mapped.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const size_t bytes = t.numel() * t.element_size();
-  if (bytes < 4 * kHuge) return;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(t.data_ptr()) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(t.data_ptr()) + bytes) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
-}
-
 template <typename op_t>
 Bcast<op_t> bcast_of(const std::optional<at::Tensor>& t, const op_t* one) {
   if (!t.has_value()) return {one, 0, 0};
@@ -109,8 +88,7 @@ inline void for_segments(int64_t k, int64_t N, int64_t C, Seg&& seg) {
 
 template <typename scalar_t, typename target_t, typename out_t, bool PW>
 void forward_kernel(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                    const std::optional<at::Tensor>& pos_weight, int64_t reduction, bool compute_grad,
-                    at::Tensor& loss, at::Tensor& grad) {
+                    const std::optional<at::Tensor>& pos_weight, int64_t reduction, at::Tensor& out) {
   using op_t = opmath_t<scalar_t>;
   using Vec = Vectorized<op_t>;
   constexpr int64_t W = Vec::size();
@@ -121,10 +99,8 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& target, const std
   const auto pw = bcast_of<op_t>(pos_weight, &one);
   const scalar_t* x = input.data_ptr<scalar_t>();
   const target_t* y = target.data_ptr<target_t>();
-  out_t* loss_p = reduction == 0 ? loss.data_ptr<out_t>() : nullptr;
-  scalar_t* grad_p = compute_grad ? grad.data_ptr<scalar_t>() : nullptr;
+  out_t* loss_p = reduction == 0 ? out.data_ptr<out_t>() : nullptr;
   const bool reduce = reduction != 0;
-  const op_t scale = reduction == 1 ? op_t(1) / op_t(N) : op_t(1);  // 1/N of mean, on the gradient
   const int64_t nchunks = (N + kChunk - 1) / kChunk;
   std::vector<double> partials(reduce ? nchunks : 0);
 
@@ -138,30 +114,26 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& target, const std
         const op_t* pwr = pw.row(r);
         int64_t c = c0;
         for (; c + K <= c1; c += K) {
-          Vec xa, xb, ya, yb, wa, wb, pa, pb, la, lb, ga, gb;
+          Vec xa, xb, ya, yb, wa, wb, pa, pb;
           load2<op_t>(x + base + c, xa, xb);
           load2<op_t>(y + base + c, ya, yb);
           w.load2(wr, c, wa, wb);
           if (PW) pw.load2(pwr, c, pa, pb);
-          forward<PW>(xa, ya, wa, pa, la, ga);
-          forward<PW>(xb, yb, wb, pb, lb, gb);
+          const Vec la = loss<PW>(xa, ya, wa, pa), lb = loss<PW>(xb, yb, wb, pb);
           if (reduce) {
             acc0 = acc0 + la;
             acc1 = acc1 + lb;
           } else {
             store2<op_t>(loss_p + base + c, la, lb);
           }
-          if (grad_p) store2<op_t>(grad_p + base + c, ga * Vec(scale), gb * Vec(scale));
         }
         for (; c < c1; ++c) {
-          op_t l, g;
-          forward<PW>(static_cast<op_t>(x[base + c]), static_cast<op_t>(y[base + c]), w.at(wr, c),
-                      PW ? pw.at(pwr, c) : one, l, g);
+          const op_t l = loss<PW>(static_cast<op_t>(x[base + c]), static_cast<op_t>(y[base + c]), w.at(wr, c),
+                                  PW ? pw.at(pwr, c) : one);
           if (reduce)
             acc_tail += l;
           else
             loss_p[base + c] = static_cast<out_t>(l);
-          if (grad_p) grad_p[base + c] = static_cast<scalar_t>(g * scale);
         }
       });
       if (reduce) {
@@ -178,13 +150,17 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& target, const std
     double total = 0;
     for (int64_t k = 0; k < nchunks; ++k) total += partials[k];
     if (reduction == 1) total /= static_cast<double>(N);  // N == 0: NaN, as torch's mean
-    *loss.data_ptr<out_t>() = static_cast<out_t>(total);
+    *out.data_ptr<out_t>() = static_cast<out_t>(total);
   }
 }
 
+// grad_input and/or grad_target in one pass over input (and target for grad_input). Each is
+// the fp32 (fp64) derivative times the fp32 (fp64) factor grad_output[i] ('none') or
+// grad_output / N ('mean') or grad_output ('sum'), rounded once at the store.
 template <typename scalar_t, typename target_t, bool PW>
-void target_grad_kernel(const at::Tensor& input, const std::optional<at::Tensor>& weight,
-                        const std::optional<at::Tensor>& pos_weight, int64_t reduction, at::Tensor& out) {
+void backward_kernel(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& target,
+                     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
+                     int64_t reduction, at::Tensor& gi, at::Tensor& gt) {
   using op_t = opmath_t<scalar_t>;
   using Vec = Vectorized<op_t>;
   constexpr int64_t K = 2 * Vec::size();
@@ -193,8 +169,12 @@ void target_grad_kernel(const at::Tensor& input, const std::optional<at::Tensor>
   const auto w = bcast_of<op_t>(weight, &one);
   const auto pw = bcast_of<op_t>(pos_weight, &one);
   const scalar_t* x = input.data_ptr<scalar_t>();
-  target_t* o = out.data_ptr<target_t>();
-  const op_t scale = reduction == 1 ? op_t(1) / op_t(N) : op_t(1);
+  const target_t* y = target.data_ptr<target_t>();
+  const op_t* go = grad_output.data_ptr<op_t>();
+  const bool per_elem = reduction == 0;
+  const op_t factor = per_elem ? one : reduction == 1 ? go[0] / static_cast<op_t>(N) : go[0];
+  scalar_t* gi_p = gi.numel() ? gi.data_ptr<scalar_t>() : nullptr;
+  target_t* gt_p = gt.numel() ? gt.data_ptr<target_t>() : nullptr;
   const int64_t nchunks = (N + kChunk - 1) / kChunk;
   at::parallel_for(0, nchunks, kGrain, [&](int64_t kb, int64_t ke) {
     for (int64_t k = kb; k < ke; ++k) {
@@ -204,57 +184,62 @@ void target_grad_kernel(const at::Tensor& input, const std::optional<at::Tensor>
         const op_t* pwr = pw.row(r);
         int64_t c = c0;
         for (; c + K <= c1; c += K) {
-          Vec xa, xb, wa, wb, pa, pb;
+          Vec xa, xb, wa, wb, pa, pb, fa(factor), fb(factor);
           load2<op_t>(x + base + c, xa, xb);
           w.load2(wr, c, wa, wb);
           if (PW) pw.load2(pwr, c, pa, pb);
-          store2<op_t>(o + base + c, target_grad<PW>(xa, wa, pa) * Vec(scale),
-                       target_grad<PW>(xb, wb, pb) * Vec(scale));
+          if (per_elem) load2<op_t>(go + base + c, fa, fb);
+          if (gi_p) {
+            Vec ya, yb;
+            load2<op_t>(y + base + c, ya, yb);
+            store2<op_t>(gi_p + base + c, input_grad<PW>(xa, ya, wa, pa) * fa, input_grad<PW>(xb, yb, wb, pb) * fb);
+          }
+          if (gt_p)
+            store2<op_t>(gt_p + base + c, target_grad<PW>(xa, wa, pa) * fa, target_grad<PW>(xb, wb, pb) * fb);
         }
-        for (; c < c1; ++c)
-          o[base + c] = static_cast<target_t>(
-              target_grad<PW>(static_cast<op_t>(x[base + c]), w.at(wr, c), PW ? pw.at(pwr, c) : one) * scale);
+        for (; c < c1; ++c) {
+          const op_t xv = static_cast<op_t>(x[base + c]), wv = w.at(wr, c), pv = PW ? pw.at(pwr, c) : one;
+          const op_t f = per_elem ? go[base + c] : factor;
+          if (gi_p) gi_p[base + c] = static_cast<scalar_t>(input_grad<PW>(xv, static_cast<op_t>(y[base + c]), wv, pv) * f);
+          if (gt_p) gt_p[base + c] = static_cast<target_t>(target_grad<PW>(xv, wv, pv) * f);
+        }
       });
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> bce_with_logits_cpu(const at::Tensor& input, const at::Tensor& target,
-                                                       const std::optional<at::Tensor>& weight,
-                                                       const std::optional<at::Tensor>& pos_weight,
-                                                       int64_t reduction, bool compute_grad,
-                                                       at::ScalarType out_dtype) {
+at::Tensor bce_with_logits_cpu(const at::Tensor& input, const at::Tensor& target,
+                               const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
+                               int64_t reduction, at::ScalarType out_dtype) {
   const int64_t R = input.size(0), C = input.size(1);
   at::Tensor loss = reduction == 0 ? at::empty({R, C}, input.options().dtype(out_dtype))
                                    : at::empty({}, input.options().dtype(out_dtype));
-  at::Tensor grad = at::empty({compute_grad ? R : 0, compute_grad ? C : 0}, input.options());
   if (R * C == 0) {
     if (reduction != 0) loss.fill_(reduction == 1 ? std::numeric_limits<double>::quiet_NaN() : 0.0);
-    return {loss, grad};
+    return loss;
   }
-  advise_huge_pages(grad);
-  if (reduction == 0) advise_huge_pages(loss);
   dispatch(input.scalar_type(), target.scalar_type(), out_dtype, pos_weight.has_value(), "bce_with_logits",
            [&](auto s, auto t, auto o, auto pw) {
              forward_kernel<typename decltype(s)::type, typename decltype(t)::type, typename decltype(o)::type,
-                            decltype(pw)::value>(input, target, weight, pos_weight, reduction, compute_grad, loss,
-                                                 grad);
+                            decltype(pw)::value>(input, target, weight, pos_weight, reduction, loss);
            });
-  return {loss, grad};
+  return loss;
 }
 
-at::Tensor bce_with_logits_target_grad_cpu(const at::Tensor& input, const at::Tensor& target,
-                                           const std::optional<at::Tensor>& weight,
-                                           const std::optional<at::Tensor>& pos_weight, int64_t reduction) {
-  at::Tensor out = at::empty({input.size(0), input.size(1)}, target.options());
-  if (out.numel() == 0) return out;
-  advise_huge_pages(out);
+std::tuple<at::Tensor, at::Tensor> bce_with_logits_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& target,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight, int64_t reduction,
+    bool input_grad, bool target_grad) {
+  const int64_t R = input.size(0), C = input.size(1);
+  at::Tensor gi = input_grad ? at::empty({R, C}, input.options()) : at::empty({0}, input.options());
+  at::Tensor gt = target_grad ? at::empty({R, C}, target.options()) : at::empty({0}, target.options());
+  if (R * C == 0 || !(input_grad || target_grad)) return {gi, gt};
   dispatch(input.scalar_type(), target.scalar_type(), input.scalar_type(), pos_weight.has_value(),
-           "bce_with_logits_target_grad", [&](auto s, auto t, auto, auto pw) {
-             target_grad_kernel<typename decltype(s)::type, typename decltype(t)::type, decltype(pw)::value>(
-                 input, weight, pos_weight, reduction, out);
+           "bce_with_logits_backward", [&](auto s, auto t, auto, auto pw) {
+             backward_kernel<typename decltype(s)::type, typename decltype(t)::type, decltype(pw)::value>(
+                 grad_output, input, target, weight, pos_weight, reduction, gi, gt);
            });
-  return out;
+  return {gi, gt};
 }
 
 }  // namespace
@@ -263,5 +248,5 @@ at::Tensor bce_with_logits_target_grad_cpu(const at::Tensor& input, const at::Te
 
 TORCH_LIBRARY_IMPL(fusedtrain, CPU, m) {
   m.impl("bce_with_logits", &fusedtrain::bce::bce_with_logits_cpu);
-  m.impl("bce_with_logits_target_grad", &fusedtrain::bce::bce_with_logits_target_grad_cpu);
+  m.impl("bce_with_logits_backward", &fusedtrain::bce::bce_with_logits_backward_cpu);
 }

@@ -1,9 +1,10 @@
 // BCE with logits, CUDA bodies of fusedtrain::bce_with_logits and
-// fusedtrain::bce_with_logits_target_grad (schemas and contract in csrc/ops.cpp).
+// fusedtrain::bce_with_logits_backward (schemas and contract in csrc/ops.cpp).
 //
-// One read of input and target, one write of the gradient (and of the loss for 'none') per
-// element: each thread moves VEC = 16 / sizeof(input) elements per step with 16-byte loads and
-// stores of input and gradient (target/loss in fp32 with a 2-byte input: two 16-byte accesses);
+// The forward reads input and target once (and writes the loss for 'none'); the backward reads
+// them again and writes each wanted gradient once, times grad_output, rounded once. Each thread
+// moves VEC = 16 / sizeof(input) elements per step with 16-byte loads and stores of input and
+// gradient (target/loss in fp32 with a 2-byte input: two 16-byte accesses);
 // weight and pos_weight are read through the read-only cache (they are broadcast, usually tiny).
 // Pointers that are not aligned for the vector width fall back to scalar accesses.
 //
@@ -75,9 +76,8 @@ __device__ __forceinline__ void store_vec(T* p, bool vec, int n, const T (&in)[N
 template <typename scalar_t, typename target_t, typename out_t, bool PW, bool REDUCE>
 __global__ void __launch_bounds__(kThreads)
     bce_fwd_kernel(const scalar_t* __restrict__ x, const target_t* __restrict__ y, BcastArg<opmath_t<scalar_t>> w,
-                   BcastArg<opmath_t<scalar_t>> pw, out_t* __restrict__ loss, scalar_t* __restrict__ grad,
-                   opmath_t<scalar_t>* __restrict__ partials, int64_t N, int64_t C, opmath_t<scalar_t> scale,
-                   bool aligned) {
+                   BcastArg<opmath_t<scalar_t>> pw, out_t* __restrict__ loss_out,
+                   opmath_t<scalar_t>* __restrict__ partials, int64_t N, int64_t C, bool aligned) {
   using op_t = opmath_t<scalar_t>;
   constexpr int VEC = Tile<scalar_t>::VEC;
   const int64_t tile0 = int64_t(blockIdx.x) * Tile<scalar_t>::kTile;
@@ -94,24 +94,21 @@ __global__ void __launch_bounds__(kThreads)
     load_vec(y + i0, vec, n, ys);
     int64_t r = i0 / C, c = i0 - r * C;
     out_t ls[VEC];
-    scalar_t gs[VEC];
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      op_t l, g;
-      forward<PW>(static_cast<op_t>(xs[j]), static_cast<op_t>(ys[j]), w.at(r, c), PW ? pw.at(r, c) : op_t(1), l, g);
-      if (REDUCE) {
-        if (j < n) acc += l;
-      } else {
+      op_t l = 0;
+      if (j < n)  // the weights are read only inside the tensor
+        l = loss<PW>(static_cast<op_t>(xs[j]), static_cast<op_t>(ys[j]), w.at(r, c), PW ? pw.at(r, c) : op_t(1));
+      if (REDUCE)
+        acc += l;
+      else
         ls[j] = static_cast<out_t>(l);
-      }
-      gs[j] = static_cast<scalar_t>(g * scale);
       if (++c == C) {
         c = 0;
         ++r;
       }
     }
-    if (!REDUCE) store_vec(loss + i0, vec, n, ls);
-    if (grad != nullptr) store_vec(grad + i0, vec, n, gs);
+    if (!REDUCE) store_vec(loss_out + i0, vec, n, ls);
   }
   if (REDUCE) {
     using BlockReduce = cub::BlockReduce<op_t, kThreads>;
@@ -132,14 +129,18 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) *out = static_cast<out_t>(s / divisor);
 }
 
-template <typename scalar_t, typename target_t, bool PW>
+// grad_input (gi != nullptr) and/or grad_target (gt != nullptr): the opmath derivative times
+// grad_output[i] (PER_ELEM, 'none') or grad_output[0] / divisor, rounded once at the store.
+template <typename scalar_t, typename target_t, bool PW, bool PER_ELEM>
 __global__ void __launch_bounds__(kThreads)
-    bce_target_grad_kernel(const scalar_t* __restrict__ x, BcastArg<opmath_t<scalar_t>> w,
-                           BcastArg<opmath_t<scalar_t>> pw, target_t* __restrict__ out, int64_t N, int64_t C,
-                           opmath_t<scalar_t> scale, bool aligned) {
+    bce_bwd_kernel(const opmath_t<scalar_t>* __restrict__ go, const scalar_t* __restrict__ x,
+                   const target_t* __restrict__ y, BcastArg<opmath_t<scalar_t>> w, BcastArg<opmath_t<scalar_t>> pw,
+                   scalar_t* __restrict__ gi, target_t* __restrict__ gt, int64_t N, int64_t C,
+                   opmath_t<scalar_t> divisor, bool aligned) {
   using op_t = opmath_t<scalar_t>;
   constexpr int VEC = Tile<scalar_t>::VEC;
   const int64_t tile0 = int64_t(blockIdx.x) * Tile<scalar_t>::kTile;
+  const op_t factor = PER_ELEM ? op_t(1) : go[0] / divisor;
 #pragma unroll 1
   for (int it = 0; it < kIters; ++it) {
     const int64_t i0 = tile0 + (int64_t(it) * kThreads + threadIdx.x) * VEC;
@@ -147,19 +148,31 @@ __global__ void __launch_bounds__(kThreads)
     const int n = static_cast<int>(N - i0 < VEC ? N - i0 : VEC);
     const bool vec = aligned && n == VEC;
     scalar_t xs[VEC];
+    target_t ys[VEC];
+    op_t fs[VEC];
     load_vec(x + i0, vec, n, xs);
+    if (gi != nullptr) load_vec(y + i0, vec, n, ys);
+    if (PER_ELEM) load_vec(go + i0, vec, n, fs);
     int64_t r = i0 / C, c = i0 - r * C;
-    target_t os[VEC];
+    scalar_t gis[VEC];
+    target_t gts[VEC];
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      os[j] = static_cast<target_t>(
-          target_grad<PW>(static_cast<op_t>(xs[j]), w.at(r, c), PW ? pw.at(r, c) : op_t(1)) * scale);
+      gis[j] = scalar_t(0);
+      gts[j] = target_t(0);
+      if (j < n) {  // the weights are read only inside the tensor
+        const op_t xv = static_cast<op_t>(xs[j]), wv = w.at(r, c), pv = PW ? pw.at(r, c) : op_t(1);
+        const op_t f = PER_ELEM ? fs[j] : factor;
+        if (gi != nullptr) gis[j] = static_cast<scalar_t>(input_grad<PW>(xv, static_cast<op_t>(ys[j]), wv, pv) * f);
+        if (gt != nullptr) gts[j] = static_cast<target_t>(target_grad<PW>(xv, wv, pv) * f);
+      }
       if (++c == C) {
         c = 0;
         ++r;
       }
     }
-    store_vec(out + i0, vec, n, os);
+    if (gi != nullptr) store_vec(gi + i0, vec, n, gis);
+    if (gt != nullptr) store_vec(gt + i0, vec, n, gts);
   }
 }
 
@@ -185,19 +198,16 @@ const op_t* device_one() {
   return static_cast<const op_t*>(p);
 }
 
-std::tuple<at::Tensor, at::Tensor> bce_with_logits_cuda(const at::Tensor& input, const at::Tensor& target,
-                                                        const std::optional<at::Tensor>& weight,
-                                                        const std::optional<at::Tensor>& pos_weight,
-                                                        int64_t reduction, bool compute_grad,
-                                                        at::ScalarType out_dtype) {
+at::Tensor bce_with_logits_cuda(const at::Tensor& input, const at::Tensor& target,
+                                const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
+                                int64_t reduction, at::ScalarType out_dtype) {
   const c10::cuda::CUDAGuard guard(input.device());
   const int64_t R = input.size(0), C = input.size(1), N = R * C;
   at::Tensor loss = reduction == 0 ? at::empty({R, C}, input.options().dtype(out_dtype))
                                    : at::empty({}, input.options().dtype(out_dtype));
-  at::Tensor grad = at::empty({compute_grad ? R : 0, compute_grad ? C : 0}, input.options());
   if (N == 0) {
     if (reduction != 0) loss.fill_(reduction == 1 ? std::numeric_limits<double>::quiet_NaN() : 0.0);
-    return {loss, grad};
+    return loss;
   }
   auto stream = at::cuda::getCurrentCUDAStream();
   dispatch(input.scalar_type(), target.scalar_type(), out_dtype, pos_weight.has_value(), "bce_with_logits",
@@ -215,54 +225,67 @@ std::tuple<at::Tensor, at::Tensor> bce_with_logits_cuda(const at::Tensor& input,
              TORCH_CHECK(blocks < (int64_t(1) << 31), "bce_with_logits: tensor too large");
              const scalar_t* xp = input.data_ptr<scalar_t>();
              const target_t* yp = target.data_ptr<target_t>();
-             scalar_t* gp = compute_grad ? grad.data_ptr<scalar_t>() : nullptr;
-             bool aligned = is_aligned(xp, sizeof(scalar_t) * VEC) && is_aligned(yp, sizeof(target_t) * VEC) &&
-                            (gp == nullptr || is_aligned(gp, sizeof(scalar_t) * VEC));
-             const op_t scale = reduction == 1 ? op_t(1) / op_t(N) : op_t(1);
+             bool aligned = is_aligned(xp, sizeof(scalar_t) * VEC) && is_aligned(yp, sizeof(target_t) * VEC);
              if (reduction == 0) {
                out_t* lp = loss.data_ptr<out_t>();
                aligned = aligned && is_aligned(lp, sizeof(out_t) * VEC);
                bce_fwd_kernel<scalar_t, target_t, out_t, PW, false><<<blocks, kThreads, 0, stream>>>(
-                   xp, yp, w, pw, lp, gp, nullptr, N, C, scale, aligned);
+                   xp, yp, w, pw, lp, nullptr, N, C, aligned);
                C10_CUDA_KERNEL_LAUNCH_CHECK();
              } else {
                at::Tensor partials = at::empty({blocks}, input.options().dtype(c10::CppTypeToScalarType<op_t>::value));
                bce_fwd_kernel<scalar_t, target_t, out_t, PW, true><<<blocks, kThreads, 0, stream>>>(
-                   xp, yp, w, pw, nullptr, gp, partials.data_ptr<op_t>(), N, C, scale, aligned);
+                   xp, yp, w, pw, nullptr, partials.data_ptr<op_t>(), N, C, aligned);
                C10_CUDA_KERNEL_LAUNCH_CHECK();
                bce_sum_kernel<op_t, out_t><<<1, kThreads, 0, stream>>>(
                    partials.data_ptr<op_t>(), blocks, reduction == 1 ? double(N) : 1.0, loss.data_ptr<out_t>());
                C10_CUDA_KERNEL_LAUNCH_CHECK();
              }
            });
-  return {loss, grad};
+  return loss;
 }
 
-at::Tensor bce_with_logits_target_grad_cuda(const at::Tensor& input, const at::Tensor& target,
-                                            const std::optional<at::Tensor>& weight,
-                                            const std::optional<at::Tensor>& pos_weight, int64_t reduction) {
+std::tuple<at::Tensor, at::Tensor> bce_with_logits_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& target,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight, int64_t reduction,
+    bool input_grad, bool target_grad) {
   const c10::cuda::CUDAGuard guard(input.device());
   const int64_t R = input.size(0), C = input.size(1), N = R * C;
-  at::Tensor out = at::empty({R, C}, target.options());
-  if (N == 0) return out;
+  at::Tensor gi = input_grad ? at::empty({R, C}, input.options()) : at::empty({0}, input.options());
+  at::Tensor gt = target_grad ? at::empty({R, C}, target.options()) : at::empty({0}, target.options());
+  if (N == 0 || !(input_grad || target_grad)) return {gi, gt};
   auto stream = at::cuda::getCurrentCUDAStream();
   dispatch(input.scalar_type(), target.scalar_type(), input.scalar_type(), pos_weight.has_value(),
-           "bce_with_logits_target_grad", [&](auto s, auto t, auto, auto pwc) {
+           "bce_with_logits_backward", [&](auto s, auto t, auto, auto pwc) {
              using scalar_t = typename decltype(s)::type;
              using target_t = typename decltype(t)::type;
              using op_t = opmath_t<scalar_t>;
+             constexpr bool PW = decltype(pwc)::value;
              constexpr int VEC = Tile<scalar_t>::VEC;
              const op_t* one = device_one<op_t>();
+             const auto w = bcast_of<op_t>(weight, one);
+             const auto pw = bcast_of<op_t>(pos_weight, one);
              const int64_t blocks = (N + Tile<scalar_t>::kTile - 1) / Tile<scalar_t>::kTile;
+             TORCH_CHECK(blocks < (int64_t(1) << 31), "bce_with_logits_backward: tensor too large");
+             const op_t* gop = grad_output.data_ptr<op_t>();
              const scalar_t* xp = input.data_ptr<scalar_t>();
-             target_t* op = out.data_ptr<target_t>();
-             const bool aligned = is_aligned(xp, sizeof(scalar_t) * VEC) && is_aligned(op, sizeof(target_t) * VEC);
-             bce_target_grad_kernel<scalar_t, target_t, decltype(pwc)::value><<<blocks, kThreads, 0, stream>>>(
-                 xp, bcast_of<op_t>(weight, one), bcast_of<op_t>(pos_weight, one), op, N, C,
-                 reduction == 1 ? op_t(1) / op_t(N) : op_t(1), aligned);
+             const target_t* yp = target.data_ptr<target_t>();
+             scalar_t* gip = input_grad ? gi.data_ptr<scalar_t>() : nullptr;
+             target_t* gtp = target_grad ? gt.data_ptr<target_t>() : nullptr;
+             bool aligned = is_aligned(xp, sizeof(scalar_t) * VEC) && is_aligned(yp, sizeof(target_t) * VEC) &&
+                            (gip == nullptr || is_aligned(gip, sizeof(scalar_t) * VEC)) &&
+                            (gtp == nullptr || is_aligned(gtp, sizeof(target_t) * VEC));
+             if (reduction == 0) {
+               aligned = aligned && is_aligned(gop, sizeof(op_t) * VEC);
+               bce_bwd_kernel<scalar_t, target_t, PW, true><<<blocks, kThreads, 0, stream>>>(
+                   gop, xp, yp, w, pw, gip, gtp, N, C, op_t(1), aligned);
+             } else {
+               bce_bwd_kernel<scalar_t, target_t, PW, false><<<blocks, kThreads, 0, stream>>>(
+                   gop, xp, yp, w, pw, gip, gtp, N, C, reduction == 1 ? op_t(N) : op_t(1), aligned);
+             }
              C10_CUDA_KERNEL_LAUNCH_CHECK();
            });
-  return out;
+  return {gi, gt};
 }
 
 }  // namespace
@@ -271,5 +294,5 @@ at::Tensor bce_with_logits_target_grad_cuda(const at::Tensor& input, const at::T
 
 TORCH_LIBRARY_IMPL(fusedtrain, CUDA, m) {
   m.impl("bce_with_logits", &fusedtrain::bce::bce_with_logits_cuda);
-  m.impl("bce_with_logits_target_grad", &fusedtrain::bce::bce_with_logits_target_grad_cuda);
+  m.impl("bce_with_logits_backward", &fusedtrain::bce::bce_with_logits_backward_cuda);
 }

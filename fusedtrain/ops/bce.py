@@ -3,42 +3,25 @@
     binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean", pos_weight=None)
 
 matches torch.nn.functional.binary_cross_entropy_with_logits in signature, broadcasting,
-output dtype and values. Three ops share one contract (csrc/ops.cpp, `// ---- bce`):
+output dtype and values. Each backend registers two ops with one contract (csrc/ops.cpp,
+`// ---- bce`): `bce_with_logits` (the loss) and `bce_with_logits_backward` (the gradients of
+input and/or target times grad_output), as `fusedtrain::` (native), `fusedtrain_triton::` and
+`fusedtrain_ref::` (reference). All get the same fake kernels and autograd formula (registered
+here), so autograd and torch.compile treat them alike.
 
-    fusedtrain::bce_with_logits            native (C++ CPU + CUDA kernels, csrc/{cpu,cuda}/bce.*)
-    fusedtrain_triton::bce_with_logits     triton (torch.library.triton_op, fusedtrain/triton/bce.py)
-    fusedtrain_ref::bce_with_logits        reference (torch.library.custom_op, fusedtrain/reference.py)
+Before an op runs, this module checks types, devices, shapes, broadcastability and the
+reduction name, and lays the tensors out for the kernels: input contiguous as (R, C) in its
+own dtype (no fp32 copy of a low-precision input); target in input's dtype or opmath (fp32;
+fp64 for fp64 input); weight and pos_weight in opmath as stride-0-broadcast (R, C) views,
+collapsed to (1, N) when all are scalars or laid out like input. The loss dtype is torch's:
+target's dtype, or fp32 (fp64 for an fp64 target) under autocast.
 
-each with a `..._target_grad` companion. All three get the same fake kernel and the same
-autograd formula (registered here), so autograd and torch.compile treat them alike.
-
-What this module does before an op runs (the kernels never validate):
-- types, devices, shapes, broadcastability and the reduction name are checked;
-- output dtype: torch gives the dtype of `target` (its loss is `(1 - target).mul_(input)...`, an
-  in-place chain on a target-typed tensor; weight and pos_weight never promote); under
-  torch.autocast for the input's device type, float32 (float64 when target is float64), as
-  torch's autocast fp32 policy gives;
-- input is made contiguous and viewed as (R, C) = (numel / last dim, last dim). The kernels read
-  it in its own dtype: no fp32 copy of a low-precision input is ever made;
-- target is read in input's dtype or in opmath (float32; float64 for a float64 input); a target of
-  any other floating dtype is converted to opmath first (a target-sized copy);
-- weight and pos_weight are converted to opmath (on their own, usually small, shape), broadcast
-  to input's shape as stride-0 views and viewed as (R, C) with stride(1) in {0, 1} (made
-  contiguous otherwise). When every present weight is a scalar or laid out like input, (R, C)
-  collapses to (1, N) so the kernels run one flat loop;
-- the loss is converted to out_dtype when that is neither input's dtype nor opmath (rare).
-
-Autograd: the forward writes d loss / d input (1/N of mean folded in) in the same pass when
-input requires grad. Backward for mean/sum scales that buffer in place by grad_output (one
-elementwise pass, no second input-sized buffer); a second backward through the same graph
-(retain_graph=True) then fails loudly with autograd's "modified by an inplace operation" error
-instead of silently double-scaling. When grad_output is a CPU scalar equal to 1 (plain
-loss.backward() on CPU, outside torch.compile) the saved buffer is returned as it is: no pass
-at all. Under torch.compile the backward graph is functional (`mul`), and the saved buffer is
-donated to it, so Inductor can reuse its memory. For 'none' it is `saved * grad_output` out of place (the
-grad_output is input-sized anyway), so retain_graph works there. d loss / d target comes from the
-`_target_grad` op (one pass) times grad_output. backward(create_graph=True) (double backward,
-gradient penalties) computes both gradients with differentiable torch ops instead
+Gradients are computed in the backward from the saved inputs, not stored by the forward:
+grad_output (a loss scale of 2^16, a tensor for 'none') multiplies the fp32 derivative before
+the one rounding to the storage dtype. Storing d loss / d input in fp16 and scaling it later
+rounds twice, and for 'mean' over millions of elements the first rounding lands in fp16's
+subnormals and destroys the value (docs/design.md, "Gradients are rounded once").
+backward(create_graph=True) computes them with differentiable torch ops instead
 (reference.bce_grads_differentiable), as torch's own BCE does.
 """
 import torch
@@ -50,103 +33,77 @@ _INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 OP = "bce_with_logits"
 
 
-# ---- fake kernels and autograd, shared by the three ops -------------------------------------
+# ---- fake kernels and autograd, shared by the three backends --------------------------------
 
-def _fake_forward(input, target, weight, pos_weight, reduction, compute_grad, out_dtype):
-    R, C = input.shape
-    loss = input.new_empty((R, C) if reduction == 0 else (), dtype=out_dtype)
-    grad = input.new_empty((R, C) if compute_grad else (0, 0))
-    return loss, grad
+def _fake_forward(input, target, weight, pos_weight, reduction, out_dtype):
+    return input.new_empty(input.shape if reduction == 0 else (), dtype=out_dtype)
 
 
-def _fake_target_grad(input, target, weight, pos_weight, reduction):
-    return input.new_empty(input.shape, dtype=target.dtype)
+def _fake_backward(grad_output, input, target, weight, pos_weight, reduction, input_grad, target_grad):
+    return (input.new_empty(input.shape if input_grad else (0,)),
+            target.new_empty(input.shape if target_grad else (0,)))
 
 
-def _is_host_one(t):
-    """grad_output is a real CPU scalar equal to 1 (reading it costs nothing there); never under
-    torch.compile tracing (fake tensors) and never for CUDA (that read would synchronize)."""
-    return (type(t) is torch.Tensor and t.device.type == "cpu" and t.numel() == 1
-            and not torch.compiler.is_compiling() and t.item() == 1.0)
+def _opmath(t):
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _make_autograd(target_grad_op):
+def _make_autograd(backward_op):
     def setup_context(ctx, inputs, output):
-        input, target, weight, pos_weight, reduction, compute_grad, out_dtype = inputs
-        _, grad = output
-        ctx.mark_non_differentiable(grad)
-        ctx.set_materialize_grads(False)  # no input-sized zeros for the non-differentiable output
+        input, target, weight, pos_weight, reduction, out_dtype = inputs
         ctx.reduction = reduction
-        ctx.has_grad = compute_grad
-        ctx.target_grad = target.requires_grad
-        # the inputs too (references, as torch's BCE keeps them): the target gradient and a
-        # create_graph backward are computed from them
-        ctx.save_for_backward(grad if compute_grad else None, input, target, weight, pos_weight)
+        ctx.save_for_backward(input, target, weight, pos_weight)
 
-    def backward(ctx, grad_loss, _grad_grad):
-        grad, input, target, weight, pos_weight = ctx.saved_tensors
-        gi = gt = None
-        if grad_loss is None:  # the loss took no part in what was differentiated
-            return None, None, None, None, None, None, None
+    def backward(ctx, grad_loss):
+        input, target, weight, pos_weight = ctx.saved_tensors
+        want_x, want_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if torch.is_grad_enabled():
             # backward(create_graph=True): the gradients as differentiable torch expressions of
-            # the inputs, so that a gradient penalty differentiates through them (the fused
-            # kernels' outputs carry no graph)
-            dx, dy = reference.bce_grads_differentiable(
-                input, target, weight, pos_weight, ctx.reduction,
-                want_dx=ctx.needs_input_grad[0], want_dy=ctx.needs_input_grad[1] and ctx.target_grad)
+            # the inputs, so that a gradient penalty differentiates through them
+            dx, dy = reference.bce_grads_differentiable(input, target, weight, pos_weight, ctx.reduction,
+                                                        want_dx=want_x, want_dy=want_y)
             gi = None if dx is None else (dx * grad_loss).to(input.dtype)
             gt = None if dy is None else (dy * grad_loss).to(target.dtype)
-            return gi, gt, None, None, None, None, None
-        if ctx.needs_input_grad[0]:
-            if not ctx.has_grad:
-                raise RuntimeError("bce_with_logits: input requires grad but the forward ran with "
-                                   "compute_grad=False; call it through fusedtrain.functional")
-            if ctx.reduction == 0:
-                gi = grad * grad_loss
-            elif _is_host_one(grad_loss):
-                gi = grad  # loss.backward() of an unscaled loss: the saved gradient is the answer
-            else:
-                gi = grad.mul_(grad_loss)  # 0-d grad_loss: scale in place (see module docstring)
-        if ctx.needs_input_grad[1] and ctx.target_grad:
-            gt = target_grad_op(input, target, weight, pos_weight, ctx.reduction)
-            gt = gt.mul_(grad_loss)
-        return gi, gt, None, None, None, None, None
+            return gi, gt, None, None, None, None
+        go = grad_loss.to(_opmath(input))
+        if ctx.reduction == 0:
+            go = go.contiguous()
+        gi, gt = backward_op(go, input, target, weight, pos_weight, ctx.reduction, want_x, want_y)
+        return gi if want_x else None, gt if want_y else None, None, None, None, None
 
     return setup_context, backward
 
 
-def _register(fwd_pkt, tg_pkt, *, fake=True):
-    fwd_op, tg_op = fwd_pkt.default, tg_pkt.default
+def _register(fwd_pkt, bwd_pkt, *, fake=True):
+    fwd_op, bwd_op = fwd_pkt.default, bwd_pkt.default
     if fake:
         torch.library.register_fake(fwd_op)(_fake_forward)
-        torch.library.register_fake(tg_op)(_fake_target_grad)
-    setup_context, backward = _make_autograd(tg_op)
+        torch.library.register_fake(bwd_op)(_fake_backward)
+    setup_context, backward = _make_autograd(bwd_op)
     torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
 
 
-# ---- reference backend: the PyTorch formulas of fusedtrain/reference.py as an op ----------
+# ---- reference backend: the PyTorch formulas of fusedtrain/reference.py as ops -------------
 
 @torch.library.custom_op("fusedtrain_ref::bce_with_logits", mutates_args=())
 def _ref_forward(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
-                 pos_weight: torch.Tensor | None, reduction: int, compute_grad: bool,
-                 out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    loss, grad = reference.bce_with_logits(input, target, weight, pos_weight, reduction, compute_grad, out_dtype)
-    return loss.contiguous(), grad.contiguous()
+                 pos_weight: torch.Tensor | None, reduction: int, out_dtype: torch.dtype) -> torch.Tensor:
+    return reference.bce_with_logits(input, target, weight, pos_weight, reduction, out_dtype).contiguous()
 
 
-@torch.library.custom_op("fusedtrain_ref::bce_with_logits_target_grad", mutates_args=())
-def _ref_target_grad(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
-                     pos_weight: torch.Tensor | None, reduction: int) -> torch.Tensor:
-    return reference.bce_with_logits_target_grad(input, target, weight, pos_weight, reduction)
+@torch.library.custom_op("fusedtrain_ref::bce_with_logits_backward", mutates_args=())
+def _ref_backward(grad_output: torch.Tensor, input: torch.Tensor, target: torch.Tensor,
+                  weight: torch.Tensor | None, pos_weight: torch.Tensor | None, reduction: int,
+                  input_grad: bool, target_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return reference.bce_with_logits_backward(grad_output, input, target, weight, pos_weight, reduction,
+                                              input_grad, target_grad)
 
 
-_OPS = {"reference": (torch.ops.fusedtrain_ref.bce_with_logits,
-                      torch.ops.fusedtrain_ref.bce_with_logits_target_grad)}
+_OPS = {"reference": (torch.ops.fusedtrain_ref.bce_with_logits, torch.ops.fusedtrain_ref.bce_with_logits_backward)}
 _register(*_OPS["reference"])
 
 if _ext._C is not None:
-    _OPS["native"] = (torch.ops.fusedtrain.bce_with_logits, torch.ops.fusedtrain.bce_with_logits_target_grad)
+    _OPS["native"] = (torch.ops.fusedtrain.bce_with_logits, torch.ops.fusedtrain.bce_with_logits_backward)
     _register(*_OPS["native"])
 
 try:
@@ -156,7 +113,7 @@ except ImportError:  # no triton: the backend reports itself unavailable
 else:
     # triton_op derives its fake kernel from its own (traceable) body
     _OPS["triton"] = (torch.ops.fusedtrain_triton.bce_with_logits,
-                      torch.ops.fusedtrain_triton.bce_with_logits_target_grad)
+                      torch.ops.fusedtrain_triton.bce_with_logits_backward)
     _register(*_OPS["triton"], fake=False)
 
 
@@ -212,8 +169,16 @@ def _weight_view(w, shape, R, C, flat, op_dtype):
 
 
 def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean", pos_weight=None):
-    """Same as torch.nn.functional.binary_cross_entropy_with_logits, fused: one pass forward
-    (writing d loss / d input when input requires grad), one elementwise pass backward."""
+    """Same as torch.nn.functional.binary_cross_entropy_with_logits, fused: one pass forward,
+    one pass backward that writes each gradient once, rounded once.
+
+    Args:
+        input: logits, float32/float16/bfloat16/float64, any shape.
+        target: same shape as input, floating (soft labels allowed).
+        weight: optional, broadcastable to input's shape.
+        reduction: "none", "mean" or "sum".
+        pos_weight: optional, broadcastable to input's shape (usually (C,)).
+    """
     _check_tensor("input", input)
     _check_tensor("target", target)
     _check_tensor("weight", weight, optional=True)
@@ -256,10 +221,9 @@ def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean
     t = t.contiguous().view(R, C)
     w = _weight_view(weight, shape, R, C, flat, op_dtype)
     pw = _weight_view(pos_weight, shape, R, C, flat, op_dtype)
-    compute_grad = input.requires_grad and torch.is_grad_enabled()
 
     fwd_op, _ = _OPS[_backend.select(device, OP)]
-    loss, _ = fwd_op(x, t, w, pw, red, compute_grad, kernel_out)
+    loss = fwd_op(x, t, w, pw, red, kernel_out)
     if kernel_out != out_dtype:
         loss = loss.to(out_dtype)
     return loss.view(shape) if red == 0 else loss

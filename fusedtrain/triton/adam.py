@@ -20,24 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedtrain.triton.rounding import store_rounded
+
 from fusedtrain.triton.aot import AotSpec
 
 _COLS = 8  # p, g, m, v, vmax, master, step, numel
-AOT_HELPERS = ("_store",)
-
-
-@triton.jit
-def _store(ptr, x, mask):
-    """Store fp32 `x` rounded once to the storage type, round-to-nearest-even. bf16 is rounded
-    with integer ops (what cvt.rn.bf16.f32 does on the GPU; the interpreter's own cast
-    truncates), NaN kept NaN."""
-    if ptr.dtype.element_ty == tl.bfloat16:
-        b = x.to(tl.uint32, bitcast=True)
-        r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
-        r = tl.where(x != x, (b >> 16) | 0x40, r)
-        tl.store(ptr, r.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
-    else:
-        tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -116,15 +103,15 @@ def _adam_kernel(tab, tile_t, tile_off, counters, p_ref, s_ref, lr_ptr, gm_ptr, 
             x = tl.load(xp + offs, mask=mask, other=0.0).to(tl.float32)
             x = tl.where((x != x) | (x > v), x, v)  # torch.maximum: NaN propagates
             denom = tl.sqrt_rn(x) / bc2_sqrt + eps
-            _store(xp + offs, x, mask)
+            store_rounded(xp + offs, x, mask)
         else:
             denom = tl.sqrt_rn(v) / bc2_sqrt + eps
         p = p - step_size * m / denom
         if MASTER:
             tl.store(wp + offs, p, mask=mask)
-        _store(pp + offs, p, mask)
-        _store(mp + offs, m, mask)
-        _store(vp + offs, v, mask)
+        store_rounded(pp + offs, p, mask)
+        store_rounded(mp + offs, m, mask)
+        store_rounded(vp + offs, v, mask)
 
     # the step increment: the last program of this tensor (all others have read the step)
     ntiles = tl.maximum((numel + CHUNK - 1) // CHUNK, 1)  # an empty tensor has one tile

@@ -17,23 +17,14 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedtrain.triton.rounding import store_rounded
+
 BLOCK = 2048
 ITERS = 8
 CHUNK = BLOCK * ITERS
 RBLOCK = 1024
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-
-
-@triton.jit
-def _f32_to_bf16_rne(y):
-    # fp32 -> bf16, round to nearest even, NaN stays NaN: c10::BFloat16's rounding, spelled
-    # out in integer ops so that the GPU and the interpreter (whose float cast truncates)
-    # give the same bits as torch.
-    b = y.to(tl.uint32, bitcast=True)
-    r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
-    r = tl.where(y != y, 0x7FC0, r)
-    return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
@@ -56,10 +47,7 @@ def unscale_chunks_kernel(meta_ptr, n_chunks, inv_scale_ptr, found_inf_ptr, part
         if NORM:
             sq = sq + y * y
         if WRITE:
-            if DTYPE == tl.bfloat16:
-                tl.store(base + idx, _f32_to_bf16_rne(y), mask=m)
-            else:
-                tl.store(base + idx, y.to(DTYPE), mask=m)
+            store_rounded(base + idx, y, m)
     # found_inf = 1.0 from every lane whose probe is NaN (all store the same value; no
     # reduction needed, and almost always no lane stores)
     tl.store(found_inf_ptr + offs * 0, tl.full([BLOCK], 1.0, tl.float32), mask=pr != pr)
@@ -135,6 +123,5 @@ def _spec(dtype, write, norm):
     )
 
 
-AOT_HELPERS = ("_f32_to_bf16_rne",)
 AOT_SPECS = [_spec(d, w, nm) for d in (tl.float32, tl.float16, tl.bfloat16)
              for w, nm in ((True, False), (True, True), (False, True), (False, False))]

@@ -6,15 +6,16 @@
 //
 // With e = exp(-|x|), L = log1p(e) (log1p_unit below), softplus(-x) = L + max(-x, 0) = -log sigmoid(x):
 //   lw   = 1 + (pos_weight - 1) * y                       (lw = 1 without pos_weight)
-//   loss = w * ((1 - y) * x + lw * softplus(-x))  (evaluated regrouped: see forward())
+//   loss = w * ((1 - y) * x + lw * softplus(-x))  (evaluated regrouped: see loss())
 //   dx   = w * (lw * sigmoid(x) - pos_weight * y)          (w * (sigmoid(x) - y) without)
 //   dy   = w * (pos_weight * softplus(-x) - softplus(x))   (w * -x without)
-// sigmoid(x) = 1 / (1 + e) for x >= 0 and e / (1 + e) for x < 0, from the same e: never
-// log(sigmoid(x)), never exp of a positive number, so every finite x gives a finite result
-// (fp16 +-65504 included). For +-inf these are torch's own expressions and give torch's values
-// (e.g. x = +inf, y = 1: (1 - y) * x = 0 * inf = NaN, as torch gives); NaN in -> NaN out.
-// dy is written as torch writes it (log_sigmoid(-x) - pos_weight * log_sigmoid(x)) so that the
-// infinities agree for every pos_weight.
+// The gradients are evaluated in the backward from the saved inputs, multiplied there by
+// grad_output (times 1/N for 'mean') in opmath and rounded once to the storage dtype: a
+// gradient stored in fp16 and scaled afterwards would round twice (see docs/design.md).
+// sigmoid(x) comes from the same e (see input_grad()): never log(sigmoid(x)), never exp of a
+// positive number, so every finite x gives a finite result (fp16 +-65504 included). For +-inf
+// the formulas give torch's values (e.g. x = +inf, y = 1: (1 - y) * x = 0 * inf = NaN, as
+// torch gives); NaN in -> NaN out.
 //
 // Callers pass opmath values (float for fp32/fp16/bf16 storage, double for fp64) and round once
 // when they store.
@@ -87,14 +88,11 @@ inline at::vec::Vectorized<double> log1p_unit(const at::vec::Vectorized<double>&
 
 // ---- the formulas ----
 
-// loss and d loss / d x of one element (before the 1/N of 'mean').
+// loss of one element (before the 1/N of 'mean').
 template <bool HasPosWeight, typename T>
-FT_HD void forward(T x, T y, T w, T pw, T& loss, T& dx) {
+FT_HD T loss(T x, T y, T w, T pw) {
   const T one(1);
-  const T e = ft_exp(T(0) - ft_abs(x));
-  const T l = log1p_unit(e);
-  const T r = one / (one + e);
-  const T sig = ft_select_nonneg(x, r, e * r);
+  const T l = log1p_unit(ft_exp(T(0) - ft_abs(x)));
   // (1 - y) * x + lw * softplus(-x), regrouped so that no two large terms cancel: for x >= 0
   // it is lw * L + (1 - y) * x, for x < 0 it is lw * L - pos_weight * y * x (both sums of
   // non-negative terms for y in [0, 1]). That keeps fp32 accuracy for large |x| and no
@@ -102,27 +100,37 @@ FT_HD void forward(T x, T y, T w, T pw, T& loss, T& dx) {
   // x = -inf, where torch's ungrouped formula gives inf - inf = NaN.
   const T ypw = HasPosWeight ? pw * y : y;
   const T tail = ft_select_nonneg(x, (one - y) * x, (x - x) - ypw * x);
-  if (HasPosWeight) {
-    const T lw = one + (pw - one) * y;
-    loss = w * (lw * l + tail);
-    dx = w * (lw * sig - ypw);
-  } else {
-    loss = w * (l + tail);
-    dx = w * (sig - y);
-  }
+  if (HasPosWeight) return w * ((one + (pw - one) * y) * l + tail);
+  return w * (l + tail);
 }
 
-// d loss / d target of one element (before the 1/N of 'mean').
+// d loss / d x of one element (before the 1/N of 'mean' and grad_output).
+// lw * sigmoid(x) - pos_weight * y with sigmoid(x) = 1 - e r (x >= 0) or e r (x < 0),
+// r = 1 / (1 + e), regrouped as (1 - y) - lw e r (x >= 0) and lw e r - pos_weight y (x < 0):
+// no cancellation for hard labels (sigmoid(x) - 1 for y = 1 and large x is -e r, exactly the
+// small number it should be, where the plain form loses every digit).
+template <bool HasPosWeight, typename T>
+FT_HD T input_grad(T x, T y, T w, T pw) {
+  const T one(1);
+  const T e = ft_exp(T(0) - ft_abs(x));
+  const T er = e / (one + e);
+  if (HasPosWeight) {
+    const T lwer = (one + (pw - one) * y) * er;
+    return w * ft_select_nonneg(x, (one - y) - lwer, lwer - pw * y);
+  }
+  return w * ft_select_nonneg(x, (one - y) - er, er - y);
+}
+
+// d loss / d target of one element (before the 1/N of 'mean' and grad_output):
+// pos_weight * softplus(-x) - softplus(x) = (pos_weight - 1) L - (x >= 0 ? x : pos_weight x),
+// exactly -x for pos_weight = 1 (the two L terms of the plain form would not cancel exactly).
 template <bool HasPosWeight, typename T>
 FT_HD T target_grad(T x, T w, T pw) {
   if (HasPosWeight) {
     const T l = log1p_unit(ft_exp(T(0) - ft_abs(x)));
-    const T sp_neg = l + ft_relu(T(0) - x);  // softplus(-x)
-    const T sp_pos = l + ft_relu(x);         // softplus(x)
-    return w * (pw * sp_neg - sp_pos);
-  } else {
-    return w * (T(0) - x);
+    return w * ((pw - T(1)) * l - ft_select_nonneg(x, x, pw * x));
   }
+  return w * (T(0) - x);
 }
 
 }  // namespace bce
