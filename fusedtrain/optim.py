@@ -32,19 +32,21 @@ def _scalar(x):
 
 class FusedAdam(torch.optim.Optimizer):
     """torch.optim.Adam with a fused step. Extra keyword: master_weights (fp32 master copy
-    and fp32 states for fp16/bf16 params). foreach/fused are accepted and ignored;
-    differentiable=True is not supported."""
+    and fp32 states for fp16/bf16 params). The constructor rejects what torch.optim.Adam's
+    rejects, with the same exception type and message; foreach/fused are accepted and ignored
+    (both True: torch's RuntimeError); differentiable=True is not supported."""
 
     _step_supports_amp_scaling = True
     _step_supports_grad_mult = True  # fusedtrain.GradScaler hands grad_mult + found_inf to step()
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *,
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
                  decoupled_weight_decay=False, master_weights=False):
-        if differentiable:
-            raise ValueError(f"{type(self).__name__} does not support differentiable=True: its update is a "
-                             "fused kernel outside autograd (use torch.optim.Adam(differentiable=True))")
-        if torch.is_tensor(lr):
+        # torch.optim.Adam.__init__'s checks, in its order, with its exception types and
+        # messages (torch 2.14); fusedtrain's own restrictions come after them
+        if isinstance(lr, torch.Tensor):
+            if foreach and not capturable:
+                raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
             if lr.numel() != 1:
                 raise ValueError("Tensor lr must be 1-element")
         if not 0.0 <= lr:
@@ -57,14 +59,31 @@ class FusedAdam(torch.optim.Optimizer):
             raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        for i, b in enumerate(betas):
-            if torch.is_tensor(b) and b.numel() != 1:
-                raise ValueError(f"Tensor betas[{i}] must be 1-element")
+        if not ((isinstance(betas[0], float) and isinstance(betas[1], float))
+                or (isinstance(betas[0], torch.Tensor) and isinstance(betas[1], torch.Tensor))):
+            raise ValueError("betas must be either both floats or both Tensors")
+        for i in (0, 1):
+            if isinstance(betas[i], torch.Tensor):
+                if not capturable and foreach:
+                    raise ValueError(f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True")
+                if betas[i].numel() != 1:
+                    raise ValueError(f"Tensor betas[{i}] must be 1-element")
+        # torch's _to_scalar: a 1-element tensor of any shape is kept as a 0-d tensor
+        betas = tuple(b.squeeze() if isinstance(b, torch.Tensor) and b.dim() != 0 else b
+                      for b in (betas[0], betas[1]))
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay, master_weights=master_weights)
         super().__init__(params, defaults)
+        if fused:
+            if differentiable:
+                raise RuntimeError("`fused` does not support `differentiable`")
+            if foreach:
+                raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        if differentiable:
+            raise ValueError(f"{type(self).__name__} does not support differentiable=True: its update is a "
+                             "fused kernel outside autograd (use torch.optim.Adam(differentiable=True))")
 
     @property
     def state(self):
