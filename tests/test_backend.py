@@ -56,3 +56,56 @@ def test_package_imports_without_extension():
             "assert not ok and 'not built' in why, why\n"
             "assert fusedtrain._backend.select(torch.device('cpu'), 'op') == 'reference'\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---- the default order for CUDA tensors, with availability monkeypatched (no GPU needed) ----
+
+@pytest.fixture
+def fake_availability(monkeypatch):
+    """set(triton=..., native=...) makes the triton package importable or not and the native
+    CUDA kernels built or not, as availability() sees them."""
+    monkeypatch.delenv("FUSEDTRAIN_BACKEND", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+    def set_(triton, native):
+        monkeypatch.setattr(_backend, "_triton_importable", lambda: triton)
+        monkeypatch.setattr(_backend, "_triton_import_error", "" if triton else "triton is not installed (pretend)")
+        monkeypatch.setattr(_backend._ext, "native_cuda", lambda: (True, "") if native else (False, "no CUDA kernels"))
+        monkeypatch.setattr(_backend._ext, "native_cpu", lambda: (True, "") if native else (False, "not built"))
+
+    return set_
+
+
+@pytest.mark.parametrize("triton,native,expected", [
+    (True, True, "triton"),
+    (True, False, "triton"),
+    (False, True, "native"),
+    (False, False, "reference"),
+])
+def test_default_order_for_cuda_tensors(fake_availability, triton, native, expected):
+    fake_availability(triton, native)
+    assert _backend.select(torch.device("cuda"), "op") == expected
+    assert _backend.select(torch.device("cuda", 1), "op") == expected
+    b = fusedtrain.backends("cuda")
+    assert b["triton"][0] is triton and b["native"][0] is native and b["reference"] == (True, "")
+
+
+@pytest.mark.parametrize("interpret", ["0", "1"])
+def test_default_order_for_cpu_tensors_never_picks_triton(fake_availability, monkeypatch, interpret):
+    # under TRITON_INTERPRET=1 triton can run CPU tensors, but only when asked for
+    fake_availability(True, True)
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    assert fusedtrain.backends("cpu")["triton"][0] is (interpret == "1")
+    assert _backend.select(torch.device("cpu"), "op") == "native"
+    fake_availability(True, False)
+    assert _backend.select(torch.device("cpu"), "op") == "reference"
+
+
+def test_explicit_choice_on_cuda_that_cannot_run_says_why(fake_availability):
+    fake_availability(False, False)
+    for name, why in (("triton", "not installed"), ("native", "no CUDA kernels")):
+        with fusedtrain.use_backend(name):
+            with pytest.raises(fusedtrain.BackendError, match=f"{name}.*cannot run on cuda.*{why}"):
+                _backend.select(torch.device("cuda"), "adam")
+    with fusedtrain.use_backend("reference"):
+        assert _backend.select(torch.device("cuda"), "adam") == "reference"

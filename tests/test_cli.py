@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+import sysconfig
 
 import pytest
 
@@ -16,6 +17,56 @@ def _run(*args, timeout=600):
     out = subprocess.run([sys.executable, "-m", "fusedtrain", *args], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=timeout)
     return out.returncode, out.stdout + out.stderr
+
+
+def _console_script():
+    """The installed `fusedtrain` console script (pyproject [project.scripts]), or skip when
+    fusedtrain is not installed as a distribution (a bare source checkout on PYTHONPATH)."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution("fusedtrain")
+    except metadata.PackageNotFoundError:
+        pytest.skip("fusedtrain is not installed (pip install -e .): no console script to run")
+    eps = [ep for ep in dist.entry_points if ep.group == "console_scripts" and ep.name == "fusedtrain"]
+    assert eps, "the installed fusedtrain declares no `fusedtrain` console script"
+    for d in (sysconfig.get_path("scripts"), os.path.dirname(sys.executable)):
+        script = os.path.join(d, "fusedtrain")
+        if os.access(script, os.X_OK):
+            return script
+    pytest.fail(f"fusedtrain is installed but its console script is not in {sysconfig.get_path('scripts')}")
+
+
+def _run_script(*args, cwd, timeout=600):
+    # as a user runs it: from elsewhere, no PYTHONPATH, the installed package only
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "FUSEDTRAIN_BACKEND")}
+    out = subprocess.run([_console_script(), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                         timeout=timeout)
+    return out.returncode, out.stdout + out.stderr
+
+
+def test_console_script_help_and_usage_errors(tmp_path):
+    rc, out = _run_script("--help", cwd=tmp_path)
+    assert rc == 0, out
+    for cmd in ("check", "bench", "demo"):
+        assert cmd in out
+    rc, out = _run_script(cwd=tmp_path)
+    assert rc == 2 and "usage" in out, out
+    rc, out = _run_script("frobnicate", cwd=tmp_path)
+    assert rc == 2 and "unknown command" in out, out
+    rc, out = _run_script("check", "--help", cwd=tmp_path)
+    assert rc == 0 and "--device" in out, out
+
+
+def test_console_script_check(tmp_path):
+    rc, out = _run_script("check", "--device", "cpu", cwd=tmp_path)
+    assert rc == 0, out
+    rows = re.findall(r"^(bce|adam|unscale)\s+(triton|native|reference)\s+(pass|FAIL|unavailable)", out, re.M)
+    assert {(op, b) for op, b, _ in rows} == {(op, b) for op in ("bce", "adam", "unscale")
+                                              for b in ("triton", "native", "reference")}, out
+    assert not [r for r in rows if r[2] == "FAIL"], out
+    assert all(s == "pass" for op, b, s in rows if b == "reference"), out
+    assert re.search(r"^\d+ passed, 0 failed, \d+ unavailable$", out, re.M), out
 
 
 def test_help_lists_the_commands():

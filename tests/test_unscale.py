@@ -7,7 +7,8 @@ import torch
 
 import fusedtrain
 from fusedtrain import reference
-from helpers import FLOAT_DTYPES, RTOL, assert_close
+from fusedtrain._compare import ulp_at_one
+from helpers import FLOAT_DTYPES, RTOL, assert_close, seed_for
 
 INTERPRET = fusedtrain._backend._interpret()
 pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
@@ -131,19 +132,40 @@ def test_many_tiny_tensors_mixed_dtypes(backend_device):
     assert found_inf.item() == 1.0
 
 
-def test_one_huge_tensor(backend_device):
+@pytest.mark.parametrize("dtype", [torch.float32] if INTERPRET else [torch.float32, torch.bfloat16], ids=str)
+def test_one_huge_tensor(backend_device, dtype):
+    """One tensor of 2^24 + 3 elements (past fp32's exact integers, not a multiple of any
+    block): every element unscaled as torch does (bit for bit) and within half an ulp of the
+    float64 truth, the norm within a few fp32 ulps of float64, and a NaN or inf past element
+    2^24 sets found_inf."""
     _, device = backend_device
     n = (1 << 20) + 3 if INTERPRET else (1 << 24) + 3
-    t = torch.randn(n, generator=torch.Generator().manual_seed(7)).to(device)
-    before = t.clone()
-    inv_scale, found_inf = _scalars(device, 1 / 512.0)
+    seed = seed_for("unscale huge", dtype, n)
+    x = (torch.randn(n, generator=torch.Generator().manual_seed(seed)) * 65536.0).to(dtype)  # AMP's scale
+    t = x.to(device, copy=True)
+    inv_scale, found_inf = _scalars(device, 1 / 65536.0 / 3)  # not a power of two: real rounding
     norm = fusedtrain.unscale_and_check_([t], inv_scale, found_inf, compute_norm=True)
-    assert torch.equal(t, before * (1 / 512.0))
-    norm64 = (before.double() / 512.0).norm().item()
-    assert abs(norm.item() - norm64) <= 1e-5 * norm64
-    t[n - 1] = float("inf")
-    fusedtrain.unscale_and_check_([t], inv_scale, found_inf, write=False)
-    assert found_inf.item() == 1.0
+    what = f"seed {seed}"
+    assert found_inf.item() == 0.0, what
+    ref, f_torch = x.to(device, copy=True), torch.zeros((), device=device)
+    torch._amp_foreach_non_finite_check_and_unscale_([ref], f_torch, inv_scale)
+    assert torch.equal(t, ref), f"differs from torch in {int((t != ref).sum())} elements ({what})"
+    del ref
+    inv = float(inv_scale)  # the fp32 inv_scale's value
+    norm64 = x.double().mul_(inv).norm().item()
+    assert_close(norm, torch.tensor(norm64, dtype=torch.float64), rtol=1e-6, atol=0, what=f"norm ({what})")
+    # against float64 on the head, everything past 2^24 - 2^15, and a random sample
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.cat([torch.arange(1 << 16), torch.arange(max(n - (1 << 15) - 3, 0), n),
+                     torch.randint(n, (1 << 16,), generator=g)])
+    assert_close(t.cpu()[idx], x[idx].double() * inv, dtype=dtype, rtol=0.5 * ulp_at_one(dtype), atol=0,
+                 what=f"unscaled ({what})")
+    for pos, bad in ((n - 1, float("inf")), ((1 << 24) + 1 if n > (1 << 24) else n - 2, float("nan"))):
+        found_inf.zero_()
+        t[pos] = bad
+        fusedtrain.unscale_and_check_([t], inv_scale, found_inf, write=False)
+        assert found_inf.item() == 1.0, f"missed {bad} at {pos} ({what})"
+        t[pos] = 1.0
 
 
 def test_norm_is_deterministic(backend_device):
@@ -241,6 +263,61 @@ def test_fake_kernel_shapes():
         out = ops._fake([t], torch.ones(()), torch.zeros(()), True, True)
         assert out.shape == () and out.dtype == torch.float32
         assert ops._fake([t], torch.ones(()), torch.zeros(()), False, True).shape == (0,)
+
+
+def _compile_case(device, seed, bad):
+    """Grads as a model has them: two dtype groups, a transposed (dense) and a sliced (not
+    dense, copied and written back) tensor; an inf in one of them when `bad`."""
+    g = torch.Generator().manual_seed(seed)
+    ts = [(torch.randn(n, generator=g) * 300).to(dt).to(device)
+          for n, dt in [(1000, torch.float32), (77, torch.bfloat16), (5000, torch.bfloat16), (1, torch.float32)]]
+    ts.append((torch.randn(40, 30, generator=g) * 300).to(device).t())
+    ts.append((torch.randn(20, 30, generator=g) * 300).to(device)[:, 3:17])
+    if bad:
+        ts[2][4321] = float("inf")
+    return ts
+
+
+def _unscale_norm(grads, inv_scale, found_inf):
+    return fusedtrain.unscale_and_check_(grads, inv_scale, found_inf, compute_norm=True)
+
+
+@pytest.mark.parametrize("bad", [False, True], ids=["finite", "inf"])
+def test_torch_compile_fullgraph_matches_eager(backend_device, bad):
+    """torch.compile(fullgraph=True) (a graph break raises) of the public call: the graph
+    holds the op as an in-place (auto-functionalized) op, and the compiled call must write
+    the very tensors it was given, set found_inf and return the norm, as eager does."""
+    _, device = backend_device
+    seed = seed_for("unscale compile", device, bad)
+    eager, compiled = _compile_case(device, seed, bad), _compile_case(device, seed, bad)
+    views = [t.clone() for t in compiled]  # the inputs, kept
+    inv_scale = torch.tensor(1 / 3000.0, device=device)
+    f_eager, f_compiled = torch.zeros((), device=device), torch.zeros((), device=device)
+    n_eager = _unscale_norm(eager, inv_scale, f_eager)
+    fn = torch.compile(_unscale_norm, fullgraph=True, backend="aot_eager")
+    n_compiled = fn(compiled, inv_scale, f_compiled)
+    what = f"seed {seed}"
+    assert f_compiled.item() == f_eager.item() == float(bad), what
+    assert n_compiled.dtype == torch.float32 and n_compiled.shape == (), what
+    assert torch.equal(n_compiled, n_eager) or (bad and not n_compiled.isfinite() and not n_eager.isfinite()), what
+    for i, (a, b, v) in enumerate(zip(compiled, eager, views)):
+        assert torch.equal(a, b), f"tensor {i} differs from eager ({what})"
+        assert bad or not torch.equal(a, v), f"tensor {i} was not written by the compiled call ({what})"
+
+
+@pytest.mark.skipif(INTERPRET or fusedtrain._ext._C is None, reason="native backend, normal test process")
+def test_torch_compile_inductor_default_backend():
+    """The same through Inductor (its re-inplacing of the functionalized op), default backend."""
+    seed = seed_for("unscale compile inductor")
+    eager, compiled = _compile_case("cpu", seed, False), _compile_case("cpu", seed, False)
+    inv_scale = torch.tensor(1 / 3000.0)
+    f_eager, f_compiled = torch.zeros(()), torch.zeros(())
+    n_eager = _unscale_norm(eager, inv_scale, f_eager)
+    n_compiled = torch.compile(_unscale_norm, fullgraph=True)(compiled, inv_scale, f_compiled)
+    assert f_compiled.item() == f_eager.item() == 0.0
+    assert_close(n_compiled, n_eager.double(), rtol=ulp_at_one(torch.float32), atol=0, what=f"norm (seed {seed})")
+    for i, (a, b) in enumerate(zip(compiled, eager)):
+        assert torch.equal(a, b), f"tensor {i} differs from eager (seed {seed})"
 
 
 @pytest.mark.skipif(fusedtrain._ext._C is None, reason="extension not built")
