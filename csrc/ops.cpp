@@ -11,10 +11,13 @@ TORCH_LIBRARY(fusedtrain, m) {
   // or 1 (broadcast rows/columns are stride 0), in opmath (float32; float64 for a float64
   // input). input: float32/float16/bfloat16/float64; target and out_dtype: input's dtype or
   // opmath (ops/bce.py converts anything else). reduction: 0 none, 1 mean, 2 sum.
-  // Returns the loss: (R, C) for none and 0-d otherwise, in out_dtype. Reductions are
-  // deterministic (fixed chunks).
+  // Returns (loss, unit_grad): the loss, (R, C) for none and 0-d otherwise, in out_dtype
+  // (reductions deterministic: fixed chunks); with unit_grad, d loss / d input for a
+  // grad_output of exactly 1 (the 1/N of mean folded in, rounded once to input's dtype), else
+  // an empty (0,) tensor. ops/bce.py asks for it on CPU, where a grad_output of 1 is read for
+  // free and the backward then returns it as it is.
   m.def("bce_with_logits(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, "
-        "int reduction, ScalarType out_dtype) -> Tensor");
+        "int reduction, ScalarType out_dtype, bool unit_grad) -> (Tensor, Tensor)");
   // The gradients of that loss, times grad_output (opmath; 0-d for mean/sum, contiguous (R, C)
   // for none), each computed in opmath and rounded once: grad_input (input's dtype) when
   // input_grad, grad_target (target's dtype) when target_grad, else an empty (0,) tensor.

@@ -66,23 +66,29 @@ def bce_grads_differentiable(input, target, weight, pos_weight, reduction: int, 
     return tuple(None if d is None else d / n for d in (dx, dy))
 
 
-def bce_with_logits(input, target, weight, pos_weight, reduction: int, out_dtype):
-    """The contract of the fusedtrain::bce_with_logits op: the loss.
+def bce_with_logits(input, target, weight, pos_weight, reduction: int, out_dtype, unit_grad: bool):
+    """The contract of the fusedtrain::bce_with_logits op: (loss, unit_grad).
 
     input, target: (R, C); weight, pos_weight: None or broadcastable to (R, C). reduction 0 none,
-    1 mean, 2 sum. (R, C) for none, 0-d otherwise, in out_dtype."""
+    1 mean, 2 sum. loss: (R, C) for none, 0-d otherwise, in out_dtype. unit_grad: d loss / d input
+    for grad_output = 1 (1/N of mean folded in) in input's dtype when asked, else empty (0,)."""
     op = _bce_opmath(input)
     x, y = input.to(op), target.to(op)
     w = None if weight is None else weight.to(op)
     pw = None if pos_weight is None else pos_weight.to(op)
-    loss = bce_terms(x, y, w, pw, want=("loss",))["loss"]
-    loss = torch.broadcast_to(loss, input.shape)
+    terms = bce_terms(x, y, w, pw, want=("loss", "dx") if unit_grad else ("loss",))
+    loss = torch.broadcast_to(terms["loss"], input.shape)
     n = loss.numel()
     if reduction == 1:
         loss = loss.sum() / n if n else loss.new_tensor(float("nan"))
     elif reduction == 2:
         loss = loss.sum()
-    return loss.to(out_dtype)
+    if unit_grad:
+        dx = torch.broadcast_to(terms["dx"], input.shape)
+        grad = (dx * (1 / torch.tensor(n, dtype=op)) if reduction == 1 else dx).to(input.dtype).contiguous()
+    else:
+        grad = input.new_empty((0,))
+    return loss.to(out_dtype), grad
 
 
 def bce_with_logits_backward(grad_output, input, target, weight, pos_weight, reduction: int,

@@ -38,7 +38,7 @@ def poisoned_outputs():
         torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
-def _check(x, y, w, pw, reduction, *, go_seed=0, target_grad=True, seed=None):
+def _check(x, y, w, pw, reduction, *, go_seed=0, target_grad=True, seed=None, unit_go=False):
     """Run fusedtrain on (x, y, w, pw), backward with a random grad_output, and compare loss,
     d/dx and d/dy with torch's float64 result on the very values x and y hold: the gradients
     within 2 ulp of their storage dtype plus the rounding error of fp32 (fp64) math."""
@@ -49,7 +49,8 @@ def _check(x, y, w, pw, reduction, *, go_seed=0, target_grad=True, seed=None):
     torch_loss = F.binary_cross_entropy_with_logits(x.detach(), y.detach(), w, reduction=reduction, pos_weight=pw)
     assert loss.dtype == torch_loss.dtype and loss.shape == torch_loss.shape
     g = torch.Generator().manual_seed(go_seed)
-    go = (torch.rand(loss.shape, generator=g, dtype=torch.float64) + 0.5) if reduction == "none" else torch.tensor(1.7, dtype=torch.float64)
+    go = ((torch.rand(loss.shape, generator=g, dtype=torch.float64) + 0.5) if reduction == "none"
+          else torch.tensor(1.0 if unit_go else 1.7, dtype=torch.float64))
     go = go.to(loss.dtype)  # the grad_output the kernel actually sees
     with poisoned_outputs():
         loss.backward(go.to(x.device))
@@ -93,6 +94,8 @@ def test_matches_float64_reference(backend_device, shape, dtype, reduction):
     x = (torch.randn(shape, dtype=torch.float64) * 4).to(dtype).to(device)
     y = torch.rand(shape, dtype=torch.float64).to(dtype).to(device)
     _check(x, y, None, None, reduction, seed=seed)
+    if reduction != "none":  # loss.backward(): the gradient the CPU forward writes for grad_output 1
+        _check(x, y, None, None, reduction, seed=seed, unit_go=True)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -462,14 +465,17 @@ def test_retain_graph_accumulates(backend_device, reduction):
     _, device = backend_device
     x = torch.randn(4, 5, device=device, requires_grad=True)
     y = torch.rand(4, 5, device=device)
-    loss = bce(x, y, reduction=reduction)
-    go = torch.full_like(loss, 2.0)
-    loss.backward(go, retain_graph=True)
-    g1 = x.grad.clone()
-    _, dx, _ = torch_bce_float64(x, y, None, None, reduction, go)
-    assert_close(g1, dx, what="first backward")
-    loss.backward(torch.full_like(loss, 0.5))
-    assert_close(x.grad, 1.25 * dx, what="second backward")
+    for first, second in ((2.0, 0.5), (1.0, 1.0), (1.0, 3.0)):  # 1.0: the forward's unit gradient (CPU)
+        x.grad = None
+        loss = bce(x, y, reduction=reduction)
+        loss.backward(torch.full_like(loss, first), retain_graph=True)
+        g1 = x.grad.clone()
+        _, dx, _ = torch_bce_float64(x, y, None, None, reduction)
+        assert_close(g1, first * dx, what="first backward")
+        loss.backward(torch.full_like(loss, second), retain_graph=True)
+        assert_close(x.grad, (first + second) * dx, what="second backward")
+        loss.backward(torch.full_like(loss, first))
+        assert_close(x.grad, (2 * first + second) * dx, what="third backward")
 
 
 def test_none_reduction_supports_retain_graph(backend_device):
@@ -536,8 +542,9 @@ def test_opcheck(backend_device, reduction):
         # interpreter cannot execute (it needs real CPU memory); on CUDA these checks run
         tests = ("test_schema", "test_autograd_registration")
         bwd_tests = ("test_schema",)
-    torch.library.opcheck(fwd, (x, y, w, None, reduction, torch.float32), test_utils=tests)
-    torch.library.opcheck(fwd, (x, y, None, w, reduction, torch.float32), test_utils=tests)
+    for unit_grad in (False, True):
+        torch.library.opcheck(fwd, (x, y, w, None, reduction, torch.float32, unit_grad), test_utils=tests)
+        torch.library.opcheck(fwd, (x, y, None, w, reduction, torch.float32, unit_grad), test_utils=tests)
     for gi, gt in ((True, True), (True, False), (False, True)):
         torch.library.opcheck(bwd, (go, x.detach(), y.detach(), w, w, reduction, gi, gt), test_utils=bwd_tests)
 

@@ -86,9 +86,12 @@ inline void for_segments(int64_t k, int64_t N, int64_t C, Seg&& seg) {
   }
 }
 
+// The loss, and with a unit_grad tensor d loss / d input for grad_output = 1 from the same
+// exp(-|x|) (rounded once; the 1/N of mean folded in).
 template <typename scalar_t, typename target_t, typename out_t, bool PW>
 void forward_kernel(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                    const std::optional<at::Tensor>& pos_weight, int64_t reduction, at::Tensor& out) {
+                    const std::optional<at::Tensor>& pos_weight, int64_t reduction, at::Tensor& out,
+                    at::Tensor& unit_grad) {
   using op_t = opmath_t<scalar_t>;
   using Vec = Vectorized<op_t>;
   constexpr int64_t W = Vec::size();
@@ -100,6 +103,8 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& target, const std
   const scalar_t* x = input.data_ptr<scalar_t>();
   const target_t* y = target.data_ptr<target_t>();
   out_t* loss_p = reduction == 0 ? out.data_ptr<out_t>() : nullptr;
+  scalar_t* g_p = unit_grad.numel() ? unit_grad.data_ptr<scalar_t>() : nullptr;
+  const op_t gscale = reduction == 1 ? one / static_cast<op_t>(N) : one;
   const bool reduce = reduction != 0;
   const int64_t nchunks = (N + kChunk - 1) / kChunk;
   std::vector<double> partials(reduce ? nchunks : 0);
@@ -119,7 +124,11 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& target, const std
           load2<op_t>(y + base + c, ya, yb);
           w.load2(wr, c, wa, wb);
           if (PW) pw.load2(pwr, c, pa, pb);
-          const Vec la = loss<PW>(xa, ya, wa, pa), lb = loss<PW>(xb, yb, wb, pb);
+          const Vec ea = exp_neg_abs(xa), eb = exp_neg_abs(xb);
+          const Vec la = loss_e<PW>(xa, ya, wa, pa, ea), lb = loss_e<PW>(xb, yb, wb, pb, eb);
+          if (g_p)
+            store2<op_t>(g_p + base + c, input_grad_e<PW>(xa, ya, wa, pa, ea) * Vec(gscale),
+                         input_grad_e<PW>(xb, yb, wb, pb, eb) * Vec(gscale));
           if (reduce) {
             acc0 = acc0 + la;
             acc1 = acc1 + lb;
@@ -128,8 +137,10 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& target, const std
           }
         }
         for (; c < c1; ++c) {
-          const op_t l = loss<PW>(static_cast<op_t>(x[base + c]), static_cast<op_t>(y[base + c]), w.at(wr, c),
-                                  PW ? pw.at(pwr, c) : one);
+          const op_t xv = static_cast<op_t>(x[base + c]), yv = static_cast<op_t>(y[base + c]), ev = exp_neg_abs(xv);
+          const op_t wv = w.at(wr, c), pv = PW ? pw.at(pwr, c) : one;
+          const op_t l = loss_e<PW>(xv, yv, wv, pv, ev);
+          if (g_p) g_p[base + c] = static_cast<scalar_t>(input_grad_e<PW>(xv, yv, wv, pv, ev) * gscale);
           if (reduce)
             acc_tail += l;
           else
@@ -208,22 +219,24 @@ void backward_kernel(const at::Tensor& grad_output, const at::Tensor& input, con
   });
 }
 
-at::Tensor bce_with_logits_cpu(const at::Tensor& input, const at::Tensor& target,
-                               const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
-                               int64_t reduction, at::ScalarType out_dtype) {
+std::tuple<at::Tensor, at::Tensor> bce_with_logits_cpu(const at::Tensor& input, const at::Tensor& target,
+                                                       const std::optional<at::Tensor>& weight,
+                                                       const std::optional<at::Tensor>& pos_weight, int64_t reduction,
+                                                       at::ScalarType out_dtype, bool unit_grad) {
   const int64_t R = input.size(0), C = input.size(1);
   at::Tensor loss = reduction == 0 ? at::empty({R, C}, input.options().dtype(out_dtype))
                                    : at::empty({}, input.options().dtype(out_dtype));
+  at::Tensor grad = unit_grad ? at::empty({R, C}, input.options()) : at::empty({0}, input.options());
   if (R * C == 0) {
     if (reduction != 0) loss.fill_(reduction == 1 ? std::numeric_limits<double>::quiet_NaN() : 0.0);
-    return loss;
+    return {loss, grad};
   }
   dispatch(input.scalar_type(), target.scalar_type(), out_dtype, pos_weight.has_value(), "bce_with_logits",
            [&](auto s, auto t, auto o, auto pw) {
              forward_kernel<typename decltype(s)::type, typename decltype(t)::type, typename decltype(o)::type,
-                            decltype(pw)::value>(input, target, weight, pos_weight, reduction, loss);
+                            decltype(pw)::value>(input, target, weight, pos_weight, reduction, loss, grad);
            });
-  return loss;
+  return {loss, grad};
 }
 
 std::tuple<at::Tensor, at::Tensor> bce_with_logits_backward_cpu(

@@ -76,8 +76,9 @@ __device__ __forceinline__ void store_vec(T* p, bool vec, int n, const T (&in)[N
 template <typename scalar_t, typename target_t, typename out_t, bool PW, bool REDUCE>
 __global__ void __launch_bounds__(kThreads)
     bce_fwd_kernel(const scalar_t* __restrict__ x, const target_t* __restrict__ y, BcastArg<opmath_t<scalar_t>> w,
-                   BcastArg<opmath_t<scalar_t>> pw, out_t* __restrict__ loss_out,
-                   opmath_t<scalar_t>* __restrict__ partials, int64_t N, int64_t C, bool aligned) {
+                   BcastArg<opmath_t<scalar_t>> pw, out_t* __restrict__ loss_out, scalar_t* __restrict__ grad,
+                   opmath_t<scalar_t>* __restrict__ partials, int64_t N, int64_t C, opmath_t<scalar_t> gscale,
+                   bool aligned) {
   using op_t = opmath_t<scalar_t>;
   constexpr int VEC = Tile<scalar_t>::VEC;
   const int64_t tile0 = int64_t(blockIdx.x) * Tile<scalar_t>::kTile;
@@ -94,11 +95,17 @@ __global__ void __launch_bounds__(kThreads)
     load_vec(y + i0, vec, n, ys);
     int64_t r = i0 / C, c = i0 - r * C;
     out_t ls[VEC];
+    scalar_t gs[VEC];
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       op_t l = 0;
-      if (j < n)  // the weights are read only inside the tensor
-        l = loss<PW>(static_cast<op_t>(xs[j]), static_cast<op_t>(ys[j]), w.at(r, c), PW ? pw.at(r, c) : op_t(1));
+      gs[j] = scalar_t(0);
+      if (j < n) {  // the weights are read only inside the tensor
+        const op_t xv = static_cast<op_t>(xs[j]), yv = static_cast<op_t>(ys[j]), ev = exp_neg_abs(xv);
+        const op_t wv = w.at(r, c), pv = PW ? pw.at(r, c) : op_t(1);
+        l = loss_e<PW>(xv, yv, wv, pv, ev);
+        if (grad != nullptr) gs[j] = static_cast<scalar_t>(input_grad_e<PW>(xv, yv, wv, pv, ev) * gscale);
+      }
       if (REDUCE)
         acc += l;
       else
@@ -109,6 +116,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     if (!REDUCE) store_vec(loss_out + i0, vec, n, ls);
+    if (grad != nullptr) store_vec(grad + i0, vec, n, gs);
   }
   if (REDUCE) {
     using BlockReduce = cub::BlockReduce<op_t, kThreads>;
@@ -198,16 +206,18 @@ const op_t* device_one() {
   return static_cast<const op_t*>(p);
 }
 
-at::Tensor bce_with_logits_cuda(const at::Tensor& input, const at::Tensor& target,
-                                const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
-                                int64_t reduction, at::ScalarType out_dtype) {
+std::tuple<at::Tensor, at::Tensor> bce_with_logits_cuda(const at::Tensor& input, const at::Tensor& target,
+                                                        const std::optional<at::Tensor>& weight,
+                                                        const std::optional<at::Tensor>& pos_weight,
+                                                        int64_t reduction, at::ScalarType out_dtype, bool unit_grad) {
   const c10::cuda::CUDAGuard guard(input.device());
   const int64_t R = input.size(0), C = input.size(1), N = R * C;
   at::Tensor loss = reduction == 0 ? at::empty({R, C}, input.options().dtype(out_dtype))
                                    : at::empty({}, input.options().dtype(out_dtype));
+  at::Tensor grad = unit_grad ? at::empty({R, C}, input.options()) : at::empty({0}, input.options());
   if (N == 0) {
     if (reduction != 0) loss.fill_(reduction == 1 ? std::numeric_limits<double>::quiet_NaN() : 0.0);
-    return loss;
+    return {loss, grad};
   }
   auto stream = at::cuda::getCurrentCUDAStream();
   dispatch(input.scalar_type(), target.scalar_type(), out_dtype, pos_weight.has_value(), "bce_with_logits",
@@ -225,24 +235,27 @@ at::Tensor bce_with_logits_cuda(const at::Tensor& input, const at::Tensor& targe
              TORCH_CHECK(blocks < (int64_t(1) << 31), "bce_with_logits: tensor too large");
              const scalar_t* xp = input.data_ptr<scalar_t>();
              const target_t* yp = target.data_ptr<target_t>();
-             bool aligned = is_aligned(xp, sizeof(scalar_t) * VEC) && is_aligned(yp, sizeof(target_t) * VEC);
+             scalar_t* gp = unit_grad ? grad.data_ptr<scalar_t>() : nullptr;
+             const op_t gscale = reduction == 1 ? op_t(1) / op_t(N) : op_t(1);
+             bool aligned = is_aligned(xp, sizeof(scalar_t) * VEC) && is_aligned(yp, sizeof(target_t) * VEC) &&
+                            (gp == nullptr || is_aligned(gp, sizeof(scalar_t) * VEC));
              if (reduction == 0) {
                out_t* lp = loss.data_ptr<out_t>();
                aligned = aligned && is_aligned(lp, sizeof(out_t) * VEC);
                bce_fwd_kernel<scalar_t, target_t, out_t, PW, false><<<blocks, kThreads, 0, stream>>>(
-                   xp, yp, w, pw, lp, nullptr, N, C, aligned);
+                   xp, yp, w, pw, lp, gp, nullptr, N, C, gscale, aligned);
                C10_CUDA_KERNEL_LAUNCH_CHECK();
              } else {
                at::Tensor partials = at::empty({blocks}, input.options().dtype(c10::CppTypeToScalarType<op_t>::value));
                bce_fwd_kernel<scalar_t, target_t, out_t, PW, true><<<blocks, kThreads, 0, stream>>>(
-                   xp, yp, w, pw, nullptr, partials.data_ptr<op_t>(), N, C, aligned);
+                   xp, yp, w, pw, nullptr, gp, partials.data_ptr<op_t>(), N, C, gscale, aligned);
                C10_CUDA_KERNEL_LAUNCH_CHECK();
                bce_sum_kernel<op_t, out_t><<<1, kThreads, 0, stream>>>(
                    partials.data_ptr<op_t>(), blocks, reduction == 1 ? double(N) : 1.0, loss.data_ptr<out_t>());
                C10_CUDA_KERNEL_LAUNCH_CHECK();
              }
            });
-  return loss;
+  return {loss, grad};
 }
 
 std::tuple<at::Tensor, at::Tensor> bce_with_logits_backward_cuda(

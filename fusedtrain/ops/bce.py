@@ -16,12 +16,15 @@ fp64 for fp64 input); weight and pos_weight in opmath as stride-0-broadcast (R, 
 collapsed to (1, N) when all are scalars or laid out like input. The loss dtype is torch's:
 target's dtype, or fp32 (fp64 for an fp64 target) under autocast.
 
-Gradients are computed in the backward from the saved inputs, not stored by the forward:
-grad_output (a loss scale of 2^16, a tensor for 'none') multiplies the fp32 derivative before
-the one rounding to the storage dtype. Storing d loss / d input in fp16 and scaling it later
-rounds twice, and for 'mean' over millions of elements the first rounding lands in fp16's
-subnormals and destroys the value (docs/design.md, "Gradients are rounded once").
-backward(create_graph=True) computes them with differentiable torch ops instead
+Gradients are computed in the backward from the saved inputs: grad_output (a loss scale of
+2^16, a tensor for 'none') multiplies the fp32 derivative before the one rounding to the
+storage dtype. Storing d loss / d input in fp16 and scaling it later rounds twice, and for
+'mean' over millions of elements the first rounding lands in fp16's subnormals and destroys
+the value (docs/design.md, "Gradients are rounded once"). One exception keeps plain CPU
+training as fast as a fused forward: on CPU tensors outside torch.compile the forward also
+writes the gradient for a grad_output of exactly 1 (from the same exp), and a backward whose
+grad_output is a CPU 1 (loss.backward(), read for free) returns it without a pass.
+backward(create_graph=True) computes the gradients with differentiable torch ops instead
 (reference.bce_grads_differentiable), as torch's own BCE does.
 """
 import torch
@@ -35,8 +38,9 @@ OP = "bce_with_logits"
 
 # ---- fake kernels and autograd, shared by the three backends --------------------------------
 
-def _fake_forward(input, target, weight, pos_weight, reduction, out_dtype):
-    return input.new_empty(input.shape if reduction == 0 else (), dtype=out_dtype)
+def _fake_forward(input, target, weight, pos_weight, reduction, out_dtype, unit_grad):
+    return (input.new_empty(input.shape if reduction == 0 else (), dtype=out_dtype),
+            input.new_empty(input.shape if unit_grad else (0,)))
 
 
 def _fake_backward(grad_output, input, target, weight, pos_weight, reduction, input_grad, target_grad):
@@ -48,15 +52,30 @@ def _opmath(t):
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def _is_host_one(t):
+    """grad_output is a real CPU scalar equal to 1 (reading it costs nothing there); never under
+    torch.compile tracing (fake tensors) and never for CUDA (that read would synchronize)."""
+    return (type(t) is torch.Tensor and t.device.type == "cpu" and t.numel() == 1
+            and not torch.compiler.is_compiling() and t.item() == 1.0)
+
+
 def _make_autograd(backward_op):
     def setup_context(ctx, inputs, output):
-        input, target, weight, pos_weight, reduction, out_dtype = inputs
+        input, target, weight, pos_weight, reduction, out_dtype, unit_grad = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # no input-sized zeros for the non-differentiable output
         ctx.reduction = reduction
         ctx.save_for_backward(input, target, weight, pos_weight)
+        # handed out once (autograd may make it x.grad and accumulate into it in place), so kept
+        # outside the saved tensors' version checks; a second backward recomputes
+        ctx.unit_grad = output[1] if unit_grad else None
 
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, _grad_unit_grad):
         input, target, weight, pos_weight = ctx.saved_tensors
+        unit_grad, ctx.unit_grad = ctx.unit_grad, None
         want_x, want_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if grad_loss is None:  # the loss took no part in what was differentiated
+            return None, None, None, None, None, None, None
         if torch.is_grad_enabled():
             # backward(create_graph=True): the gradients as differentiable torch expressions of
             # the inputs, so that a gradient penalty differentiates through them
@@ -64,12 +83,18 @@ def _make_autograd(backward_op):
                                                         want_dx=want_x, want_dy=want_y)
             gi = None if dx is None else (dx * grad_loss).to(input.dtype)
             gt = None if dy is None else (dy * grad_loss).to(target.dtype)
-            return gi, gt, None, None, None, None
-        go = grad_loss.to(_opmath(input))
-        if ctx.reduction == 0:
-            go = go.contiguous()
-        gi, gt = backward_op(go, input, target, weight, pos_weight, ctx.reduction, want_x, want_y)
-        return gi if want_x else None, gt if want_y else None, None, None, None, None
+            return gi, gt, None, None, None, None, None
+        gi = None
+        if want_x and unit_grad is not None and ctx.reduction != 0 and _is_host_one(grad_loss):
+            gi, want_x = unit_grad, False  # loss.backward() of an unscaled loss: computed in the forward
+        unit_grad = None  # freed before the backward allocates its own gradient
+        if want_x or want_y:
+            go = grad_loss.to(_opmath(input))
+            if ctx.reduction == 0:
+                go = go.contiguous()
+            gx, gt = backward_op(go, input, target, weight, pos_weight, ctx.reduction, want_x, want_y)
+            gi = gx if want_x else gi
+        return gi, gt if want_y else None, None, None, None, None, None
 
     return setup_context, backward
 
@@ -87,8 +112,10 @@ def _register(fwd_pkt, bwd_pkt, *, fake=True):
 
 @torch.library.custom_op("fusedtrain_ref::bce_with_logits", mutates_args=())
 def _ref_forward(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
-                 pos_weight: torch.Tensor | None, reduction: int, out_dtype: torch.dtype) -> torch.Tensor:
-    return reference.bce_with_logits(input, target, weight, pos_weight, reduction, out_dtype).contiguous()
+                 pos_weight: torch.Tensor | None, reduction: int, out_dtype: torch.dtype,
+                 unit_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    loss, grad = reference.bce_with_logits(input, target, weight, pos_weight, reduction, out_dtype, unit_grad)
+    return loss.contiguous(), grad
 
 
 @torch.library.custom_op("fusedtrain_ref::bce_with_logits_backward", mutates_args=())
@@ -222,8 +249,14 @@ def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean
     w = _weight_view(weight, shape, R, C, flat, op_dtype)
     pw = _weight_view(pos_weight, shape, R, C, flat, op_dtype)
 
+    # the unit gradient only where a grad_output of 1 can be recognized for free (CPU, eager),
+    # for mean/sum ('none' is backpropagated with a tensor), and not under fp16 autocast, whose
+    # loss is scaled by a GradScaler (the forward's gradient would be thrown away)
+    unit_grad = (input.requires_grad and torch.is_grad_enabled() and red != 0 and device.type == "cpu"
+                 and not torch.compiler.is_compiling()
+                 and not (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.float16))
     fwd_op, _ = _OPS[_backend.select(device, OP)]
-    loss = fwd_op(x, t, w, pw, red, kernel_out)
+    loss, _ = fwd_op(x, t, w, pw, red, kernel_out, unit_grad)
     if kernel_out != out_dtype:
         loss = loss.to(out_dtype)
     return loss.view(shape) if red == 0 else loss

@@ -116,11 +116,12 @@ def _bce_target_grad(x, w, pw, HAS_PW: tl.constexpr):
         return w * -x
 
 
-@triton.jit
-def _bce_fwd_kernel(x_ptr, y_ptr, w_ptr, pw_ptr, loss_ptr, part_ptr,
-                    N, C, ws0, ws1, pws0, pws1,
+@triton.jit(do_not_specialize=["divisor"])
+def _bce_fwd_kernel(x_ptr, y_ptr, w_ptr, pw_ptr, loss_ptr, grad_ptr, part_ptr,
+                    N, C, ws0, ws1, pws0, pws1, divisor,
                     HAS_W: tl.constexpr, HAS_PW: tl.constexpr, FLAT: tl.constexpr, REDUCE: tl.constexpr,
-                    ACC: tl.constexpr, BLOCK: tl.constexpr):
+                    GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    # the loss; with GRAD, d loss / d input for grad_output = 1 (divided by divisor = N for mean)
     pid = tl.program_id(0)
     offs, mask, rows, cols = _tile(pid, N, C, FLAT, BLOCK)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
@@ -128,6 +129,9 @@ def _bce_fwd_kernel(x_ptr, y_ptr, w_ptr, pw_ptr, loss_ptr, part_ptr,
     w = _load_weight(w_ptr, offs, rows, cols, ws0, ws1, mask, HAS_W, FLAT, ACC)
     pw = _load_weight(pw_ptr, offs, rows, cols, pws0, pws1, mask, HAS_PW, FLAT, ACC)
     loss = _bce_loss(x, y, w, pw, HAS_PW)
+    if GRAD:
+        g = _bce_input_grad(x, y, w, pw, HAS_PW) * _div(tl.full((), 1.0, ACC), divisor.to(ACC))
+        store_rounded(grad_ptr + offs, g, mask)
     if REDUCE:
         tl.store(part_ptr + pid, tl.sum(tl.where(mask, loss, 0.0), axis=0))
     else:
@@ -192,27 +196,29 @@ def _opmath(dtype):
 
 @torch.library.triton_op("fusedtrain_triton::bce_with_logits", mutates_args=())
 def bce_with_logits(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
-                    pos_weight: torch.Tensor | None, reduction: int, out_dtype: torch.dtype) -> torch.Tensor:
+                    pos_weight: torch.Tensor | None, reduction: int, out_dtype: torch.dtype,
+                    unit_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     R, C = input.shape
     N = R * C
     loss = input.new_empty((R, C) if reduction == 0 else (), dtype=out_dtype)
+    grad = input.new_empty((R, C) if unit_grad else (0,))
     if N == 0:
         if reduction != 0:
             loss.fill_(float("nan") if reduction == 1 else 0.0)
-        return loss
+        return loss, grad
     nprog = triton.cdiv(N, BLOCK)
     partials = input.new_empty((nprog if reduction != 0 else 1,), dtype=_opmath(input.dtype))
     ws0, ws1 = _strides(weight, R, C)
     pws0, pws1 = _strides(pos_weight, R, C)
     torch.library.wrap_triton(_bce_fwd_kernel)[(nprog,)](
         input, target, input if weight is None else weight, input if pos_weight is None else pos_weight,
-        loss, partials, N, C, ws0, ws1, pws0, pws1,
+        loss, grad if unit_grad else input, partials, N, C, ws0, ws1, pws0, pws1, N if reduction == 1 else 1,
         HAS_W=weight is not None, HAS_PW=pos_weight is not None, FLAT=R == 1, REDUCE=reduction != 0,
-        ACC=_acc(input.dtype), BLOCK=BLOCK, num_warps=NUM_WARPS)
+        GRAD=unit_grad, ACC=_acc(input.dtype), BLOCK=BLOCK, num_warps=NUM_WARPS)
     if reduction != 0:
         torch.library.wrap_triton(_bce_sum_kernel)[(1,)](
             partials, loss, nprog, N if reduction == 1 else 1, SUM_BLOCK=SUM_BLOCK, num_warps=NUM_WARPS)
-    return loss
+    return loss, grad
 
 
 @torch.library.triton_op("fusedtrain_triton::bce_with_logits_backward", mutates_args=())
@@ -246,8 +252,9 @@ def _specs():
             specs.append(AotSpec(
                 _bce_fwd_kernel,
                 {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "w_ptr": "*fp32", "pw_ptr": "*fp32", "loss_ptr": "*fp32",
-                 "part_ptr": "*fp32", **ints},
-                {"HAS_W": True, "HAS_PW": True, "FLAT": flat, "REDUCE": reduce_, "ACC": tl.float32, "BLOCK": BLOCK},
+                 "grad_ptr": f"*{dt}", "part_ptr": "*fp32", **ints, "divisor": "i32"},
+                {"HAS_W": True, "HAS_PW": True, "FLAT": flat, "REDUCE": reduce_, "GRAD": False, "ACC": tl.float32,
+                 "BLOCK": BLOCK},
                 name=f"_bce_fwd_kernel[{dt},{'reduce' if reduce_ else 'none'},{'flat' if flat else 'rc'}]"))
             specs.append(AotSpec(
                 _bce_bwd_kernel,

@@ -88,11 +88,14 @@ inline at::vec::Vectorized<double> log1p_unit(const at::vec::Vectorized<double>&
 
 // ---- the formulas ----
 
+// Each formula takes e = exp(-|x|) from its caller, so that one exp serves both the loss and
+// the input gradient where a kernel computes both (the CPU forward with a unit gradient).
+
 // loss of one element (before the 1/N of 'mean').
 template <bool HasPosWeight, typename T>
-FT_HD T loss(T x, T y, T w, T pw) {
+FT_HD T loss_e(T x, T y, T w, T pw, T e) {
   const T one(1);
-  const T l = log1p_unit(ft_exp(T(0) - ft_abs(x)));
+  const T l = log1p_unit(e);
   // (1 - y) * x + lw * softplus(-x), regrouped so that no two large terms cancel: for x >= 0
   // it is lw * L + (1 - y) * x, for x < 0 it is lw * L - pos_weight * y * x (both sums of
   // non-negative terms for y in [0, 1]). That keeps fp32 accuracy for large |x| and no
@@ -110,9 +113,8 @@ FT_HD T loss(T x, T y, T w, T pw) {
 // no cancellation for hard labels (sigmoid(x) - 1 for y = 1 and large x is -e r, exactly the
 // small number it should be, where the plain form loses every digit).
 template <bool HasPosWeight, typename T>
-FT_HD T input_grad(T x, T y, T w, T pw) {
+FT_HD T input_grad_e(T x, T y, T w, T pw, T e) {
   const T one(1);
-  const T e = ft_exp(T(0) - ft_abs(x));
   const T er = e / (one + e);
   if (HasPosWeight) {
     const T lwer = (one + (pw - one) * y) * er;
@@ -120,6 +122,15 @@ FT_HD T input_grad(T x, T y, T w, T pw) {
   }
   return w * ft_select_nonneg(x, (one - y) - er, er - y);
 }
+
+template <typename T>
+FT_HD T exp_neg_abs(T x) { return ft_exp(T(0) - ft_abs(x)); }
+
+template <bool HasPosWeight, typename T>
+FT_HD T loss(T x, T y, T w, T pw) { return loss_e<HasPosWeight>(x, y, w, pw, exp_neg_abs(x)); }
+
+template <bool HasPosWeight, typename T>
+FT_HD T input_grad(T x, T y, T w, T pw) { return input_grad_e<HasPosWeight>(x, y, w, pw, exp_neg_abs(x)); }
 
 // d loss / d target of one element (before the 1/N of 'mean' and grad_output):
 // pos_weight * softplus(-x) - softplus(x) = (pos_weight - 1) L - (x >= 0 ? x : pos_weight x),
