@@ -16,7 +16,7 @@ $(PY):
 
 # torch first (a CUDA build where pip resolves one), then the extension against that torch.
 $(STAMP): $(PY) $(SOURCES)
-	$(PIP) install torch numpy ninja pytest hypothesis tqdm matplotlib
+	$(PIP) install torch numpy ninja pytest hypothesis tqdm matplotlib torchvision
 	@echo "building fusedtrain._C (log: build.log)"
 	MAX_JOBS=$${MAX_JOBS:-2} $(PIP) install --no-build-isolation -v -e . > build.log 2>&1 || { tail -n 60 build.log; exit 1; }
 	@grep -h "fusedtrain setup" build.log | sort -u

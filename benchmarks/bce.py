@@ -1,5 +1,6 @@
-"""BCE with logits: forward + backward against torch eager and torch.compile, at 8192x1024 and
-65536x64.
+"""BCE with logits and its family (focal loss, ASL): forward + backward against torch eager and
+torch.compile, at 8192x1024 and 65536x64 (the family at 8192x1024, against the plain-torch forms
+of torchvision's sigmoid_focal_loss and of the ASL paper's reference code).
 
 Two kinds of rows:
 - "fwd+bwd": loss.backward() on fp32 or bf16 logits, no autocast (the rows of earlier tables);
@@ -16,7 +17,8 @@ README suggests it as a tip. (jemalloc 5.3 was measured too and does not help he
 Bytes moved by fusedtrain per element (bytes_moved, for GB/s): the forward reads input and
 target; the backward reads them again and writes the gradient once (2 * s_in + 2 * s_tgt + s_in:
 fp32 20 B, bf16/fp16 10 B). The gradient is computed in the backward, times grad_output, and
-rounded once (docs/design.md): no input-sized buffer lives between forward and backward.
+rounded once (docs/design.md); on CPU a plain loss.backward() takes the gradient the forward
+wrote for a grad_output of 1 instead (12 B fp32, 6 B bf16 moved).
 
     python benchmarks/bce.py [--quick] [--device cpu|cuda] [--json out.json]
 """
@@ -45,6 +47,28 @@ AMP_DTYPES = [torch.bfloat16, torch.float16]
 LOSS_SCALE = 65536.0
 
 
+def torch_focal(x, y, alpha=0.25, gamma=2.0):
+    """torchvision.ops.sigmoid_focal_loss's formula in plain torch, reduction='mean'."""
+    p = torch.sigmoid(x)
+    ce = F.binary_cross_entropy_with_logits(x, y, reduction="none")
+    p_t = p * y + (1 - p) * (1 - y)
+    loss = ce * ((1 - p_t) ** gamma)
+    return ((alpha * y + (1 - alpha) * (1 - y)) * loss).mean()
+
+
+def torch_asl(x, y, gamma_neg=4.0, gamma_pos=1.0, clip=0.05, eps=1e-8):
+    """The ASL paper's reference formula in plain torch, averaged."""
+    xs_pos = torch.sigmoid(x)
+    xs_neg = (1 - xs_pos + clip).clamp(max=1)
+    loss = y * torch.log(xs_pos.clamp(min=eps)) + (1 - y) * torch.log(xs_neg.clamp(min=eps))
+    pt = xs_pos * y + xs_neg * (1 - y)
+    return -(loss * torch.pow(1 - pt, gamma_pos * y + gamma_neg * (1 - y))).mean()
+
+
+FAMILY = {"focal": (torch_focal, lambda a, b: fusedtrain.functional.sigmoid_focal_loss(a, b, reduction="mean")),
+          "asl": (torch_asl, lambda a, b: fusedtrain.functional.asymmetric_loss(a, b, reduction="mean"))}
+
+
 def _step(loss_fn, x, y, scale, amp_dtype):
     device_type = x.device.type
     ctx = (lambda: torch.autocast(device_type, dtype=amp_dtype)) if amp_dtype is not None else contextlib.nullcontext
@@ -63,6 +87,26 @@ def _cases(quick):
             yield f"fwd+bwd {R}x{C}", R, C, dt, 1.0, None
         for dt in AMP_DTYPES:
             yield f"AMP fwd+bwd x65536 {R}x{C}", R, C, dt, LOSS_SCALE, dt
+
+
+def _family_rows(device, quick, reps):
+    """Focal loss and ASL, fwd+bwd of the mean, against their plain-torch forms."""
+    rows = []
+    R, C = QUICK_SHAPES[0] if quick else SHAPES[0]
+    for name, (theirs, ours) in FAMILY.items():
+        compiled = torch.compile(theirs)
+        for dt in PLAIN_DTYPES:
+            torch.manual_seed(0)
+            x = (torch.randn(R, C, device=device) * 3).to(dt).requires_grad_()
+            y = (torch.rand(R, C, device=device) < 0.1).to(dt)
+            base = {"torch eager": harness.time_ms(_step(theirs, x, y, 1.0, None), device, reps=reps),
+                    "torch.compile": harness.time_ms(_step(compiled, x, y, 1.0, None), device, warmup=3, reps=reps)}
+            t = harness.time_ms(_step(ours, x, y, 1.0, None), device, reps=reps)
+            per_elem = 3 * x.element_size() + 2 * y.element_size()
+            for bname, bms in base.items():
+                rows.append(harness.Row("bce", f"{name} fwd+bwd {R}x{C}", str(dt).replace("torch.", ""), bname, bms,
+                                        "default", t, bytes_moved=R * C * per_elem, note=f"{per_elem} B/elem"))
+    return rows
 
 
 def _tcmalloc():
@@ -115,6 +159,8 @@ def run(device: str, quick: bool, plain_only: bool = False) -> list:
             for bname, bms in base.items():
                 rows.append(harness.Row("bce", case, str(dt).replace("torch.", ""), bname, bms, backend, t,
                                         bytes_moved=R * C * per_elem, note=f"{per_elem} B/elem"))
+    if not plain_only:
+        rows += _family_rows(device, quick, reps)
     if device == "cpu" and not plain_only:
         rows += _tcmalloc_rows(quick)
     return rows

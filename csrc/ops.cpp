@@ -16,14 +16,19 @@ TORCH_LIBRARY(fusedtrain, m) {
   // grad_output of exactly 1 (the 1/N of mean folded in, rounded once to input's dtype), else
   // an empty (0,) tensor. ops/bce.py asks for it on CPU, where a grad_output of 1 is read for
   // free and the backward then returns it as it is.
+  // kind: 0 BCE, 1 sigmoid focal loss, 2 asymmetric loss; params: [label_smoothing,
+  // has_ignore (0/1), ignore_value, a, b, c] with (a, b) = (alpha, gamma) for focal and
+  // (a, b, c) = (gamma_neg, gamma_pos, clip) for asl (formulas: bce_math.h). unit_grad only
+  // for plain BCE (kind 0, no smoothing, no ignore value).
   m.def("bce_with_logits(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, "
-        "int reduction, ScalarType out_dtype, bool unit_grad) -> (Tensor, Tensor)");
+        "int reduction, ScalarType out_dtype, bool unit_grad, int kind, float[] params) -> (Tensor, Tensor)");
   // The gradients of that loss, times grad_output (opmath; 0-d for mean/sum, contiguous (R, C)
   // for none), each computed in opmath and rounded once: grad_input (input's dtype) when
   // input_grad, grad_target (target's dtype) when target_grad, else an empty (0,) tensor.
   // For mean the factor is grad_output / N.
   m.def("bce_with_logits_backward(Tensor grad_output, Tensor input, Tensor target, Tensor? weight, "
-        "Tensor? pos_weight, int reduction, bool input_grad, bool target_grad) -> (Tensor, Tensor)");
+        "Tensor? pos_weight, int reduction, bool input_grad, bool target_grad, int kind, float[] params) "
+        "-> (Tensor, Tensor)");
 
   // ---- adam (fusedtrain/ops/adam.py) ----
   // One Adam/AdamW step over every tensor of the lists, one kernel launch (one parallel

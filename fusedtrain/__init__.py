@@ -5,7 +5,7 @@
 from fusedtrain import functional
 from fusedtrain._backend import BackendError, backends, use_backend
 from fusedtrain.amp import GradScaler, clipped_step_
-from fusedtrain.nn import FusedBCEWithLogits
+from fusedtrain.nn import FusedAsymmetricLoss, FusedBCEWithLogits, FusedSigmoidFocalLoss
 from fusedtrain.ops.unscale import unscale_and_check_
 from fusedtrain.optim import FusedAdam, FusedAdamW
 
@@ -15,7 +15,9 @@ __all__ = [
     "BackendError",
     "FusedAdam",
     "FusedAdamW",
+    "FusedAsymmetricLoss",
     "FusedBCEWithLogits",
+    "FusedSigmoidFocalLoss",
     "GradScaler",
     "backends",
     "clipped_step_",

@@ -1,4 +1,4 @@
 """Functional forms (like torch.nn.functional)."""
-from fusedtrain.ops.bce import binary_cross_entropy_with_logits
+from fusedtrain.ops.bce import asymmetric_loss, binary_cross_entropy_with_logits, sigmoid_focal_loss
 
-__all__ = ["binary_cross_entropy_with_logits"]
+__all__ = ["asymmetric_loss", "binary_cross_entropy_with_logits", "sigmoid_focal_loss"]

@@ -45,6 +45,92 @@ def bce_terms(x, y=None, w=None, pw=None, *, want=("loss", "dx")):
     return out
 
 
+# The multi-label family (bce_math.h "the multi-label family"): kind 0 BCE, 1 focal, 2 asl;
+# params = [label_smoothing, has_ignore, ignore_value, a, b, c].
+PLAIN = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+
+
+def is_generic(kind, params) -> bool:
+    return kind != 0 or params[0] != 0 or params[1] != 0
+
+
+def _sig_terms(x):
+    e = torch.exp(-x.abs())
+    r = 1 / (1 + e)
+    er = e * r
+    pos = x >= 0
+    l1p = torch.log1p(e)
+    return torch.where(pos, r, er), torch.where(pos, er, r), l1p + torch.clamp_min(-x, 0), l1p + torch.clamp_min(x, 0)
+
+
+def _safe_ratio(num, den):
+    """num / den where den > 0, else 0 (den is a power's base: B^g / B for B^(g - 1))."""
+    pos = den > 0
+    return torch.where(pos, num / torch.where(pos, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def _focal(x, y, alpha, gamma):
+    p, q, _, _ = _sig_terms(x)
+    t = bce_terms(x, y, want=("loss", "dx"))
+    ce, dce = t["loss"], t["dx"]
+    m = p * (1 - y) + q * y
+    mg = m.pow(gamma)
+    mg1 = _safe_ratio(mg, m)
+    at = alpha * y + (1 - alpha) * (1 - y) if alpha >= 0 else torch.ones_like(y)
+    dat = 2 * alpha - 1 if alpha >= 0 else 0.0
+    loss = at * ce * mg
+    dx = at * (dce * mg + ce * gamma * mg1 * (p * q) * (1 - 2 * y))
+    dy = dat * ce * mg + at * (-x * mg + ce * gamma * mg1 * (q - p))
+    return loss, dx, dy
+
+
+def _asl(x, y, gamma_neg, gamma_pos, clip):
+    p, q, spn, spp = _sig_terms(x)
+    pq = p * q
+    zero = torch.zeros_like(x)
+    if clip > 0:
+        over = p - clip
+        neg_log = torch.where(over > 0, -torch.log(q + clip), zero)
+        dneg = torch.where(over > 0, pq / (q + clip), zero)
+        pm = torch.where(over > 0, over, zero)
+        dpm = torch.where(over > 0, pq, zero)
+    else:
+        neg_log, dneg, pm, dpm = spp, p, p, pq
+    gam = gamma_pos * y + gamma_neg * (1 - y)
+    A = y * spn + (1 - y) * neg_log
+    B = y * q + (1 - y) * pm
+    Bg = B.pow(gam)
+    loss = A * Bg
+    dx = ((1 - y) * dneg - y * q) * Bg + A * gam * _safe_ratio(Bg, B) * ((1 - y) * dpm - y * pq)
+    logB = torch.log(torch.where(B > 0, B, torch.ones_like(B)))
+    dBg_dy = torch.where(B > 0, Bg * (logB * (gamma_pos - gamma_neg)) + gam * _safe_ratio(Bg, B) * (q - pm), zero)
+    dy = (spn - neg_log) * Bg + A * dBg_dy
+    return loss, dx, dy
+
+
+def loss_terms(x, y_raw, w, pw, kind, params):
+    """(loss, d/dx, d/dy) per element of any kind (label smoothing and the ignore value applied,
+    weights multiplied), in the dtype of x, broadcast to x's shape."""
+    eps, has_ignore, ignore, a, b, c = params
+    y = y_raw * (1 - eps) + eps / 2 if eps else y_raw
+    if kind == 1:
+        loss, dx, dy = _focal(x, y, a, b)
+    elif kind == 2:
+        loss, dx, dy = _asl(x, y, a, b, c)
+    else:
+        t = bce_terms(x, y, None, pw, want=("loss", "dx", "dy"))
+        loss, dx, dy = t["loss"], t["dx"], t["dy"]
+    loss, dx, dy = (torch.broadcast_to(v, x.shape) for v in (loss, dx, dy))
+    if w is not None:
+        loss, dx, dy = loss * w, dx * w, dy * w
+    if eps:
+        dy = dy * (1 - eps)
+    if has_ignore:
+        known = torch.broadcast_to(y_raw != ignore, x.shape)
+        loss, dx, dy = (torch.where(known, v, torch.zeros_like(v)) for v in (loss, dx, dy))
+    return loss, dx, dy
+
+
 def bce_grads_differentiable(input, target, weight, pos_weight, reduction: int, want_dx=True, want_dy=True):
     """(d loss / d input, d loss / d target) of the (R, C) op inputs, 1/N of mean folded in,
     in opmath, as autograd-differentiable expressions (None where not wanted): the dx and dy
@@ -66,25 +152,31 @@ def bce_grads_differentiable(input, target, weight, pos_weight, reduction: int, 
     return tuple(None if d is None else d / n for d in (dx, dy))
 
 
-def bce_with_logits(input, target, weight, pos_weight, reduction: int, out_dtype, unit_grad: bool):
+def bce_with_logits(input, target, weight, pos_weight, reduction: int, out_dtype, unit_grad: bool,
+                    kind: int = 0, params=PLAIN):
     """The contract of the fusedtrain::bce_with_logits op: (loss, unit_grad).
 
     input, target: (R, C); weight, pos_weight: None or broadcastable to (R, C). reduction 0 none,
     1 mean, 2 sum. loss: (R, C) for none, 0-d otherwise, in out_dtype. unit_grad: d loss / d input
-    for grad_output = 1 (1/N of mean folded in) in input's dtype when asked, else empty (0,)."""
+    for grad_output = 1 (1/N of mean folded in) in input's dtype when asked, else empty (0,).
+    kind/params: the multi-label family (loss_terms)."""
     op = _bce_opmath(input)
     x, y = input.to(op), target.to(op)
     w = None if weight is None else weight.to(op)
     pw = None if pos_weight is None else pos_weight.to(op)
-    terms = bce_terms(x, y, w, pw, want=("loss", "dx") if unit_grad else ("loss",))
-    loss = torch.broadcast_to(terms["loss"], input.shape)
+    if is_generic(kind, params):
+        loss, dx, _ = loss_terms(x, y, w, pw, kind, params)
+    else:
+        terms = bce_terms(x, y, w, pw, want=("loss", "dx") if unit_grad else ("loss",))
+        loss, dx = terms["loss"], terms.get("dx")
+    loss = torch.broadcast_to(loss, input.shape)
     n = loss.numel()
     if reduction == 1:
         loss = loss.sum() / n if n else loss.new_tensor(float("nan"))
     elif reduction == 2:
         loss = loss.sum()
     if unit_grad:
-        dx = torch.broadcast_to(terms["dx"], input.shape)
+        dx = torch.broadcast_to(dx, input.shape)
         grad = (dx * (1 / torch.tensor(n, dtype=op)) if reduction == 1 else dx).to(input.dtype).contiguous()
     else:
         grad = input.new_empty((0,))
@@ -92,7 +184,7 @@ def bce_with_logits(input, target, weight, pos_weight, reduction: int, out_dtype
 
 
 def bce_with_logits_backward(grad_output, input, target, weight, pos_weight, reduction: int,
-                             input_grad: bool, target_grad: bool):
+                             input_grad: bool, target_grad: bool, kind: int = 0, params=PLAIN):
     """The contract of fusedtrain::bce_with_logits_backward: (grad_input, grad_target), each the
     opmath derivative times grad_output (grad_output / N for mean), rounded once to input's /
     target's dtype; an empty (0,) tensor where not wanted."""
@@ -102,8 +194,12 @@ def bce_with_logits_backward(grad_output, input, target, weight, pos_weight, red
     pw = None if pos_weight is None else pos_weight.to(op)
     go = grad_output.to(op)
     factor = go / input.numel() if reduction == 1 else go
-    want = (("dx",) if input_grad else ()) + (("dy",) if target_grad else ())
-    terms = bce_terms(x, target.to(op), w, pw, want=want)
+    if is_generic(kind, params):
+        _, dx, dy = loss_terms(x, target.to(op), w, pw, kind, params)
+        terms = {"dx": dx, "dy": dy}
+    else:
+        want = (("dx",) if input_grad else ()) + (("dy",) if target_grad else ())
+        terms = bce_terms(x, target.to(op), w, pw, want=want)
     gi = (torch.broadcast_to(terms["dx"] * factor, input.shape).to(input.dtype).contiguous() if input_grad
           else input.new_empty((0,)))
     gt = (torch.broadcast_to(terms["dy"] * factor, input.shape).to(target.dtype).contiguous() if target_grad

@@ -91,7 +91,7 @@ inline void for_segments(int64_t k, int64_t N, int64_t C, Seg&& seg) {
 template <typename scalar_t, typename target_t, typename out_t, bool PW>
 void forward_kernel(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                     const std::optional<at::Tensor>& pos_weight, int64_t reduction, at::Tensor& out,
-                    at::Tensor& unit_grad) {
+                    at::Tensor& unit_grad, const Spec<opmath_t<scalar_t>>& spec) {
   using op_t = opmath_t<scalar_t>;
   using Vec = Vectorized<op_t>;
   constexpr int64_t W = Vec::size();
@@ -106,6 +106,7 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& target, const std
   scalar_t* g_p = unit_grad.numel() ? unit_grad.data_ptr<scalar_t>() : nullptr;
   const op_t gscale = reduction == 1 ? one / static_cast<op_t>(N) : one;
   const bool reduce = reduction != 0;
+  const bool generic = is_generic(spec);
   const int64_t nchunks = (N + kChunk - 1) / kChunk;
   std::vector<double> partials(reduce ? nchunks : 0);
 
@@ -125,7 +126,15 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& target, const std
           w.load2(wr, c, wa, wb);
           if (PW) pw.load2(pwr, c, pa, pb);
           const Vec ea = exp_neg_abs(xa), eb = exp_neg_abs(xb);
-          const Vec la = loss_e<PW>(xa, ya, wa, pa, ea), lb = loss_e<PW>(xb, yb, wb, pb, eb);
+          Vec la, lb;
+          if (generic) {  // focal, asl, smoothing, ignore value: every term from elem()
+            Vec da, db;
+            elem<PW>(spec, xa, ya, wa, pa, ea, la, da, da, false);
+            elem<PW>(spec, xb, yb, wb, pb, eb, lb, db, db, false);
+          } else {
+            la = loss_e<PW>(xa, ya, wa, pa, ea);
+            lb = loss_e<PW>(xb, yb, wb, pb, eb);
+          }
           if (g_p)
             store2<op_t>(g_p + base + c, input_grad_e<PW>(xa, ya, wa, pa, ea) * Vec(gscale),
                          input_grad_e<PW>(xb, yb, wb, pb, eb) * Vec(gscale));
@@ -139,7 +148,11 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& target, const std
         for (; c < c1; ++c) {
           const op_t xv = static_cast<op_t>(x[base + c]), yv = static_cast<op_t>(y[base + c]), ev = exp_neg_abs(xv);
           const op_t wv = w.at(wr, c), pv = PW ? pw.at(pwr, c) : one;
-          const op_t l = loss_e<PW>(xv, yv, wv, pv, ev);
+          op_t l, d;
+          if (generic)
+            elem<PW>(spec, xv, yv, wv, pv, ev, l, d, d, false);
+          else
+            l = loss_e<PW>(xv, yv, wv, pv, ev);
           if (g_p) g_p[base + c] = static_cast<scalar_t>(input_grad_e<PW>(xv, yv, wv, pv, ev) * gscale);
           if (reduce)
             acc_tail += l;
@@ -171,7 +184,7 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& target, const std
 template <typename scalar_t, typename target_t, bool PW>
 void backward_kernel(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& target,
                      const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
-                     int64_t reduction, at::Tensor& gi, at::Tensor& gt) {
+                     int64_t reduction, at::Tensor& gi, at::Tensor& gt, const Spec<opmath_t<scalar_t>>& spec) {
   using op_t = opmath_t<scalar_t>;
   using Vec = Vectorized<op_t>;
   constexpr int64_t K = 2 * Vec::size();
@@ -186,6 +199,7 @@ void backward_kernel(const at::Tensor& grad_output, const at::Tensor& input, con
   const op_t factor = per_elem ? one : reduction == 1 ? go[0] / static_cast<op_t>(N) : go[0];
   scalar_t* gi_p = gi.numel() ? gi.data_ptr<scalar_t>() : nullptr;
   target_t* gt_p = gt.numel() ? gt.data_ptr<target_t>() : nullptr;
+  const bool generic = is_generic(spec);
   const int64_t nchunks = (N + kChunk - 1) / kChunk;
   at::parallel_for(0, nchunks, kGrain, [&](int64_t kb, int64_t ke) {
     for (int64_t k = kb; k < ke; ++k) {
@@ -200,6 +214,15 @@ void backward_kernel(const at::Tensor& grad_output, const at::Tensor& input, con
           w.load2(wr, c, wa, wb);
           if (PW) pw.load2(pwr, c, pa, pb);
           if (per_elem) load2<op_t>(go + base + c, fa, fb);
+          if (generic) {
+            Vec ya, yb, la, lb, dxa, dxb, dya, dyb;
+            load2<op_t>(y + base + c, ya, yb);
+            elem<PW>(spec, xa, ya, wa, pa, exp_neg_abs(xa), la, dxa, dya, gt_p != nullptr);
+            elem<PW>(spec, xb, yb, wb, pb, exp_neg_abs(xb), lb, dxb, dyb, gt_p != nullptr);
+            if (gi_p) store2<op_t>(gi_p + base + c, dxa * fa, dxb * fb);
+            if (gt_p) store2<op_t>(gt_p + base + c, dya * fa, dyb * fb);
+            continue;
+          }
           if (gi_p) {
             Vec ya, yb;
             load2<op_t>(y + base + c, ya, yb);
@@ -211,6 +234,13 @@ void backward_kernel(const at::Tensor& grad_output, const at::Tensor& input, con
         for (; c < c1; ++c) {
           const op_t xv = static_cast<op_t>(x[base + c]), wv = w.at(wr, c), pv = PW ? pw.at(pwr, c) : one;
           const op_t f = per_elem ? go[base + c] : factor;
+          if (generic) {
+            op_t l, dx, dy;
+            elem<PW>(spec, xv, static_cast<op_t>(y[base + c]), wv, pv, exp_neg_abs(xv), l, dx, dy, gt_p != nullptr);
+            if (gi_p) gi_p[base + c] = static_cast<scalar_t>(dx * f);
+            if (gt_p) gt_p[base + c] = static_cast<target_t>(dy * f);
+            continue;
+          }
           if (gi_p) gi_p[base + c] = static_cast<scalar_t>(input_grad<PW>(xv, static_cast<op_t>(y[base + c]), wv, pv) * f);
           if (gt_p) gt_p[base + c] = static_cast<target_t>(target_grad<PW>(xv, wv, pv) * f);
         }
@@ -222,8 +252,10 @@ void backward_kernel(const at::Tensor& grad_output, const at::Tensor& input, con
 std::tuple<at::Tensor, at::Tensor> bce_with_logits_cpu(const at::Tensor& input, const at::Tensor& target,
                                                        const std::optional<at::Tensor>& weight,
                                                        const std::optional<at::Tensor>& pos_weight, int64_t reduction,
-                                                       at::ScalarType out_dtype, bool unit_grad) {
+                                                       at::ScalarType out_dtype, bool unit_grad, int64_t kind,
+                                                       at::ArrayRef<double> params) {
   const int64_t R = input.size(0), C = input.size(1);
+  check_layout(input, target, weight, pos_weight, "bce_with_logits");
   at::Tensor loss = reduction == 0 ? at::empty({R, C}, input.options().dtype(out_dtype))
                                    : at::empty({}, input.options().dtype(out_dtype));
   at::Tensor grad = unit_grad ? at::empty({R, C}, input.options()) : at::empty({0}, input.options());
@@ -233,8 +265,11 @@ std::tuple<at::Tensor, at::Tensor> bce_with_logits_cpu(const at::Tensor& input, 
   }
   dispatch(input.scalar_type(), target.scalar_type(), out_dtype, pos_weight.has_value(), "bce_with_logits",
            [&](auto s, auto t, auto o, auto pw) {
-             forward_kernel<typename decltype(s)::type, typename decltype(t)::type, typename decltype(o)::type,
-                            decltype(pw)::value>(input, target, weight, pos_weight, reduction, loss, grad);
+             using scalar_t = typename decltype(s)::type;
+             const auto spec = spec_of<opmath_t<scalar_t>>(kind, params, "bce_with_logits");
+             TORCH_CHECK(!(unit_grad && is_generic(spec)), "bce_with_logits: unit_grad is for plain BCE only");
+             forward_kernel<scalar_t, typename decltype(t)::type, typename decltype(o)::type, decltype(pw)::value>(
+                 input, target, weight, pos_weight, reduction, loss, grad, spec);
            });
   return {loss, grad};
 }
@@ -242,15 +277,19 @@ std::tuple<at::Tensor, at::Tensor> bce_with_logits_cpu(const at::Tensor& input, 
 std::tuple<at::Tensor, at::Tensor> bce_with_logits_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& target,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight, int64_t reduction,
-    bool input_grad, bool target_grad) {
+    bool input_grad, bool target_grad, int64_t kind, at::ArrayRef<double> params) {
   const int64_t R = input.size(0), C = input.size(1);
+  check_layout(input, target, weight, pos_weight, "bce_with_logits_backward");
+  check_grad_output(grad_output, input, reduction, "bce_with_logits_backward");
   at::Tensor gi = input_grad ? at::empty({R, C}, input.options()) : at::empty({0}, input.options());
   at::Tensor gt = target_grad ? at::empty({R, C}, target.options()) : at::empty({0}, target.options());
   if (R * C == 0 || !(input_grad || target_grad)) return {gi, gt};
   dispatch(input.scalar_type(), target.scalar_type(), input.scalar_type(), pos_weight.has_value(),
            "bce_with_logits_backward", [&](auto s, auto t, auto, auto pw) {
-             backward_kernel<typename decltype(s)::type, typename decltype(t)::type, decltype(pw)::value>(
-                 grad_output, input, target, weight, pos_weight, reduction, gi, gt);
+             using scalar_t = typename decltype(s)::type;
+             backward_kernel<scalar_t, typename decltype(t)::type, decltype(pw)::value>(
+                 grad_output, input, target, weight, pos_weight, reduction, gi, gt,
+                 spec_of<opmath_t<scalar_t>>(kind, params, "bce_with_logits_backward"));
            });
   return {gi, gt};
 }

@@ -78,7 +78,7 @@ __global__ void __launch_bounds__(kThreads)
     bce_fwd_kernel(const scalar_t* __restrict__ x, const target_t* __restrict__ y, BcastArg<opmath_t<scalar_t>> w,
                    BcastArg<opmath_t<scalar_t>> pw, out_t* __restrict__ loss_out, scalar_t* __restrict__ grad,
                    opmath_t<scalar_t>* __restrict__ partials, int64_t N, int64_t C, opmath_t<scalar_t> gscale,
-                   bool aligned) {
+                   Spec<opmath_t<scalar_t>> spec, bool generic, bool aligned) {
   using op_t = opmath_t<scalar_t>;
   constexpr int VEC = Tile<scalar_t>::VEC;
   const int64_t tile0 = int64_t(blockIdx.x) * Tile<scalar_t>::kTile;
@@ -103,7 +103,12 @@ __global__ void __launch_bounds__(kThreads)
       if (j < n) {  // the weights are read only inside the tensor
         const op_t xv = static_cast<op_t>(xs[j]), yv = static_cast<op_t>(ys[j]), ev = exp_neg_abs(xv);
         const op_t wv = w.at(r, c), pv = PW ? pw.at(r, c) : op_t(1);
-        l = loss_e<PW>(xv, yv, wv, pv, ev);
+        if (generic) {
+          op_t d;
+          elem<PW>(spec, xv, yv, wv, pv, ev, l, d, d, false);
+        } else {
+          l = loss_e<PW>(xv, yv, wv, pv, ev);
+        }
         if (grad != nullptr) gs[j] = static_cast<scalar_t>(input_grad_e<PW>(xv, yv, wv, pv, ev) * gscale);
       }
       if (REDUCE)
@@ -144,7 +149,7 @@ __global__ void __launch_bounds__(kThreads)
     bce_bwd_kernel(const opmath_t<scalar_t>* __restrict__ go, const scalar_t* __restrict__ x,
                    const target_t* __restrict__ y, BcastArg<opmath_t<scalar_t>> w, BcastArg<opmath_t<scalar_t>> pw,
                    scalar_t* __restrict__ gi, target_t* __restrict__ gt, int64_t N, int64_t C,
-                   opmath_t<scalar_t> divisor, bool aligned) {
+                   opmath_t<scalar_t> divisor, Spec<opmath_t<scalar_t>> spec, bool generic, bool aligned) {
   using op_t = opmath_t<scalar_t>;
   constexpr int VEC = Tile<scalar_t>::VEC;
   const int64_t tile0 = int64_t(blockIdx.x) * Tile<scalar_t>::kTile;
@@ -159,7 +164,7 @@ __global__ void __launch_bounds__(kThreads)
     target_t ys[VEC];
     op_t fs[VEC];
     load_vec(x + i0, vec, n, xs);
-    if (gi != nullptr) load_vec(y + i0, vec, n, ys);
+    if (gi != nullptr || generic) load_vec(y + i0, vec, n, ys);
     if (PER_ELEM) load_vec(go + i0, vec, n, fs);
     int64_t r = i0 / C, c = i0 - r * C;
     scalar_t gis[VEC];
@@ -171,8 +176,15 @@ __global__ void __launch_bounds__(kThreads)
       if (j < n) {  // the weights are read only inside the tensor
         const op_t xv = static_cast<op_t>(xs[j]), wv = w.at(r, c), pv = PW ? pw.at(r, c) : op_t(1);
         const op_t f = PER_ELEM ? fs[j] : factor;
-        if (gi != nullptr) gis[j] = static_cast<scalar_t>(input_grad<PW>(xv, static_cast<op_t>(ys[j]), wv, pv) * f);
-        if (gt != nullptr) gts[j] = static_cast<target_t>(target_grad<PW>(xv, wv, pv) * f);
+        if (generic) {
+          op_t l, dx, dy;
+          elem<PW>(spec, xv, static_cast<op_t>(ys[j]), wv, pv, exp_neg_abs(xv), l, dx, dy, gt != nullptr);
+          gis[j] = static_cast<scalar_t>(dx * f);
+          gts[j] = static_cast<target_t>(dy * f);
+        } else {
+          if (gi != nullptr) gis[j] = static_cast<scalar_t>(input_grad<PW>(xv, static_cast<op_t>(ys[j]), wv, pv) * f);
+          if (gt != nullptr) gts[j] = static_cast<target_t>(target_grad<PW>(xv, wv, pv) * f);
+        }
       }
       if (++c == C) {
         c = 0;
@@ -209,8 +221,10 @@ const op_t* device_one() {
 std::tuple<at::Tensor, at::Tensor> bce_with_logits_cuda(const at::Tensor& input, const at::Tensor& target,
                                                         const std::optional<at::Tensor>& weight,
                                                         const std::optional<at::Tensor>& pos_weight,
-                                                        int64_t reduction, at::ScalarType out_dtype, bool unit_grad) {
+                                                        int64_t reduction, at::ScalarType out_dtype, bool unit_grad,
+                                                        int64_t kind, at::ArrayRef<double> params) {
   const c10::cuda::CUDAGuard guard(input.device());
+  check_layout(input, target, weight, pos_weight, "bce_with_logits");
   const int64_t R = input.size(0), C = input.size(1), N = R * C;
   at::Tensor loss = reduction == 0 ? at::empty({R, C}, input.options().dtype(out_dtype))
                                    : at::empty({}, input.options().dtype(out_dtype));
@@ -235,6 +249,9 @@ std::tuple<at::Tensor, at::Tensor> bce_with_logits_cuda(const at::Tensor& input,
              TORCH_CHECK(blocks < (int64_t(1) << 31), "bce_with_logits: tensor too large");
              const scalar_t* xp = input.data_ptr<scalar_t>();
              const target_t* yp = target.data_ptr<target_t>();
+             const auto spec = spec_of<op_t>(kind, params, "bce_with_logits");
+             const bool generic = is_generic(spec);
+             TORCH_CHECK(!(unit_grad && generic), "bce_with_logits: unit_grad is for plain BCE only");
              scalar_t* gp = unit_grad ? grad.data_ptr<scalar_t>() : nullptr;
              const op_t gscale = reduction == 1 ? op_t(1) / op_t(N) : op_t(1);
              bool aligned = is_aligned(xp, sizeof(scalar_t) * VEC) && is_aligned(yp, sizeof(target_t) * VEC) &&
@@ -243,12 +260,12 @@ std::tuple<at::Tensor, at::Tensor> bce_with_logits_cuda(const at::Tensor& input,
                out_t* lp = loss.data_ptr<out_t>();
                aligned = aligned && is_aligned(lp, sizeof(out_t) * VEC);
                bce_fwd_kernel<scalar_t, target_t, out_t, PW, false><<<blocks, kThreads, 0, stream>>>(
-                   xp, yp, w, pw, lp, gp, nullptr, N, C, gscale, aligned);
+                   xp, yp, w, pw, lp, gp, nullptr, N, C, gscale, spec, generic, aligned);
                C10_CUDA_KERNEL_LAUNCH_CHECK();
              } else {
                at::Tensor partials = at::empty({blocks}, input.options().dtype(c10::CppTypeToScalarType<op_t>::value));
                bce_fwd_kernel<scalar_t, target_t, out_t, PW, true><<<blocks, kThreads, 0, stream>>>(
-                   xp, yp, w, pw, nullptr, gp, partials.data_ptr<op_t>(), N, C, gscale, aligned);
+                   xp, yp, w, pw, nullptr, gp, partials.data_ptr<op_t>(), N, C, gscale, spec, generic, aligned);
                C10_CUDA_KERNEL_LAUNCH_CHECK();
                bce_sum_kernel<op_t, out_t><<<1, kThreads, 0, stream>>>(
                    partials.data_ptr<op_t>(), blocks, reduction == 1 ? double(N) : 1.0, loss.data_ptr<out_t>());
@@ -261,8 +278,10 @@ std::tuple<at::Tensor, at::Tensor> bce_with_logits_cuda(const at::Tensor& input,
 std::tuple<at::Tensor, at::Tensor> bce_with_logits_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& target,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight, int64_t reduction,
-    bool input_grad, bool target_grad) {
+    bool input_grad, bool target_grad, int64_t kind, at::ArrayRef<double> params) {
   const c10::cuda::CUDAGuard guard(input.device());
+  check_layout(input, target, weight, pos_weight, "bce_with_logits_backward");
+  check_grad_output(grad_output, input, reduction, "bce_with_logits_backward");
   const int64_t R = input.size(0), C = input.size(1), N = R * C;
   at::Tensor gi = input_grad ? at::empty({R, C}, input.options()) : at::empty({0}, input.options());
   at::Tensor gt = target_grad ? at::empty({R, C}, target.options()) : at::empty({0}, target.options());
@@ -280,6 +299,8 @@ std::tuple<at::Tensor, at::Tensor> bce_with_logits_backward_cuda(
              const auto pw = bcast_of<op_t>(pos_weight, one);
              const int64_t blocks = (N + Tile<scalar_t>::kTile - 1) / Tile<scalar_t>::kTile;
              TORCH_CHECK(blocks < (int64_t(1) << 31), "bce_with_logits_backward: tensor too large");
+             const auto spec = spec_of<op_t>(kind, params, "bce_with_logits_backward");
+             const bool generic = is_generic(spec);
              const op_t* gop = grad_output.data_ptr<op_t>();
              const scalar_t* xp = input.data_ptr<scalar_t>();
              const target_t* yp = target.data_ptr<target_t>();
@@ -291,10 +312,10 @@ std::tuple<at::Tensor, at::Tensor> bce_with_logits_backward_cuda(
              if (reduction == 0) {
                aligned = aligned && is_aligned(gop, sizeof(op_t) * VEC);
                bce_bwd_kernel<scalar_t, target_t, PW, true><<<blocks, kThreads, 0, stream>>>(
-                   gop, xp, yp, w, pw, gip, gtp, N, C, op_t(1), aligned);
+                   gop, xp, yp, w, pw, gip, gtp, N, C, op_t(1), spec, generic, aligned);
              } else {
                bce_bwd_kernel<scalar_t, target_t, PW, false><<<blocks, kThreads, 0, stream>>>(
-                   gop, xp, yp, w, pw, gip, gtp, N, C, reduction == 1 ? op_t(N) : op_t(1), aligned);
+                   gop, xp, yp, w, pw, gip, gtp, N, C, reduction == 1 ? op_t(N) : op_t(1), spec, generic, aligned);
              }
              C10_CUDA_KERNEL_LAUNCH_CHECK();
            });

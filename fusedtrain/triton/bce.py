@@ -116,11 +116,101 @@ def _bce_target_grad(x, w, pw, HAS_PW: tl.constexpr):
         return w * -x
 
 
+@triton.jit
+def _pow(base, g):
+    # base^g for base >= 0 (0^0 = 1), as powf gives it
+    pos = base > 0
+    return tl.where(pos, tl.exp2(g * tl.log2(tl.where(pos, base, 1.0))), tl.where(g == 0, 1.0, 0.0))
+
+
+@triton.jit
+def _sig_terms(x):
+    e = tl.exp(-tl.abs(x))
+    r = _div(tl.full(x.shape, 1.0, x.dtype), 1.0 + e)
+    er = e * r
+    l1p = _log1p_small(e)
+    return tl.where(x >= 0, r, er), tl.where(x >= 0, er, r), l1p + tl.maximum(-x, 0.0), l1p + tl.maximum(x, 0.0)
+
+
+@triton.jit
+def _safe_ratio(num, den):
+    return tl.where(den > 0, _div(num, tl.where(den > 0, den, 1.0)), 0.0)
+
+
+@triton.jit
+def _f(hi, lo, ACC: tl.constexpr):
+    # a spec scalar from its fp32 pair (see _spec_args)
+    if ACC == tl.float64:
+        return tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
+    else:
+        return hi
+
+
+@triton.jit
+def _elem(x, y_raw, w, pw, keep_hi, keep_lo, heps_hi, heps_lo, ign_hi, ign_lo, a_hi, a_lo, b_hi, b_lo, c_hi, c_lo,
+          KIND: tl.constexpr, HAS_PW: tl.constexpr, HAS_IGNORE: tl.constexpr):
+    """bce_math.h elem(): (loss, d/dx, d/dy) of one element of any kind, weighted, label
+    smoothing and the ignore value applied."""
+    ACC: tl.constexpr = x.dtype
+    keep = _f(keep_hi, keep_lo, ACC)
+    half_eps = _f(heps_hi, heps_lo, ACC)
+    ignore = _f(ign_hi, ign_lo, ACC)
+    a = _f(a_hi, a_lo, ACC)
+    b = _f(b_hi, b_lo, ACC)
+    c = _f(c_hi, c_lo, ACC)
+    y = y_raw * keep + half_eps
+    if KIND == 1:  # focal (torchvision)
+        p, q, spn, spp = _sig_terms(x)
+        ce = _bce_loss(x, y, 1.0, 1.0, False)
+        dce = _bce_input_grad(x, y, 1.0, 1.0, False)
+        m = p * (1.0 - y) + q * y
+        mg = _pow(m, b)
+        mg1 = _safe_ratio(mg, m)
+        at = tl.where(a >= 0, a * y + (1.0 - a) * (1.0 - y), 1.0)  # alpha < 0: no weighting
+        dat = tl.where(a >= 0, 2.0 * a - 1.0, 0.0)
+        loss = at * ce * mg
+        dx = at * (dce * mg + ce * b * mg1 * (p * q) * (1.0 - 2.0 * y))
+        dy = dat * ce * mg + at * (-x * mg + ce * b * mg1 * (q - p))
+    elif KIND == 2:  # asymmetric loss
+        p, q, spn, spp = _sig_terms(x)
+        pq = p * q
+        over = p - c  # clip > 0: the shifted probability of the negatives; clip = 0: softplus forms
+        clipped = c > 0
+        neg_log = tl.where(clipped, tl.where(over > 0, -tl.log(q + c), 0.0), spp)
+        dneg = tl.where(clipped, tl.where(over > 0, _div(pq, q + c), 0.0), p)
+        pm = tl.where(clipped, tl.where(over > 0, over, 0.0), p)
+        dpm = tl.where(clipped, tl.where(over > 0, pq, 0.0), pq)
+        gam = b * y + a * (1.0 - y)
+        A = y * spn + (1.0 - y) * neg_log
+        B = y * q + (1.0 - y) * pm
+        Bg = _pow(B, gam)
+        Bg1 = _safe_ratio(Bg, B)
+        loss = A * Bg
+        dx = ((1.0 - y) * dneg - y * q) * Bg + A * gam * Bg1 * ((1.0 - y) * dpm - y * pq)
+        logB = tl.log(tl.where(B > 0, B, 1.0))
+        dy = (spn - neg_log) * Bg + A * tl.where(B > 0, Bg * logB * (b - a) + gam * Bg1 * (q - pm), 0.0)
+    else:
+        loss = _bce_loss(x, y, 1.0, pw, HAS_PW)
+        dx = _bce_input_grad(x, y, 1.0, pw, HAS_PW)
+        dy = _bce_target_grad(x, 1.0, pw, HAS_PW)
+    loss = loss * w
+    dx = dx * w
+    dy = dy * w * keep
+    if HAS_IGNORE:
+        known = y_raw != ignore
+        loss = tl.where(known, loss, 0.0)
+        dx = tl.where(known, dx, 0.0)
+        dy = tl.where(known, dy, 0.0)
+    return loss, dx, dy
+
+
 @triton.jit(do_not_specialize=["divisor"])
 def _bce_fwd_kernel(x_ptr, y_ptr, w_ptr, pw_ptr, loss_ptr, grad_ptr, part_ptr,
-                    N, C, ws0, ws1, pws0, pws1, divisor,
+                    N, C, ws0, ws1, pws0, pws1, divisor, keep_hi, keep_lo, heps_hi, heps_lo, ign_hi, ign_lo,
+                    a_hi, a_lo, b_hi, b_lo, c_hi, c_lo,
                     HAS_W: tl.constexpr, HAS_PW: tl.constexpr, FLAT: tl.constexpr, REDUCE: tl.constexpr,
-                    GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+                    GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+                    KIND: tl.constexpr, GENERIC: tl.constexpr, HAS_IGNORE: tl.constexpr):
     # the loss; with GRAD, d loss / d input for grad_output = 1 (divided by divisor = N for mean)
     pid = tl.program_id(0)
     offs, mask, rows, cols = _tile(pid, N, C, FLAT, BLOCK)
@@ -128,7 +218,11 @@ def _bce_fwd_kernel(x_ptr, y_ptr, w_ptr, pw_ptr, loss_ptr, grad_ptr, part_ptr,
     y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
     w = _load_weight(w_ptr, offs, rows, cols, ws0, ws1, mask, HAS_W, FLAT, ACC)
     pw = _load_weight(pw_ptr, offs, rows, cols, pws0, pws1, mask, HAS_PW, FLAT, ACC)
-    loss = _bce_loss(x, y, w, pw, HAS_PW)
+    if GENERIC:
+        loss, _dx, _dy = _elem(x, y, w, pw, keep_hi, keep_lo, heps_hi, heps_lo, ign_hi, ign_lo, a_hi, a_lo,
+                               b_hi, b_lo, c_hi, c_lo, KIND, HAS_PW, HAS_IGNORE)
+    else:
+        loss = _bce_loss(x, y, w, pw, HAS_PW)
     if GRAD:
         g = _bce_input_grad(x, y, w, pw, HAS_PW) * _div(tl.full((), 1.0, ACC), divisor.to(ACC))
         store_rounded(grad_ptr + offs, g, mask)
@@ -151,8 +245,10 @@ def _bce_sum_kernel(part_ptr, out_ptr, P, divisor, SUM_BLOCK: tl.constexpr):
 
 @triton.jit(do_not_specialize=["divisor"])
 def _bce_bwd_kernel(go_ptr, x_ptr, y_ptr, w_ptr, pw_ptr, gi_ptr, gt_ptr, N, C, ws0, ws1, pws0, pws1, divisor,
+                    keep_hi, keep_lo, heps_hi, heps_lo, ign_hi, ign_lo, a_hi, a_lo, b_hi, b_lo, c_hi, c_lo,
                     HAS_W: tl.constexpr, HAS_PW: tl.constexpr, FLAT: tl.constexpr, PER_ELEM: tl.constexpr,
-                    GI: tl.constexpr, GT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+                    GI: tl.constexpr, GT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+                    KIND: tl.constexpr, GENERIC: tl.constexpr, HAS_IGNORE: tl.constexpr):
     # each gradient: the ACC derivative times grad_output[i] (PER_ELEM) or grad_output / divisor,
     # rounded once at the store
     pid = tl.program_id(0)
@@ -164,16 +260,26 @@ def _bce_bwd_kernel(go_ptr, x_ptr, y_ptr, w_ptr, pw_ptr, gi_ptr, gt_ptr, N, C, w
         f = tl.load(go_ptr + offs, mask=mask, other=0.0).to(ACC)
     else:
         f = _div(tl.load(go_ptr).to(ACC), divisor.to(ACC))
-    if GI:
+    if GENERIC:
         y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
-        gi = _bce_input_grad(x, y, w, pw, HAS_PW) * f
-        store_rounded(gi_ptr + offs, gi, mask)
-    if GT:
-        gt = _bce_target_grad(x, w, pw, HAS_PW) * f
-        store_rounded(gt_ptr + offs, gt, mask)
+        _l, dx, dy = _elem(x, y, w, pw, keep_hi, keep_lo, heps_hi, heps_lo, ign_hi, ign_lo, a_hi, a_lo,
+                           b_hi, b_lo, c_hi, c_lo, KIND, HAS_PW, HAS_IGNORE)
+        if GI:
+            store_rounded(gi_ptr + offs, dx * f, mask)
+        if GT:
+            store_rounded(gt_ptr + offs, dy * f, mask)
+    else:
+        if GI:
+            y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
+            gi = _bce_input_grad(x, y, w, pw, HAS_PW) * f
+            store_rounded(gi_ptr + offs, gi, mask)
+        if GT:
+            gt = _bce_target_grad(x, w, pw, HAS_PW) * f
+            store_rounded(gt_ptr + offs, gt, mask)
 
 
-AOT_HELPERS = ("_div", "_log1p_small", "_tile", "_load_weight", "_bce_loss", "_bce_input_grad", "_bce_target_grad")
+AOT_HELPERS = ("_div", "_log1p_small", "_tile", "_load_weight", "_bce_loss", "_bce_input_grad", "_bce_target_grad",
+               "_pow", "_sig_terms", "_safe_ratio", "_f", "_elem")
 
 
 # ---- launchers (the triton_op bodies) --------------------------------------------------
@@ -190,6 +296,23 @@ def _acc(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def _spec_args(params):
+    """keep, half_eps, ignore, a, b, c of the loss spec (csrc/ops.cpp `// ---- bce`), each as
+    an fp32 pair hi + lo: Triton passes Python floats as fp32, and the fp64 kernels add the pair
+    back up (48 bits) so that alpha = 0.6 is not fp32's 0.6000000238."""
+    eps, _, ignore, a, b, c = params
+    out = []
+    for v in (1.0 - eps, eps / 2, ignore, a, b, c):
+        hi = float(torch.tensor(v, dtype=torch.float32))
+        out += [hi, v - hi]
+    return out
+
+
+def _spec_constexprs(kind, params):
+    generic = kind != 0 or params[0] != 0 or params[1] != 0
+    return {"KIND": kind, "GENERIC": generic, "HAS_IGNORE": params[1] != 0}
+
+
 def _opmath(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -197,7 +320,7 @@ def _opmath(dtype):
 @torch.library.triton_op("fusedtrain_triton::bce_with_logits", mutates_args=())
 def bce_with_logits(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
                     pos_weight: torch.Tensor | None, reduction: int, out_dtype: torch.dtype,
-                    unit_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                    unit_grad: bool, kind: int, params: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     R, C = input.shape
     N = R * C
     loss = input.new_empty((R, C) if reduction == 0 else (), dtype=out_dtype)
@@ -213,8 +336,9 @@ def bce_with_logits(input: torch.Tensor, target: torch.Tensor, weight: torch.Ten
     torch.library.wrap_triton(_bce_fwd_kernel)[(nprog,)](
         input, target, input if weight is None else weight, input if pos_weight is None else pos_weight,
         loss, grad if unit_grad else input, partials, N, C, ws0, ws1, pws0, pws1, N if reduction == 1 else 1,
-        HAS_W=weight is not None, HAS_PW=pos_weight is not None, FLAT=R == 1, REDUCE=reduction != 0,
-        GRAD=unit_grad, ACC=_acc(input.dtype), BLOCK=BLOCK, num_warps=NUM_WARPS)
+        *_spec_args(params), HAS_W=weight is not None, HAS_PW=pos_weight is not None, FLAT=R == 1,
+        REDUCE=reduction != 0, GRAD=unit_grad, ACC=_acc(input.dtype), BLOCK=BLOCK, num_warps=NUM_WARPS,
+        **_spec_constexprs(kind, params))
     if reduction != 0:
         torch.library.wrap_triton(_bce_sum_kernel)[(1,)](
             partials, loss, nprog, N if reduction == 1 else 1, SUM_BLOCK=SUM_BLOCK, num_warps=NUM_WARPS)
@@ -224,7 +348,8 @@ def bce_with_logits(input: torch.Tensor, target: torch.Tensor, weight: torch.Ten
 @torch.library.triton_op("fusedtrain_triton::bce_with_logits_backward", mutates_args=())
 def bce_with_logits_backward(grad_output: torch.Tensor, input: torch.Tensor, target: torch.Tensor,
                              weight: torch.Tensor | None, pos_weight: torch.Tensor | None, reduction: int,
-                             input_grad: bool, target_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                             input_grad: bool, target_grad: bool, kind: int,
+                             params: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     R, C = input.shape
     N = R * C
     gi = input.new_empty((R, C) if input_grad else (0,))
@@ -236,9 +361,10 @@ def bce_with_logits_backward(grad_output: torch.Tensor, input: torch.Tensor, tar
     torch.library.wrap_triton(_bce_bwd_kernel)[(triton.cdiv(N, BLOCK),)](
         grad_output, input, target, input if weight is None else weight, input if pos_weight is None else pos_weight,
         gi if input_grad else input, gt if target_grad else target,
-        N, C, ws0, ws1, pws0, pws1, N if reduction == 1 else 1,
+        N, C, ws0, ws1, pws0, pws1, N if reduction == 1 else 1, *_spec_args(params),
         HAS_W=weight is not None, HAS_PW=pos_weight is not None, FLAT=R == 1, PER_ELEM=reduction == 0,
-        GI=input_grad, GT=target_grad, ACC=_acc(input.dtype), BLOCK=BLOCK, num_warps=NUM_WARPS)
+        GI=input_grad, GT=target_grad, ACC=_acc(input.dtype), BLOCK=BLOCK, num_warps=NUM_WARPS,
+        **_spec_constexprs(kind, params))
     return gi, gt
 
 
@@ -247,22 +373,38 @@ def bce_with_logits_backward(grad_output: torch.Tensor, input: torch.Tensor, tar
 def _specs():
     specs = []
     ints = {n: "i32" for n in ("N", "C", "ws0", "ws1", "pws0", "pws1")}
+    floats = {f"{n}_{part}": "fp32" for n in ("keep", "heps", "ign", "a", "b", "c") for part in ("hi", "lo")}
+    plain = {"KIND": 0, "GENERIC": False, "HAS_IGNORE": False}
     for dt in ("fp32", "fp16", "bf16"):
         for reduce_, flat in ((False, True), (True, False)):
             specs.append(AotSpec(
                 _bce_fwd_kernel,
                 {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "w_ptr": "*fp32", "pw_ptr": "*fp32", "loss_ptr": "*fp32",
-                 "grad_ptr": f"*{dt}", "part_ptr": "*fp32", **ints, "divisor": "i32"},
+                 "grad_ptr": f"*{dt}", "part_ptr": "*fp32", **ints, "divisor": "i32", **floats},
                 {"HAS_W": True, "HAS_PW": True, "FLAT": flat, "REDUCE": reduce_, "GRAD": False, "ACC": tl.float32,
-                 "BLOCK": BLOCK},
+                 "BLOCK": BLOCK, **plain},
                 name=f"_bce_fwd_kernel[{dt},{'reduce' if reduce_ else 'none'},{'flat' if flat else 'rc'}]"))
             specs.append(AotSpec(
                 _bce_bwd_kernel,
                 {"go_ptr": "*fp32", "x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "w_ptr": "*fp32", "pw_ptr": "*fp32",
-                 "gi_ptr": f"*{dt}", "gt_ptr": f"*{dt}", **ints, "divisor": "i32"},
+                 "gi_ptr": f"*{dt}", "gt_ptr": f"*{dt}", **ints, "divisor": "i32", **floats},
                 {"HAS_W": True, "HAS_PW": True, "FLAT": flat, "PER_ELEM": not reduce_, "GI": True, "GT": True,
-                 "ACC": tl.float32, "BLOCK": BLOCK},
+                 "ACC": tl.float32, "BLOCK": BLOCK, **plain},
                 name=f"_bce_bwd_kernel[{dt},{'reduce' if reduce_ else 'none'},{'flat' if flat else 'rc'}]"))
+        for kind, name in ((0, "bce+smoothing+ignore"), (1, "focal"), (2, "asl")):
+            gen = {"KIND": kind, "GENERIC": True, "HAS_IGNORE": True}
+            specs.append(AotSpec(
+                _bce_fwd_kernel,
+                {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "w_ptr": "*fp32", "pw_ptr": "*fp32", "loss_ptr": "*fp32",
+                 "grad_ptr": f"*{dt}", "part_ptr": "*fp32", **ints, "divisor": "i32", **floats},
+                {"HAS_W": True, "HAS_PW": kind == 0, "FLAT": True, "REDUCE": True, "GRAD": False, "ACC": tl.float32,
+                 "BLOCK": BLOCK, **gen}, name=f"_bce_fwd_kernel[{dt},{name}]"))
+            specs.append(AotSpec(
+                _bce_bwd_kernel,
+                {"go_ptr": "*fp32", "x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "w_ptr": "*fp32", "pw_ptr": "*fp32",
+                 "gi_ptr": f"*{dt}", "gt_ptr": f"*{dt}", **ints, "divisor": "i32", **floats},
+                {"HAS_W": True, "HAS_PW": kind == 0, "FLAT": True, "PER_ELEM": False, "GI": True, "GT": False,
+                 "ACC": tl.float32, "BLOCK": BLOCK, **gen}, name=f"_bce_bwd_kernel[{dt},{name}]"))
         specs.append(AotSpec(_bce_sum_kernel, {"part_ptr": "*fp32", "out_ptr": f"*{dt}", "P": "i32",
                                                "divisor": "i32"}, {"SUM_BLOCK": SUM_BLOCK}))
     return specs

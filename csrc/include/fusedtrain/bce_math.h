@@ -39,9 +39,30 @@ FT_HD float ft_abs(float v) { return ::fabsf(v); }
 FT_HD double ft_abs(double v) { return ::fabs(v); }
 template <typename T>
 FT_HD T ft_relu(T v) { return v > T(0) ? v : T(0); }
+FT_HD float ft_log(float v) { return ::logf(v); }
+FT_HD double ft_log(double v) { return ::log(v); }
+FT_HD float ft_pow(float v, float g) { return ::powf(v, g); }
+FT_HD double ft_pow(double v, double g) { return ::pow(v, g); }
 // x >= 0 ? a : b
 template <typename T>
 FT_HD T ft_select_nonneg(T x, T a, T b) { return x >= T(0) ? a : b; }
+// x > 0 ? a : b
+template <typename T>
+FT_HD T ft_select_pos(T x, T a, T b) { return x > T(0) ? a : b; }
+// v^k for a small integer k >= 0 by multiplication (exact where pow is ~1 ulp; several times
+// cheaper than a vector pow): the usual focusing exponents (2; ASL's 1 and 4)
+template <typename T>
+FT_HD T ft_ipow(T v, int k) {
+  T r(1);
+  for (int i = 0; i < k; ++i) r = r * v;
+  return r;
+}
+// every label is 0 or 1 (ASL's per-element exponent is then one of the two integers)
+FT_HD bool all_hard(float y) { return y == 0.0f || y == 1.0f; }
+FT_HD bool all_hard(double y) { return y == 0.0 || y == 1.0; }
+// u == v ? a : b
+template <typename T>
+FT_HD T ft_select_eq(T u, T v, T a, T b) { return u == v ? a : b; }
 
 #if !defined(__CUDACC__) && !defined(__HIPCC__)
 template <typename S>
@@ -50,6 +71,28 @@ template <typename S>
 inline at::vec::Vectorized<S> ft_log1p(const at::vec::Vectorized<S>& v) { return v.log1p(); }
 template <typename S>
 inline at::vec::Vectorized<S> ft_abs(const at::vec::Vectorized<S>& v) { return v.abs(); }
+template <typename S>
+inline at::vec::Vectorized<S> ft_log(const at::vec::Vectorized<S>& v) { return v.log(); }
+template <typename S>
+inline at::vec::Vectorized<S> ft_pow(const at::vec::Vectorized<S>& v, const at::vec::Vectorized<S>& g) {
+  return v.pow(g);
+}
+template <typename S>
+inline at::vec::Vectorized<S> ft_select_pos(const at::vec::Vectorized<S>& x, const at::vec::Vectorized<S>& a,
+                                            const at::vec::Vectorized<S>& b) {
+  return at::vec::Vectorized<S>::blendv(b, a, x > at::vec::Vectorized<S>(S(0)));
+}
+template <typename S>
+inline bool all_hard(const at::vec::Vectorized<S>& y) {
+  using V = at::vec::Vectorized<S>;
+  // zero_mask: a bit per lane that is 0; (y == 0) | (y == 1) is all-ones in the hard lanes
+  return ((y == V(S(0))) | (y == V(S(1)))).zero_mask() == 0;
+}
+template <typename S>
+inline at::vec::Vectorized<S> ft_select_eq(const at::vec::Vectorized<S>& u, const at::vec::Vectorized<S>& v,
+                                           const at::vec::Vectorized<S>& a, const at::vec::Vectorized<S>& b) {
+  return at::vec::Vectorized<S>::blendv(b, a, u == v);
+}
 template <typename S>
 inline at::vec::Vectorized<S> ft_relu(const at::vec::Vectorized<S>& v) {
   return at::vec::maximum(v, at::vec::Vectorized<S>(S(0)));
@@ -142,6 +185,134 @@ FT_HD T target_grad(T x, T w, T pw) {
     return w * ((pw - T(1)) * l - ft_select_nonneg(x, x, pw * x));
   }
   return w * (T(0) - x);
+}
+
+// ---- the multi-label family: one element's loss and derivatives for every kind ----
+//
+// Spec describes the loss: kind, label smoothing (targets y become y (1 - eps) + eps / 2, the
+// multi-label convention), an optional ignore value (targets equal to it give no loss and no
+// gradient), and the kind's parameters. Per element, with p = sigmoid(x), q = sigmoid(-x),
+// both from e = exp(-|x|) without cancellation, and sp(t) = softplus(t):
+//   kBCE:   the formulas above (weight and pos_weight);
+//   kFocal: torchvision's sigmoid_focal_loss, alpha_t * ce * m^gamma with ce = BCE(x, y),
+//           m = 1 - p_t = p (1 - y) + q y (a sum of non-negative terms),
+//           alpha_t = alpha y + (1 - alpha)(1 - y) (1 when alpha < 0);
+//   kASL:   the asymmetric loss (Ridnik et al. 2021), A * B^gamma with
+//           A = y sp(-x) + (1 - y) * (-log(min(q + clip, 1)))   (sp(x) when clip = 0),
+//           B = y q + (1 - y) max(p - clip, 0),  gamma = gamma_pos y + gamma_neg (1 - y);
+//           the paper's log(clamp(p, eps)) is replaced by the exact logit-space forms.
+// B^gamma / B and m^gamma / m stand for B^(gamma - 1) and m^(gamma - 1), taken as 0 where the
+// base is 0 (the derivative's other factor is 0 there). weight multiplies every kind.
+enum Kind : int { kBCE = 0, kFocal = 1, kASL = 2 };
+
+template <typename S>  // S: the opmath scalar (float or double)
+struct Spec {
+  int kind;
+  S keep;      // 1 - label_smoothing
+  S half_eps;  // label_smoothing / 2
+  bool has_ignore;
+  S ignore;
+  S a, b, c;   // focal: alpha, gamma; asl: gamma_neg, gamma_pos, clip
+  int a_int, b_int;  // a and b when they are integers in [0, 8], else -1 (ft_ipow)
+};
+
+// p, q, sp(-x), sp(x) of x from e = exp(-|x|)
+template <typename T>
+struct Sig {
+  T p, q, spn, spp;
+};
+template <typename T>
+FT_HD Sig<T> sig_terms(T x, T e) {
+  const T one(1);
+  const T r = one / (one + e);
+  const T er = e * r;
+  const T l = log1p_unit(e);
+  return {ft_select_nonneg(x, r, er), ft_select_nonneg(x, er, r), l + ft_relu(T(0) - x), l + ft_relu(x)};
+}
+
+// loss, d/dx, d/dy of the focal loss (before weight); ce, dce/dx from the BCE formulas
+template <typename T, typename S>
+FT_HD void focal(const Spec<S>& s, T x, T y, T e, T& loss_out, T& dx, T& dy, bool want_dy) {
+  const T one(1), zero(0);
+  const Sig<T> g = sig_terms(x, e);
+  const T ce = loss_e<false>(x, y, one, one, e);
+  const T dce = input_grad_e<false>(x, y, one, one, e);
+  const T m = g.p * (one - y) + g.q * y;
+  const T mg = s.b_int >= 0 ? ft_ipow(m, s.b_int) : ft_pow(m, T(s.b));
+  const T mg1 = ft_select_pos(m, mg / ft_select_pos(m, m, one), zero);  // m^(gamma-1), 0 at m = 0
+  const T at = s.a >= S(0) ? T(s.a) * y + T(S(1) - s.a) * (one - y) : one;
+  const T dat = s.a >= S(0) ? T(S(2) * s.a - S(1)) : zero;
+  loss_out = at * ce * mg;
+  dx = at * (dce * mg + ce * T(s.b) * mg1 * (g.p * g.q) * (one - y - y));
+  if (want_dy) dy = dat * ce * mg + at * ((T(0) - x) * mg + ce * T(s.b) * mg1 * (g.q - g.p));
+}
+
+// loss, d/dx, d/dy of the asymmetric loss (before weight)
+template <typename T, typename S>
+FT_HD void asl(const Spec<S>& s, T x, T y, T e, T& loss_out, T& dx, T& dy, bool want_dy) {
+  const T one(1), zero(0);
+  const Sig<T> g = sig_terms(x, e);
+  const T clip(s.c);
+  const T pq = g.p * g.q;
+  T neg_log, dneg, pm, dpm;  // -log(min(q + clip, 1)) and its d/dx; max(p - clip, 0) and its d/dx
+  if (s.c > S(0)) {
+    const T over = g.p - clip;  // > 0 where q + clip < 1
+    neg_log = ft_select_pos(over, zero - ft_log(g.q + clip), zero);
+    dneg = ft_select_pos(over, pq / (g.q + clip), zero);
+    pm = ft_select_pos(over, over, zero);
+    dpm = ft_select_pos(over, pq, zero);
+  } else {
+    neg_log = g.spp;
+    dneg = g.p;
+    pm = g.p;
+    dpm = pq;
+  }
+  const T gam = T(s.b) * y + T(s.a) * (one - y);
+  const T A = y * g.spn + (one - y) * neg_log;
+  const T B = y * g.q + (one - y) * pm;
+  const T Bg = (s.a_int >= 0 && s.b_int >= 0 && all_hard(y))
+                   ? ft_select_pos(y, ft_ipow(B, s.b_int), ft_ipow(B, s.a_int))
+                   : ft_pow(B, gam);
+  const T Bsafe = ft_select_pos(B, B, one);
+  const T Bg1 = ft_select_pos(B, Bg / Bsafe, zero);  // B^(gamma-1), 0 at B = 0
+  const T dA = (one - y) * dneg - y * g.q;
+  const T dB = (one - y) * dpm - y * pq;
+  loss_out = A * Bg;
+  dx = dA * Bg + A * gam * Bg1 * dB;
+  if (!want_dy) return;
+  // d/dy: gamma, A and B depend on y
+  const T dAy = g.spn - neg_log;
+  const T dBy = g.q - pm;
+  const T dBgy = ft_select_pos(B, Bg * (ft_log(Bsafe) * T(s.b - s.a) + gam * dBy / Bsafe), zero);
+  dy = dAy * Bg + A * dBgy;
+}
+
+// One element of any kind, label smoothing and ignore value applied: loss, d loss / d x and
+// d loss / d y (the derivative with respect to the raw target), each times the weight.
+// want_dy: also d loss / d y (ASL's needs one more log; the forward and a backward without a
+// target gradient skip it and leave dy 0).
+template <bool HasPosWeight, typename T, typename S>
+FT_HD void elem(const Spec<S>& s, T x, T y_raw, T w, T pw, T e, T& l, T& dx, T& dy, bool want_dy) {
+  const T y = y_raw * T(s.keep) + T(s.half_eps);
+  dy = T(0);
+  if (s.kind == kFocal) {
+    focal(s, x, y, e, l, dx, dy, want_dy);
+  } else if (s.kind == kASL) {
+    asl(s, x, y, e, l, dx, dy, want_dy);
+  } else {
+    l = loss_e<HasPosWeight>(x, y, T(1), pw, e);
+    dx = input_grad_e<HasPosWeight>(x, y, T(1), pw, e);
+    if (want_dy) dy = target_grad<HasPosWeight>(x, T(1), pw);
+  }
+  l = l * w;
+  dx = dx * w;
+  dy = dy * w * T(s.keep);
+  if (s.has_ignore) {
+    const T zero(0);
+    l = ft_select_eq(y_raw, T(s.ignore), zero, l);
+    dx = ft_select_eq(y_raw, T(s.ignore), zero, dx);
+    dy = ft_select_eq(y_raw, T(s.ignore), zero, dy);
+  }
 }
 
 }  // namespace bce
