@@ -144,15 +144,22 @@ __global__ void __launch_bounds__(kThreads)
 
 // grad_input (gi != nullptr) and/or grad_target (gt != nullptr): the opmath derivative times
 // grad_output[i] (PER_ELEM, 'none') or grad_output[0] / divisor, rounded once at the store.
-template <typename scalar_t, typename target_t, bool PW, bool PER_ELEM>
+// GENERIC (focal, asl, smoothing, ignore value: elem()) takes one element per step: eight
+// unrolled elem() calls of a 16-bit input spill registers, and these losses are compute-bound.
+template <typename scalar_t, bool GENERIC>
+constexpr int bwd_vec() { return GENERIC ? 1 : Tile<scalar_t>::VEC; }
+template <typename scalar_t, bool GENERIC>
+constexpr int64_t bwd_tile() { return int64_t(kThreads) * bwd_vec<scalar_t, GENERIC>() * kIters; }
+
+template <typename scalar_t, typename target_t, bool PW, bool PER_ELEM, bool GENERIC>
 __global__ void __launch_bounds__(kThreads)
     bce_bwd_kernel(const opmath_t<scalar_t>* __restrict__ go, const scalar_t* __restrict__ x,
                    const target_t* __restrict__ y, BcastArg<opmath_t<scalar_t>> w, BcastArg<opmath_t<scalar_t>> pw,
                    scalar_t* __restrict__ gi, target_t* __restrict__ gt, int64_t N, int64_t C,
-                   opmath_t<scalar_t> divisor, Spec<opmath_t<scalar_t>> spec, bool generic, bool aligned) {
+                   opmath_t<scalar_t> divisor, Spec<opmath_t<scalar_t>> spec, bool aligned) {
   using op_t = opmath_t<scalar_t>;
-  constexpr int VEC = Tile<scalar_t>::VEC;
-  const int64_t tile0 = int64_t(blockIdx.x) * Tile<scalar_t>::kTile;
+  constexpr int VEC = bwd_vec<scalar_t, GENERIC>();
+  const int64_t tile0 = int64_t(blockIdx.x) * bwd_tile<scalar_t, GENERIC>();
   const op_t factor = PER_ELEM ? op_t(1) : go[0] / divisor;
 #pragma unroll 1
   for (int it = 0; it < kIters; ++it) {
@@ -164,7 +171,7 @@ __global__ void __launch_bounds__(kThreads)
     target_t ys[VEC];
     op_t fs[VEC];
     load_vec(x + i0, vec, n, xs);
-    if (gi != nullptr || generic) load_vec(y + i0, vec, n, ys);
+    if (gi != nullptr || GENERIC) load_vec(y + i0, vec, n, ys);
     if (PER_ELEM) load_vec(go + i0, vec, n, fs);
     int64_t r = i0 / C, c = i0 - r * C;
     scalar_t gis[VEC];
@@ -176,7 +183,7 @@ __global__ void __launch_bounds__(kThreads)
       if (j < n) {  // the weights are read only inside the tensor
         const op_t xv = static_cast<op_t>(xs[j]), wv = w.at(r, c), pv = PW ? pw.at(r, c) : op_t(1);
         const op_t f = PER_ELEM ? fs[j] : factor;
-        if (generic) {
+        if (GENERIC) {
           op_t l, dx, dy;
           elem<PW>(spec, xv, static_cast<op_t>(ys[j]), wv, pv, exp_neg_abs(xv), l, dx, dy, gt != nullptr);
           gis[j] = static_cast<scalar_t>(dx * f);
@@ -293,30 +300,37 @@ std::tuple<at::Tensor, at::Tensor> bce_with_logits_backward_cuda(
              using target_t = typename decltype(t)::type;
              using op_t = opmath_t<scalar_t>;
              constexpr bool PW = decltype(pwc)::value;
-             constexpr int VEC = Tile<scalar_t>::VEC;
              const op_t* one = device_one<op_t>();
              const auto w = bcast_of<op_t>(weight, one);
              const auto pw = bcast_of<op_t>(pos_weight, one);
-             const int64_t blocks = (N + Tile<scalar_t>::kTile - 1) / Tile<scalar_t>::kTile;
-             TORCH_CHECK(blocks < (int64_t(1) << 31), "bce_with_logits_backward: tensor too large");
              const auto spec = spec_of<op_t>(kind, params, "bce_with_logits_backward");
-             const bool generic = is_generic(spec);
              const op_t* gop = grad_output.data_ptr<op_t>();
              const scalar_t* xp = input.data_ptr<scalar_t>();
              const target_t* yp = target.data_ptr<target_t>();
              scalar_t* gip = input_grad ? gi.data_ptr<scalar_t>() : nullptr;
              target_t* gtp = target_grad ? gt.data_ptr<target_t>() : nullptr;
-             bool aligned = is_aligned(xp, sizeof(scalar_t) * VEC) && is_aligned(yp, sizeof(target_t) * VEC) &&
-                            (gip == nullptr || is_aligned(gip, sizeof(scalar_t) * VEC)) &&
-                            (gtp == nullptr || is_aligned(gtp, sizeof(target_t) * VEC));
-             if (reduction == 0) {
-               aligned = aligned && is_aligned(gop, sizeof(op_t) * VEC);
-               bce_bwd_kernel<scalar_t, target_t, PW, true><<<blocks, kThreads, 0, stream>>>(
-                   gop, xp, yp, w, pw, gip, gtp, N, C, op_t(1), spec, generic, aligned);
-             } else {
-               bce_bwd_kernel<scalar_t, target_t, PW, false><<<blocks, kThreads, 0, stream>>>(
-                   gop, xp, yp, w, pw, gip, gtp, N, C, reduction == 1 ? op_t(N) : op_t(1), spec, generic, aligned);
-             }
+             const op_t divisor = reduction == 1 ? op_t(N) : op_t(1);
+             auto launch = [&](auto per_elem, auto generic) {
+               constexpr bool PER_ELEM = decltype(per_elem)::value, GENERIC = decltype(generic)::value;
+               constexpr int VEC = bwd_vec<scalar_t, GENERIC>();
+               constexpr int64_t kTileB = bwd_tile<scalar_t, GENERIC>();
+               const int64_t blocks = (N + kTileB - 1) / kTileB;
+               TORCH_CHECK(blocks < (int64_t(1) << 31), "bce_with_logits_backward: tensor too large");
+               const bool aligned = is_aligned(xp, sizeof(scalar_t) * VEC) &&
+                                    is_aligned(yp, sizeof(target_t) * VEC) &&
+                                    (gip == nullptr || is_aligned(gip, sizeof(scalar_t) * VEC)) &&
+                                    (gtp == nullptr || is_aligned(gtp, sizeof(target_t) * VEC)) &&
+                                    (!PER_ELEM || is_aligned(gop, sizeof(op_t) * VEC));
+               bce_bwd_kernel<scalar_t, target_t, PW, PER_ELEM, GENERIC><<<blocks, kThreads, 0, stream>>>(
+                   gop, xp, yp, w, pw, gip, gtp, N, C, divisor, spec, aligned);
+             };
+             using T_ = std::true_type;
+             using F_ = std::false_type;
+             const bool generic = is_generic(spec);
+             if (reduction == 0)
+               generic ? launch(T_{}, T_{}) : launch(T_{}, F_{});
+             else
+               generic ? launch(F_{}, T_{}) : launch(F_{}, F_{});
              C10_CUDA_KERNEL_LAUNCH_CHECK();
            });
   return {gi, gt};
