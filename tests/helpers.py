@@ -1,13 +1,11 @@
 """Comparison helpers and oracles shared by the op-family tests."""
-import zlib
-
 import torch
 import torch.nn.functional as F
 
 # RTOL (one rounding to the storage dtype, with room for fp32 math), FLOAT_DTYPES, poison_ and
 # the comparator assert_close live in the package (fusedtrain/_compare.py), so that
 # `fusedtrain check` uses the very same ones.
-from fusedtrain._compare import FLOAT_DTYPES, RTOL, assert_close, poison_  # noqa: F401
+from fusedtrain._compare import FLOAT_DTYPES, RTOL, assert_close, poison_, stable_seed  # noqa: F401
 
 # unit roundoff of the arithmetic a kernel uses for a storage dtype (fp32 math; fp64 for fp64)
 COMPUTE_EPS = {torch.float32: 2.0**-24, torch.float16: 2.0**-24, torch.bfloat16: 2.0**-24, torch.float64: 2.0**-53}
@@ -17,7 +15,7 @@ _MANTISSA = {torch.float32: 23, torch.float64: 52, torch.float16: 10, torch.bflo
 def seed_for(*parts) -> int:
     """A seed from a stable hash of `parts` (not Python's salted hash()), set as torch's global
     seed and returned so that failure messages can print it."""
-    seed = zlib.crc32("|".join(map(str, parts)).encode()) & 0x7FFFFFFF
+    seed = stable_seed(*parts)
     torch.manual_seed(seed)
     return seed
 
