@@ -87,7 +87,7 @@ SHAPES = [(0,), (1,), (1023,), (1025,), (3, 5, 7), (4, 0, 3)]
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=lambda d: DT_IDS[d])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES + (torch.float64,), ids=lambda d: DT_IDS[d])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_matches_float64_reference(backend_device, shape, dtype, reduction):
     _, device = backend_device
@@ -382,27 +382,10 @@ def test_gradcheck_float64_native(with_w):
     w = torch.rand(6, dtype=torch.float64) + 0.5 if with_w else None
     pw = torch.rand(3, 1, dtype=torch.float64) * 3 if with_w else None
     with fusedtrain.use_backend("native"):
-        # 'none' (backward out of place): gradcheck runs backward twice through one graph
-        assert torch.autograd.gradcheck(lambda a, b: bce(a, b, weight=w, pos_weight=pw, reduction="none"), (x, y))
-        # mean/sum scale the saved gradient in place (one backward per graph): check each with a
-        # fresh forward against central differences
-        for red in ("mean", "sum"):
-            xx = x.detach().clone().requires_grad_()
-            yy = y.detach().clone().requires_grad_()
-            bce(xx, yy, weight=w, pos_weight=pw, reduction=red).backward()
-            eps = 1e-6
-            for t, g in ((x, xx.grad), (y, yy.grad)):
-                flat = t.detach().clone().view(-1)
-                numg = torch.empty_like(flat)
-                for i in range(flat.numel()):
-                    p, m = flat.clone(), flat.clone()
-                    p[i] += eps
-                    m[i] -= eps
-                    args = (p.view_as(t), y.detach()) if t is x else (x.detach(), p.view_as(t))
-                    argsm = (m.view_as(t), y.detach()) if t is x else (x.detach(), m.view_as(t))
-                    numg[i] = (bce(*args, weight=w, pos_weight=pw, reduction=red)
-                               - bce(*argsm, weight=w, pos_weight=pw, reduction=red)) / (2 * eps)
-                torch.testing.assert_close(g.view(-1), numg, rtol=1e-6, atol=1e-7)
+        # every reduction: the backward reads only the saved inputs, so gradcheck may run it
+        # repeatedly through one graph (the CPU unit-gradient path is taken once, then recomputed)
+        for red in REDUCTIONS:
+            assert torch.autograd.gradcheck(lambda a, b: bce(a, b, weight=w, pos_weight=pw, reduction=red), (x, y))
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
