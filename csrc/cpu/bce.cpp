@@ -223,13 +223,17 @@ void backward_kernel(const at::Tensor& grad_output, const at::Tensor& input, con
             if (gt_p) store2<op_t>(gt_p + base + c, dya * fa, dyb * fb);
             continue;
           }
+          // one exp for both gradients; none for a target gradient without pos_weight
+          const bool need_e = gi_p || PW;
+          const Vec ea = need_e ? exp_neg_abs(xa) : Vec(op_t(0)), eb = need_e ? exp_neg_abs(xb) : Vec(op_t(0));
           if (gi_p) {
             Vec ya, yb;
             load2<op_t>(y + base + c, ya, yb);
-            store2<op_t>(gi_p + base + c, input_grad<PW>(xa, ya, wa, pa) * fa, input_grad<PW>(xb, yb, wb, pb) * fb);
+            store2<op_t>(gi_p + base + c, input_grad_e<PW>(xa, ya, wa, pa, ea) * fa,
+                         input_grad_e<PW>(xb, yb, wb, pb, eb) * fb);
           }
           if (gt_p)
-            store2<op_t>(gt_p + base + c, target_grad<PW>(xa, wa, pa) * fa, target_grad<PW>(xb, wb, pb) * fb);
+            store2<op_t>(gt_p + base + c, target_grad_e<PW>(xa, wa, pa, ea) * fa, target_grad_e<PW>(xb, wb, pb, eb) * fb);
         }
         for (; c < c1; ++c) {
           const op_t xv = static_cast<op_t>(x[base + c]), wv = w.at(wr, c), pv = PW ? pw.at(pwr, c) : one;
@@ -241,8 +245,9 @@ void backward_kernel(const at::Tensor& grad_output, const at::Tensor& input, con
             if (gt_p) gt_p[base + c] = static_cast<target_t>(dy * f);
             continue;
           }
-          if (gi_p) gi_p[base + c] = static_cast<scalar_t>(input_grad<PW>(xv, static_cast<op_t>(y[base + c]), wv, pv) * f);
-          if (gt_p) gt_p[base + c] = static_cast<target_t>(target_grad<PW>(xv, wv, pv) * f);
+          const op_t ev = (gi_p || PW) ? exp_neg_abs(xv) : op_t(0);
+          if (gi_p) gi_p[base + c] = static_cast<scalar_t>(input_grad_e<PW>(xv, static_cast<op_t>(y[base + c]), wv, pv, ev) * f);
+          if (gt_p) gt_p[base + c] = static_cast<target_t>(target_grad_e<PW>(xv, wv, pv, ev) * f);
         }
       });
     }

@@ -189,8 +189,9 @@ __global__ void __launch_bounds__(kThreads)
           gis[j] = static_cast<scalar_t>(dx * f);
           gts[j] = static_cast<target_t>(dy * f);
         } else {
-          if (gi != nullptr) gis[j] = static_cast<scalar_t>(input_grad<PW>(xv, static_cast<op_t>(ys[j]), wv, pv) * f);
-          if (gt != nullptr) gts[j] = static_cast<target_t>(target_grad<PW>(xv, wv, pv) * f);
+          const op_t ev = (gi != nullptr || PW) ? exp_neg_abs(xv) : op_t(0);  // one exp for both gradients
+          if (gi != nullptr) gis[j] = static_cast<scalar_t>(input_grad_e<PW>(xv, static_cast<op_t>(ys[j]), wv, pv, ev) * f);
+          if (gt != nullptr) gts[j] = static_cast<target_t>(target_grad_e<PW>(xv, wv, pv, ev) * f);
         }
       }
       if (++c == C) {

@@ -239,7 +239,7 @@ def _fused_loss(fn, input, target, weight, pos_weight, reduction, kind, label_sm
     _check_broadcast(fn, "pos_weight", pos_weight, shape, device)
 
     red = _REDUCTIONS[reduction]
-    op_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    op_dtype = _opmath(input)
     out_dtype = out_dtype_rule(input, target)
     if torch.is_autocast_enabled(device.type):  # autocast's fp32 policy (float64 stays float64)
         out_dtype = torch.float64 if out_dtype == torch.float64 else torch.float32

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedtrain import reference
 from fusedtrain.triton.aot import AotSpec
 from fusedtrain.triton.rounding import store_rounded
 
@@ -309,8 +310,7 @@ def _spec_args(params):
 
 
 def _spec_constexprs(kind, params):
-    generic = kind != 0 or params[0] != 0 or params[1] != 0
-    return {"KIND": kind, "GENERIC": generic, "HAS_IGNORE": params[1] != 0}
+    return {"KIND": kind, "GENERIC": reference.is_generic(kind, params), "HAS_IGNORE": params[1] != 0}
 
 
 def _opmath(dtype):

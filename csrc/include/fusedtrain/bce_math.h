@@ -12,7 +12,7 @@
 // The gradients are evaluated in the backward from the saved inputs, multiplied there by
 // grad_output (times 1/N for 'mean') in opmath and rounded once to the storage dtype: a
 // gradient stored in fp16 and scaled afterwards would round twice (see docs/design.md).
-// sigmoid(x) comes from the same e (see input_grad()): never log(sigmoid(x)), never exp of a
+// sigmoid(x) comes from the same e (see input_grad_e()): never log(sigmoid(x)), never exp of a
 // positive number, so every finite x gives a finite result (fp16 +-65504 included). For +-inf
 // the formulas give torch's values (e.g. x = +inf, y = 1: (1 - y) * x = 0 * inf = NaN, as
 // torch gives); NaN in -> NaN out.
@@ -169,21 +169,13 @@ FT_HD T input_grad_e(T x, T y, T w, T pw, T e) {
 template <typename T>
 FT_HD T exp_neg_abs(T x) { return ft_exp(T(0) - ft_abs(x)); }
 
-template <bool HasPosWeight, typename T>
-FT_HD T loss(T x, T y, T w, T pw) { return loss_e<HasPosWeight>(x, y, w, pw, exp_neg_abs(x)); }
-
-template <bool HasPosWeight, typename T>
-FT_HD T input_grad(T x, T y, T w, T pw) { return input_grad_e<HasPosWeight>(x, y, w, pw, exp_neg_abs(x)); }
-
 // d loss / d target of one element (before the 1/N of 'mean' and grad_output):
 // pos_weight * softplus(-x) - softplus(x) = (pos_weight - 1) L - (x >= 0 ? x : pos_weight x),
 // exactly -x for pos_weight = 1 (the two L terms of the plain form would not cancel exactly).
+// e is read only with pos_weight (callers without one may pass anything).
 template <bool HasPosWeight, typename T>
-FT_HD T target_grad(T x, T w, T pw) {
-  if (HasPosWeight) {
-    const T l = log1p_unit(ft_exp(T(0) - ft_abs(x)));
-    return w * ((pw - T(1)) * l - ft_select_nonneg(x, x, pw * x));
-  }
+FT_HD T target_grad_e(T x, T w, T pw, T e) {
+  if (HasPosWeight) return w * ((pw - T(1)) * log1p_unit(e) - ft_select_nonneg(x, x, pw * x));
   return w * (T(0) - x);
 }
 
@@ -302,7 +294,7 @@ FT_HD void elem(const Spec<S>& s, T x, T y_raw, T w, T pw, T e, T& l, T& dx, T& 
   } else {
     l = loss_e<HasPosWeight>(x, y, T(1), pw, e);
     dx = input_grad_e<HasPosWeight>(x, y, T(1), pw, e);
-    if (want_dy) dy = target_grad<HasPosWeight>(x, T(1), pw);
+    if (want_dy) dy = target_grad_e<HasPosWeight>(x, T(1), pw, e);
   }
   l = l * w;
   dx = dx * w;
