@@ -104,7 +104,8 @@ def _extensions():
             extra_compile_args={
                 "cxx": cxx_flags,
                 "nvcc": ["-O3", "-DNDEBUG", "-lineinfo", "--expt-relaxed-constexpr",
-                         # a spill to local memory fails the build (DESIGN §5)
+                         # a spill to local memory fails the build (docs/design.md,
+                         # "Verifying GPU code without a GPU")
                          "-Xptxas=--warn-on-spills,--warning-as-error"],
             },
             extra_link_args=[],

@@ -1,7 +1,7 @@
 """Which backend runs an op: availability, the default choice, and use_backend().
 
-Default per call (DESIGN §2): CUDA tensors -> triton, else native, else reference;
-CPU tensors -> native, else reference. An explicit choice (use_backend() or the
+Default per call (docs/design.md §2): CUDA tensors -> triton, else native, else
+reference; CPU tensors -> native, else reference; dtypes without kernels -> reference. An explicit choice (use_backend() or the
 FUSEDTRAIN_BACKEND environment variable) that cannot run on the given tensors raises
 BackendError saying why; it never falls back silently.
 """
@@ -100,14 +100,27 @@ def use_backend(name: str):
         stack.pop()
 
 
-def select(device: torch.device, op: str) -> str:
-    """The backend that runs `op` on tensors of `device`."""
+def select(device: torch.device, op: str, dtype: torch.dtype = None, kernel_dtypes=None) -> str:
+    """The backend that runs `op` on tensors of `device`.
+
+    Args:
+        device: where the tensors are.
+        op: the op's name, for error messages.
+        dtype, kernel_dtypes: the tensors' dtype and the dtypes the triton and native kernels
+            of `op` take; any other dtype runs on the reference backend (an explicit choice of
+            another backend is then an error).
+    """
     name, source = _forced()
+    no_kernels = kernel_dtypes is not None and dtype not in kernel_dtypes
     if name is not None:
         ok, why = availability(name, device)
+        if ok and no_kernels and name != "reference":
+            ok, why = False, f"it has kernels for {', '.join(str(d) for d in kernel_dtypes)}, not {dtype}"
         if not ok:
             raise BackendError(f"{op}: backend {name!r} (chosen by {source}) cannot run on {device} tensors: {why}")
         return name
+    if no_kernels:
+        return "reference"
     order = ("triton", "native", "reference") if device.type == "cuda" else ("native", "reference")
     for cand in order:
         if availability(cand, device)[0]:

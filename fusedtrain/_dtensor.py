@@ -8,12 +8,21 @@ except ImportError:  # torch built without distributed
 
 
 def is_dtensor(t) -> bool:
+    """Whether t is a DTensor (False where torch has no distributed support).
+
+    Args:
+        t: any object.
+    """
     return DTensor is not None and isinstance(t, DTensor)
 
 
 def local(t):
     """The local shard of a DTensor (shares its storage, so in-place updates reach the
-    DTensor); any other tensor as it is."""
+    DTensor); any other tensor as it is.
+
+    Args:
+        t: a tensor or DTensor.
+    """
     return t._local_tensor if is_dtensor(t) else t
 
 
@@ -21,7 +30,13 @@ def reduce_across_shards_(dtensors, found_infs=(), sums=()):
     """Make found_inf and sum-of-squares tensors computed on local shards global: found_inf
     is max-reduced over every mesh dimension (every rank then skips together); a sum of
     squares is sum-reduced over the dimensions the tensors are sharded on (a replicated
-    dimension already holds the whole sum)."""
+    dimension already holds the whole sum).
+
+    Args:
+        dtensors: the DTensors the values were computed from (their meshes and placements).
+        found_infs: found_inf tensors to max-reduce in place.
+        sums: sum-of-squares tensors to sum-reduce in place.
+    """
     import torch.distributed as dist
 
     layouts = {}

@@ -24,10 +24,12 @@ _load()
 
 
 def native_cpu() -> tuple:
+    """(available, why not) of the extension's CPU kernels."""
     return (_C is not None, _why_not)
 
 
 def native_cuda() -> tuple:
+    """(available, why not) of the extension's CUDA kernels."""
     if _C is None:
         return (False, _why_not)
     if not _C.built_with_cuda:

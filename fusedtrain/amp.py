@@ -1,44 +1,14 @@
-"""GradScaler: torch.amp.GradScaler's API and state_dict, with fusedtrain's fused pass.
+"""GradScaler: torch.amp.GradScaler's API and state_dict with fusedtrain's fused passes, and
+the one-read clipped step.
 
-It subclasses torch.amp.GradScaler, so scale(), update(), get_scale(), the growth/backoff
-setters, state_dict()/load_state_dict() (a torch scaler's state loads into ours and the
-reverse), pickling and is_enabled() are torch's own; the scale update is
-torch._amp_update_scale_ on the scale's device (no host sync). What changes:
-
-* unscale_(optimizer): one fusedtrain.unscale_and_check_ pass per (device, dtype) group of
-  the optimizer's gradients (bit-identical to torch's unscale).
-* step(optimizer):
-  - an optimizer with ``_step_supports_grad_mult`` (fusedtrain's FusedAdam/FusedAdamW): a
-    read-only check pass (or the results of an earlier unscale_), then ``optimizer.step()``
-    with ``optimizer.grad_mult`` (inv_scale, or None) and ``optimizer.found_inf`` set: the
-    gradients are unscaled as the optimizer reads them and never written; a nonzero
-    found_inf skips the step on the device; no host sync.
-  - another optimizer with ``_step_supports_amp_scaling`` (torch's fused Adam/AdamW/SGD/
-    Adagrad): torch's protocol (``optimizer.grad_scale`` / ``optimizer.found_inf``), with the
-    inf check as a read-only pass instead of torch's multiply-by-one.
-  - any other optimizer: the fused unscale pass, then the step is skipped on the host
-    exactly as torch does (this syncs, as torch's does).
-* clip_grad_norm_(optimizer, max_norm): unscale, check and clip by the global L2 norm with a
-  read-only check+norm pass and one scaling pass (x * inv_scale * clip_coef, rounded once);
-  on CPU, while clipping is inactive, one unscale+check+norm pass and no scaling pass.
-  Returns the total norm (fp32, on the device).
-* step(optimizer, max_norm=...): the one-read clipped step. For fusedtrain's optimizers
-  (``_step_supports_grad_mult``) it is two passes and no host sync: pass 1 reads every gradient once and
-  computes found_inf and the global norm of the unscaled gradients on the device, writing
-  nothing; pass 2 is the fused Adam/AdamW kernel, which multiplies each gradient by
-  inv_scale * clip_coef as it reads it and skips everything when found_inf is set (see
-  clipped_step_). The gradients are left as they were: still scaled, or unscaled if you
-  called unscale_ before (then found_inf comes from unscale_ and only the norm is taken).
-  For other optimizers it is clip_grad_norm_ then step. Either way it returns the total norm
-  of the unscaled gradients as a 0-d fp32 device tensor, like clip_grad_norm_.
-* Optimizers with no gradients at all (an empty parameter list, or every grad None) work:
-  step() calls optimizer.step() and update() leaves the scale growing, where torch raises
-  "No inf checks were recorded".
+The scaler hands the scale to fusedtrain's optimizers instead of unscaling the gradients
+(they unscale as they read), checks for inf/NaN in one read-only pass per (device, dtype),
+and never syncs the host; how each method works: docs/design.md §7.
 """
 from collections import defaultdict
 
 import torch
-from torch.amp.grad_scaler import OptState
+from torch.amp.grad_scaler import OptState, _refresh_per_optimizer_state
 
 from fusedtrain import _dtensor
 from fusedtrain.ops.unscale import combine_norm, unscale_sumsq_
@@ -107,6 +77,14 @@ class GradScaler(torch.amp.GradScaler):
                  backoff_factor: float = 0.5, growth_interval: int = 2000, enabled: bool = True) -> None:
         super().__init__(device, init_scale=init_scale, growth_factor=growth_factor, backoff_factor=backoff_factor,
                          growth_interval=growth_interval, enabled=enabled)
+
+    def _state_of(self, optimizer):
+        """torch's per-optimizer record, created by an explicit assignment: under torch.compile
+        Dynamo drops an entry that the defaultdict's factory creates (torch 2.14)."""
+        st = self._per_optimizer_states.get(id(optimizer))
+        if st is None:
+            st = self._per_optimizer_states[id(optimizer)] = _refresh_per_optimizer_state()
+        return st
 
     # ---- gathering gradients ------------------------------------------------------------
     @staticmethod
@@ -179,7 +157,7 @@ class GradScaler(torch.amp.GradScaler):
         self._check_scale_growth_tracker("_check_inf_per_device")
         ones = torch.ones((), dtype=torch.float32, device=self._scale.device)
         found, _ = self._pass(optimizer, ones, True, write=False)
-        self._per_optimizer_states[id(optimizer)]["found_inf_per_device"] = found
+        self._state_of(optimizer)["found_inf_per_device"] = found
         return found
 
     def _found_inf_sum(self, optimizer_state):
@@ -200,7 +178,7 @@ class GradScaler(torch.amp.GradScaler):
         if "closure" in kwargs:
             raise RuntimeError("Closure use is not currently supported if GradScaler is enabled.")
         self._check_scale_growth_tracker("step")
-        optimizer_state = self._per_optimizer_states[id(optimizer)]
+        optimizer_state = self._state_of(optimizer)
         if optimizer_state["stage"] is OptState.STEPPED:
             raise RuntimeError("step() has already been called since the last update().")
         if max_norm is not None and _has_step_scaled(optimizer):
@@ -257,7 +235,7 @@ class GradScaler(torch.amp.GradScaler):
         if not self._enabled:
             return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite)
         self._check_scale_growth_tracker("clip_grad_norm_")
-        optimizer_state = self._per_optimizer_states[id(optimizer)]
+        optimizer_state = self._state_of(optimizer)
         if optimizer_state["stage"] is OptState.STEPPED:
             raise RuntimeError("clip_grad_norm_() is being called after step().")
         if float(norm_type) != 2.0 or any(p.grad.is_sparse for p in params):

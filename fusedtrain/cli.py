@@ -1,5 +1,4 @@
 """The `fusedtrain` command: check, bench, demo."""
-import os
 import sys
 
 USAGE = """usage: fusedtrain {check,bench,demo} [options]
@@ -11,21 +10,12 @@ USAGE = """usage: fusedtrain {check,bench,demo} [options]
 `fusedtrain COMMAND --help` for the options of each."""
 
 
-def _bench(argv):
-    # The suites live in the repository's benchmarks/ folder, beside the package.
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    bench_dir = os.path.join(here, "benchmarks")
-    if not os.path.exists(os.path.join(bench_dir, "run.py")):
-        print("fusedtrain bench: benchmarks/ not found beside the package; run it from a source checkout "
-              "(pip install -e .)", file=sys.stderr)
-        return 2
-    sys.path.insert(0, bench_dir)
-    import run as bench_run
-
-    return bench_run.main(argv)
-
-
 def main(argv=None) -> int:
+    """Runs one command and returns its exit status (2 for a usage error).
+
+    Args:
+        argv: the command and its options (sys.argv[1:] when None).
+    """
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
@@ -36,10 +26,16 @@ def main(argv=None) -> int:
 
         return selfcheck.main(rest)
     if cmd == "bench":
-        return _bench(rest)
+        from fusedtrain.benchmarks import run
+
+        return run.main(rest)
     if cmd == "demo":
         from fusedtrain import demo
 
         return demo.main(rest)
     print(f"fusedtrain: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
     return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -25,6 +25,20 @@ FEATURES = 128
 
 @dataclasses.dataclass
 class Config:
+    """The demo run's settings.
+
+    Args:
+        samples: training samples (a quarter as many more are held out).
+        epochs: passes over the training samples.
+        batch: samples per optimizer step.
+        accum: micro-batches per optimizer step (gradient accumulation).
+        hidden: width of the MLP's hidden layers.
+        lr, weight_decay: AdamW's.
+        max_norm: gradient clipping norm.
+        seed: seeds the data, the model and the batch order.
+        device: where the model trains.
+    """
+
     samples: int = 49152
     epochs: int = 8
     batch: int = 256
@@ -38,8 +52,13 @@ class Config:
 
 
 def make_data(cfg: Config):
-    """Features and 64 labels whose frequencies fall from ~40% to ~0.5% (a power law),
-    generated from a fixed random linear teacher so the task is learnable."""
+    """((x, y) training, (x, y) held out): features and 64 labels whose frequencies fall from
+    ~40% to ~0.5% (a power law), generated from a fixed random linear teacher so the task is
+    learnable.
+
+    Args:
+        cfg: samples and seed are used.
+    """
     g = torch.Generator().manual_seed(cfg.seed)
     n = cfg.samples + cfg.samples // 4
     x = torch.randn(n, FEATURES, generator=g)
@@ -54,6 +73,11 @@ def make_data(cfg: Config):
 
 
 def make_model(cfg: Config) -> nn.Module:
+    """The seeded MLP on cfg.device.
+
+    Args:
+        cfg: hidden, seed and device are used.
+    """
     torch.manual_seed(cfg.seed)
     return nn.Sequential(
         nn.Linear(FEATURES, cfg.hidden), nn.GELU(),
@@ -63,7 +87,14 @@ def make_model(cfg: Config) -> nn.Module:
 
 
 def make_pieces(kind: str, model: nn.Module, pos_weight: torch.Tensor, cfg: Config):
-    """(criterion, optimizer, scaler) from fusedtrain or from torch."""
+    """(criterion, optimizer, scaler) from fusedtrain or from torch.
+
+    Args:
+        kind: "fusedtrain" or "torch".
+        model: whose parameters the optimizer steps.
+        pos_weight: the criterion's pos_weight, per class.
+        cfg: lr, weight_decay and device are used.
+    """
     if kind == "fusedtrain":
         import fusedtrain
 
@@ -78,7 +109,14 @@ def make_pieces(kind: str, model: nn.Module, pos_weight: torch.Tensor, cfg: Conf
 
 
 def train(kind: str, cfg: Config, data, progress=True):
-    """One seeded training run; returns (model, losses per optimizer step, seconds per step)."""
+    """One seeded training run; returns (model, losses per optimizer step, seconds per step).
+
+    Args:
+        kind: "fusedtrain" (the one-read clipped step) or "torch" (unscale_, clip, step).
+        cfg: the run's settings.
+        data: make_data(cfg)'s value.
+        progress: show a tqdm bar per epoch where tqdm is installed.
+    """
     (x, y), _ = data
     x, y = x.to(cfg.device), y.to(cfg.device)
     pos = y.mean(0).clamp(min=1e-3)
@@ -129,6 +167,13 @@ def train(kind: str, cfg: Config, data, progress=True):
 
 @torch.no_grad()
 def per_class_report(model: nn.Module, data, cfg: Config) -> str:
+    """Precision, recall and F1 per class on the held-out data, as text.
+
+    Args:
+        model: the trained model.
+        data: make_data(cfg)'s value.
+        cfg: device is used.
+    """
     _, (x, y) = data
     pred = (model(x.to(cfg.device)).float() > 0).cpu()
     y = y.bool()
@@ -151,6 +196,11 @@ def per_class_report(model: nn.Module, data, cfg: Config) -> str:
 
 
 def max_param_diff(a: nn.Module, b: nn.Module) -> float:
+    """The largest absolute difference between corresponding parameters.
+
+    Args:
+        a, b: two models of one architecture.
+    """
     return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
 
 
@@ -170,6 +220,12 @@ def _plot_curves(curves: dict, path: str):
 
 
 def main(argv=None) -> int:
+    """`fusedtrain demo`: trains, prints the report (and the comparison), writes demo.json and
+    the loss-curve PNG; returns the exit status.
+
+    Args:
+        argv: the command-line arguments (sys.argv[1:] when None); --help lists them.
+    """
     p = argparse.ArgumentParser(prog="fusedtrain demo", description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--epochs", type=int, default=Config.epochs)

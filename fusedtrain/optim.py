@@ -1,27 +1,20 @@
-"""FusedAdam / FusedAdamW: torch.optim.Adam / AdamW with one fused kernel launch per
-(param group, device, dtype) per step.
+"""FusedAdam / FusedAdamW: torch.optim.Adam / AdamW whose step is one fused kernel launch per
+(param group, device, dtype), and which unscale AMP gradients as they read them.
 
-Same constructor, param_groups keys, state keys and state_dict as torch 2.14's Adam/AdamW
-(a state_dict saved by one loads into the other and training continues on the same
-trajectory), plus `master_weights=True`: an fp32 copy of every fp16/bf16 param (state key
-`master_param`) and fp32 states, the update running on the copy.
-
-AMP: `_step_supports_amp_scaling = True`. torch.amp.GradScaler sets `optimizer.grad_scale`
-(None when unscale_ already ran) and `optimizer.found_inf` before calling step(); step() then
-unscales inside the kernel (grad_mult = 1 / grad_scale, computed on the device) and skips
-the whole update on the device when found_inf is nonzero. fusedtrain.GradScaler instead sets
-`optimizer.grad_mult` (1 / scale, times the clip coefficient in the one-read clipped step)
-with `found_inf` (`_step_supports_grad_mult = True`); step() then delegates to
-`_step_scaled(grad_mult, found_inf)`.
+The step follows torch.optim.Adam's: gather each group (`_init_group`, which Dynamo runs
+eagerly under torch.compile), then one fusedtrain::adam_ call per group. How the AMP
+protocol and master weights work: docs/design.md §7.
 """
 import itertools
 import operator
 
 import torch
 
-from fusedtrain import _dtensor, _ext
-from fusedtrain._optim_state import StateMap, Version
+from fusedtrain import _dtensor
 from fusedtrain.ops import adam as adam_ops
+
+_EXP_AVG, _EXP_AVG_SQ, _MAX_EXP_AVG_SQ, _STEP, _MASTER = map(
+    operator.itemgetter, ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step", "master_param"))
 
 _LOW = (torch.float16, torch.bfloat16)
 
@@ -31,10 +24,18 @@ def _scalar(x):
 
 
 class FusedAdam(torch.optim.Optimizer):
-    """torch.optim.Adam with a fused step. Extra keyword: master_weights (fp32 master copy
-    and fp32 states for fp16/bf16 params). The constructor rejects what torch.optim.Adam's
-    rejects, with the same exception type and message; foreach/fused are accepted and ignored
-    (both True: torch's RuntimeError); differentiable=True is not supported."""
+    """torch.optim.Adam with a fused step; same constructor checks, param_groups, state and
+    state_dict (a checkpoint loads into torch.optim.Adam and back).
+
+    Args:
+        params, lr, betas, eps, weight_decay, amsgrad, maximize, capturable,
+            decoupled_weight_decay: as torch.optim.Adam.
+        foreach, fused: accepted and ignored (both True is torch's RuntimeError).
+        differentiable: must be False (the update is a kernel outside autograd).
+        master_weights: keep an fp32 copy of every fp16/bf16 param (state key
+            "master_param") and fp32 moments; the update runs on the copy and the param
+            receives its rounding.
+    """
 
     _step_supports_amp_scaling = True
     _step_supports_grad_mult = True  # fusedtrain.GradScaler hands grad_mult + found_inf to step()
@@ -85,32 +86,8 @@ class FusedAdam(torch.optim.Optimizer):
             raise ValueError(f"{type(self).__name__} does not support differentiable=True: its update is a "
                              "fused kernel outside autograd (use torch.optim.Adam(differentiable=True))")
 
-    @property
-    def state(self):
-        """param -> dict of state tensors, as torch keeps it; an entry assigned or removed
-        here (not only in place) is what the next step uses (fusedtrain/_optim_state.py)."""
-        return self.__dict__["_state_map"]
-
-    @state.setter
-    def state(self, value):
-        box = self.__dict__.setdefault("_state_box", Version())
-        self.__dict__["_state_map"] = value if isinstance(value, StateMap) and value._version is box \
-            else StateMap(box, value)
-        box.bump()
-
-    def state_dict(self):
-        sd = super().state_dict()
-        # plain dicts: a checkpoint loads without fusedtrain and with weights_only=True
-        sd["state"] = {k: dict(v) for k, v in sd["state"].items()}
-        return sd
-
     def __setstate__(self, state):
-        state = dict(state)
-        st = state.pop("state", None)
         super().__setstate__(state)
-        if st is not None:
-            self.state = st
-        self._states_changed()
         for group in self.param_groups:
             group.setdefault("amsgrad", False)
             group.setdefault("maximize", False)
@@ -157,14 +134,12 @@ class FusedAdam(torch.optim.Optimizer):
                     st["master_param"] = p.detach().float().clone()
             else:
                 st.pop("master_param", None)
-        self._states_changed()
 
     @staticmethod
     def _uses_master(group, p):
         return bool(group.get("master_weights")) and p.dtype in _LOW
 
     def _init_state(self, group, p):
-        self._states_changed()
         state = self.state[p]
         master = self._uses_master(group, p)
         sdtype = torch.float32 if master else p.dtype
@@ -176,162 +151,91 @@ class FusedAdam(torch.optim.Optimizer):
         if master:
             state["master_param"] = p.detach().float().clone(memory_format=torch.preserve_format)
 
-    def _plan(self, group, ps, key=None):
-        """[(device, params, (exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, masters), trusted)] per
-        (device, dtype) of this group's params with grads: built once and reused while the
-        same params have grads and no state was created or loaded (the per-step cost is then
-        the grads alone)."""
-        plans = self.__dict__.setdefault("_plans", {})
-        if key is None:
-            key = self._plan_key(group, ps)
-        hit = plans.get(id(group))
-        if hit is not None and hit[0] == key:
+    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params):
+        """Append the group's params that have a grad, their grads and their states (created
+        at a param's first step) to the lists, as torch.optim.Adam's _init_group does; DTensor
+        params (FSDP2) give their local shards. A sparse grad raises before any state exists
+        for its param. Written with map() over the lists: at 1000 params this loop is the
+        step's host cost."""
+        ps = group["params"]
+        gs = [p.grad for p in ps]
+        if not all(map(operator.is_not, gs, itertools.repeat(None))):
+            ps = [p for p, g in zip(ps, gs) if g is not None]
+            gs = [g for g in gs if g is not None]
+        if not ps:
+            return
+        sts = list(map(self.state.__getitem__, ps))  # a new param gets an empty dict
+        if not all(sts):
+            for p, g, st in zip(ps, gs, sts):
+                if not st:
+                    if g.layout != torch.strided:
+                        raise RuntimeError("fusedtrain adam: Adam does not support sparse gradients, please "
+                                           f"consider SparseAdam instead (a param has a {g.layout} grad)")
+                    self._init_state(group, p)
+        params += ps
+        grads += gs
+        exp_avgs += map(_EXP_AVG, sts)
+        exp_avg_sqs += map(_EXP_AVG_SQ, sts)
+        if group["amsgrad"]:
+            max_exp_avg_sqs += map(_MAX_EXP_AVG_SQ, sts)
+        steps += map(_STEP, sts)
+        if self._uses_master(group, ps[0]):
+            master_params += map(_MASTER, sts)
+        if _dtensor.is_dtensor(ps[0]):
+            for lst in (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params):
+                lst[:] = map(_dtensor.local, lst)
+
+    def _buckets(self, group, params):
+        """The (device, dtype) buckets of the params (index lists), kept until the group's
+        params with a grad change; the op checks every call's devices and dtypes."""
+        cache = self.__dict__.setdefault("_bucket_cache", {})
+        hit = cache.get(id(group))
+        if hit is not None and len(hit[0]) == len(params) and all(map(operator.is_, hit[0], params)):
             return hit[1]
-        buckets = {}
-        for p in ps:
-            buckets.setdefault((p.device, p.dtype), []).append(p)
-        out = []
-        for (dev, _), bp in buckets.items():
-            sts = [self.state[p] for p in bp]
-            master = self._uses_master(group, bp[0])
-            lists = ([s["exp_avg"] for s in sts], [s["exp_avg_sq"] for s in sts],
-                     [s["max_exp_avg_sq"] for s in sts] if group["amsgrad"] else [],
-                     [s["step"] for s in sts], [s["master_param"] for s in sts] if master else [])
-            # trusted: states as this class creates them (validated once here, not every step)
-            sdt = torch.float32 if master else bp[0].dtype
-            trusted = all(
-                p.is_contiguous() and all(t.is_contiguous() and t.shape == p.shape and t.dtype == sdt
-                                          and t.device == p.device for t in (s["exp_avg"], s["exp_avg_sq"]))
-                and (not group["amsgrad"] or (s["max_exp_avg_sq"].is_contiguous()
-                                              and s["max_exp_avg_sq"].shape == p.shape
-                                              and s["max_exp_avg_sq"].dtype == sdt))
-                and (not master or (s["master_param"].is_contiguous() and s["master_param"].shape == p.shape))
-                and torch.is_tensor(s["step"]) and s["step"].dtype == torch.float32 and s["step"].device == p.device
-                for p, s in zip(bp, sts))
-            # DTensor params (FSDP2): the kernels run on the local shards, states included
-            lists = tuple([_dtensor.local(t) for t in lst] for lst in lists)
-            # bp_local is bp itself when no param is a DTensor (step() then reads grads as they are)
-            bp_local = [_dtensor.local(p) for p in bp]
-            if all(a is b for a, b in zip(bp_local, bp)):
-                bp_local = bp
-            out.append((dev, bp, bp_local, lists, trusted))
-        plans[id(group)] = (key, out)
-        return out
-
-    def _plan_key(self, group, ps):
-        return (tuple(map(id, ps)), bool(group["amsgrad"]), bool(group.get("master_weights")),
-                self.__dict__["_state_box"].n)
-
-    def _plan_is_current(self, group, key):
-        hit = self.__dict__.get("_plans", {}).get(id(group))
-        return hit is not None and hit[0] == key
-
-    def _states_changed(self):
-        self.__dict__.setdefault("_state_box", Version()).bump()
-
-    def add_param_group(self, param_group):
-        super().add_param_group(param_group)
-        self._states_changed()
+        buckets = adam_ops.device_dtype_buckets(params)
+        cache[id(group)] = (list(params), buckets)
+        return buckets
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One optimizer step. Honors torch.amp.GradScaler's `grad_scale` / `found_inf`
-        attributes: grads are unscaled inside the kernel, and a nonzero found_inf skips the
-        update on the device (params, states and step bit-identical)."""
+        """One optimizer step, unscaling the gradients as they are read when a GradScaler
+        set `grad_scale` (torch's) or `grad_mult` (fusedtrain's), and skipped on the device
+        when it set a nonzero `found_inf`.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (optional).
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grad_mult = getattr(self, "grad_mult", None)
         grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-        grad_mult = getattr(self, "grad_mult", None)  # set by fusedtrain.GradScaler
         if grad_mult is None and grad_scale is not None:
             grad_mult = (torch.reciprocal(grad_scale.to(torch.float32)) if torch.is_tensor(grad_scale)
                          else torch.tensor(1.0 / float(grad_scale), dtype=torch.float32))
-        self._step_scaled(grad_mult=grad_mult, found_inf=found_inf)
+        self._step_scaled(grad_mult=grad_mult, found_inf=getattr(self, "found_inf", None))
         return loss
 
     @torch.no_grad()
     def _step_scaled(self, grad_mult=None, found_inf=None):
-        """One step exactly like step(), every gradient multiplied by `grad_mult` as the
-        kernel reads it, and nothing written anywhere (params, states, step) when
-        `found_inf` is nonzero. Both are optional one-element fp32 tensors (any device; they
-        are moved to each param device without a host sync). Used by fusedtrain.GradScaler."""
-        check = getattr(self, "_accelerator_graph_capture_health_check", None) or getattr(
-            self, "_cuda_graph_capture_health_check", None)
-        if check is not None:
-            check()
-        # 1. gather: (group, [params with grad]) — validation of every grad before any state is
-        #    created or any tensor written
-        work = []
-        grads_of = getattr(_ext._C, "grads_of", None)
+        """The step with every gradient multiplied by `grad_mult` as it is read and nothing
+        written when `found_inf` is nonzero (optional one-element fp32 tensors, any device).
+        Every group is validated before any tensor is written."""
+        self._accelerator_graph_capture_health_check()
+        calls = []
         for group in self.param_groups:
-            params = group["params"]
-            # each .grad read once per step; in C++ when every param is a plain tensor with a grad
-            gs = grads_of(params) if grads_of is not None else None
-            if gs is not None:
-                ps = params
-            else:
-                gs = [p.grad for p in params]
-                if all(map(operator.is_not, gs, itertools.repeat(None))):
-                    ps = params
-                else:
-                    ps = [p for p, g in zip(params, gs) if g is not None]
-                    gs = [g for g in gs if g is not None]
-            if ps:
-                work.append((group, ps, gs, self._plan_key(group, ps)))
-        if not work:
-            return
-        created = []
-        try:
-            # 2. lazy state init (skipped when this group's plan is current: all have state);
-            #    the grads are validated by adam_ops.prepare below, before anything is written,
-            #    and a failure removes the states created here
-            for group, ps, _, key in work:
-                if not self._plan_is_current(group, key):
-                    for p in ps:
-                        if len(self.state[p]) == 0:
-                            self._init_state(group, p)
-                            created.append(p)
-            # 3. prepare every (group, device, dtype) call: validation, no writes
-            calls = []
-            per_dev = {}
-
-            def on(dev, t):
-                if t is None or not torch.is_tensor(t):
-                    return t
-                slot = (id(t), dev)
-                if slot not in per_dev:
-                    per_dev[slot] = t.to(device=dev, dtype=torch.float32, non_blocking=True).reshape(1)
-                return per_dev[slot]
-
-            for group, ps, gs, key in work:
-                beta1, beta2 = group["betas"]
-                lr = group["lr"]
-                # the key again after any state creation above (which changes it)
-                plan = self._plan(group, ps, None if created else key)
-                for (dev, bp, bp_local, sts_lists, trusted) in plan:
-                    exp_avgs, exp_avg_sqs, max_sqs, steps, masters = sts_lists
-                    calls.append(adam_ops.prepare(
-                        # one (device, dtype) bucket holds ps in order: its grads are gs
-                        bp_local, (gs if len(plan) == 1 else [p.grad for p in bp]) if bp_local is bp
-                        else [_dtensor.local(p.grad) for p in bp],
-                        exp_avgs, exp_avg_sqs, max_sqs, steps, masters,
-                        lr=lr if torch.is_tensor(lr) else float(lr), beta1=_scalar(beta1), beta2=_scalar(beta2),
-                        eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
-                        amsgrad=bool(group["amsgrad"]), maximize=bool(group["maximize"]),
-                        decoupled_weight_decay=bool(group["decoupled_weight_decay"]),
-                        grad_mult=on(dev, grad_mult), found_inf=on(dev, found_inf), trusted_states=trusted))
-        except BaseException:
-            for p in created:  # a failed step leaves no trace
-                self.state.pop(p, None)
-            if created:
-                self._states_changed()
-            raise
-        # 4. launch: one kernel per (group, device, dtype)
+            lists = adam_ops.AdamTensors([], [], [], [], [], [], [])
+            self._init_group(group, *lists)
+            beta1, beta2 = group["betas"]
+            hyper = adam_ops.AdamHyper(
+                group["lr"] if torch.is_tensor(group["lr"]) else float(group["lr"]), _scalar(beta1),
+                _scalar(beta2), float(group["eps"]), float(group["weight_decay"]), bool(group["amsgrad"]),
+                bool(group["maximize"]), bool(group["decoupled_weight_decay"]))
+            if lists.params:
+                calls += adam_ops.prepare(lists, hyper, grad_mult, found_inf, self._buckets(group, lists.params))
         for c in calls:
-            if c is not None:
-                adam_ops.launch(c)
+            adam_ops.launch(c)
 
 
 class FusedAdamW(FusedAdam):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 # ---- bce ----------------------------------------------------------------------------------
-# BCE with logits (DESIGN §4), per element, with e = exp(-|x|), softplus(-x) = log1p(e) + max(-x, 0):
+# BCE with logits (docs/design.md §4), per element, with e = exp(-|x|), softplus(-x) = log1p(e) + max(-x, 0):
 #   lw   = 1 + (pos_weight - 1) * y                        (1 without pos_weight)
 #   loss = w * ((1 - y) * x + lw * softplus(-x))
 #   dx   = w * (lw * sigmoid(x) - pos_weight * y)           (w * (sigmoid(x) - y) without)
@@ -256,7 +256,7 @@ def unscale_and_check_float64(tensors, inv_scale):
 
 
 # ---------------------------------------------------------------------------------------
-# adam (fusedtrain/ops/adam.py): one Adam/AdamW step, torch.optim's update (DESIGN §4)
+# adam (fusedtrain/ops/adam.py): one Adam/AdamW step, torch.optim's update (docs/design.md §4)
 # ---------------------------------------------------------------------------------------
 
 

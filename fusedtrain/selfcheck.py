@@ -1,18 +1,9 @@
-"""`fusedtrain check`: every op family on every backend of this device against PyTorch itself.
+"""`fusedtrain check`: every op family on every backend of this device against PyTorch itself
+in float64 (never fusedtrain.reference, which is one of the backends checked), through the
+public API only. Prints a table (pass, FAIL with the error, unavailable with the reason) and
+returns non-zero on a failure: how a user with a GPU verifies an install.
 
-Prints a table (op x backend: pass, FAIL with the error, or unavailable with the reason)
-and returns non-zero on any failure. It is how a user with a GPU verifies an install.
-
-The truth is torch, never fusedtrain.reference (which is itself one of the backends checked):
-torch.nn.functional.binary_cross_entropy_with_logits and its autograd on float64 copies,
-torch.optim.Adam/AdamW in float64 started from the very state the checked step started from,
-and torch._amp_foreach_non_finite_check_and_unscale_ (bit for bit; the norm in float64).
-Only the public API is called (fusedtrain.functional, FusedAdam/FusedAdamW,
-fusedtrain.unscale_and_check_), so the check does not depend on how an op is built.
-Tolerances are in ulps of the storage dtype (half an ulp: the one rounding of the result)
-plus a few fp32 ulps of the terms that cancel (the fp32 math): an optimizer that does nothing,
-a gradient off by a factor or a norm off by 1e-4 fails. Seeds are stable hashes, printed with
-a failure.
+The comparator, oracle and tolerances are the tests' (fusedtrain/_compare.py, docs/design.md §6).
 """
 import argparse
 import math
@@ -22,25 +13,10 @@ import torch
 
 import fusedtrain
 from fusedtrain import _backend
-from fusedtrain._compare import assert_close, stable_seed, ulp_at_one
+from fusedtrain._compare import (COMPUTE_EPS, NORM_RTOL, assert_close, assert_ulps, bce_grad_slack,
+                                 bce_loss_tolerance, stable_seed, torch_bce_float64)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MATH = 8 * ulp_at_one(torch.float32)  # fp32 math, relative to the terms it adds up
-REDUCE = 32 * ulp_at_one(torch.float32)  # fp32 accumulation of a sum, relative to the sum of |terms|
-NORM = 16 * ulp_at_one(torch.float32)  # the fp32 L2 norm, relative
-
-
-def _store(dtype):
-    """Relative bound of the one rounding to `dtype` (round to nearest: half an ulp); the fp32
-    math before it is covered by MATH * scale."""
-    return 0.5 * ulp_at_one(dtype)
-
-
-def _tiny(dtype):
-    """Absolute slack near zero: below the smallest normal of `dtype` the rounding error is up
-    to half the subnormal spacing, tiny * eps."""
-    fi = torch.finfo(dtype)
-    return fi.tiny * fi.eps
 
 
 def _in(backend, fn):
@@ -48,18 +24,22 @@ def _in(backend, fn):
         return fn()
 
 
-def _close(actual, expected, dtype, scale, what):
-    """actual (storage dtype) vs float64 truth: one rounding to dtype plus fp32 math on `scale`."""
-    if actual.dtype != dtype:
-        raise AssertionError(f"{what}: dtype {actual.dtype}, expected {dtype}")
-    assert_close(actual, expected, dtype=dtype, rtol=_store(dtype), atol=MATH * scale + _tiny(dtype), what=what)
+def _expect_dtype(t, dtype, what):
+    if t.dtype != dtype:
+        raise AssertionError(f"{what}: dtype {t.dtype}, expected {dtype}")
 
 
 # ---- bce ------------------------------------------------------------------------------------
 
 def check_bce(backend, device):
+    """The loss (tests/test_bce.py's bounds) and its input gradient (half an ulp plus the fp32
+    math's error) for every reduction and dtype.
+
+    Args:
+        backend: the backend name to force.
+        device: the torch.device of the inputs.
+    """
     F = fusedtrain.functional.binary_cross_entropy_with_logits
-    TF = torch.nn.functional.binary_cross_entropy_with_logits
     for dtype in DTYPES:
         for shape in [(1,), (1025,), (33, 64)]:
             seed = stable_seed("bce", dtype, shape)
@@ -68,31 +48,21 @@ def check_bce(backend, device):
             y = torch.rand(shape, generator=g).to(dtype)
             w = (torch.rand(shape[-1:], generator=g) + 0.5).to(dtype)
             pw = torch.rand(shape[-1:], generator=g) * 3
-            x64, y64, w64, pw64 = x.double(), y.double(), w.double(), pw.double()
-            n = x.numel()
-            # per-element size of the terms the loss and its gradient add up (what fp32 math
-            # is accurate relative to): lw = 1 + (pw - 1) y weighs softplus(-x) <= |x| + log 2
-            lw = 1 + (pw64 - 1) * y64
-            loss_terms = w64 * ((1 - y64) * x64.abs() + lw * (x64.abs() + math.log(2)))
-            grad_terms = w64 * (lw * torch.sigmoid(x64) + pw64 * y64)
             for reduction in ("none", "mean", "sum"):
                 what = f"bce {reduction} {dtype} {tuple(shape)} (seed {seed})"
                 xa = x.to(device).clone().requires_grad_()
                 out = _in(backend, lambda: F(xa, y.to(device), weight=w.to(device), reduction=reduction,
                                              pos_weight=pw.to(device)))
                 _in(backend, lambda: out.sum().backward())
-                xr = x64.clone().requires_grad_()
-                ref = TF(xr, y64, weight=w64, reduction=reduction, pos_weight=pw64)
-                ref.sum().backward()
-                div = n if reduction == "mean" else 1
-                if reduction == "none":
-                    _close(out, ref, dtype, loss_terms, what)
-                else:
-                    assert_close(out, ref, dtype=dtype, rtol=_store(dtype),
-                                 atol=REDUCE * float(loss_terms.sum()) / div + _tiny(dtype), what=what)
+                ref, ref_dx, _ = torch_bce_float64(x, y, w, pw, reduction)
+                _expect_dtype(out, dtype, what)
+                rtol, atol = bce_loss_tolerance(x, y, w, pw, reduction, out.dtype)
+                assert_close(out, ref, rtol=rtol, atol=atol, what=what)
                 if xa.grad is None:
                     raise AssertionError(f"{what}: no gradient reached the input")
-                _close(xa.grad, xr.grad, dtype, grad_terms / div, what + " d/dinput")
+                _expect_dtype(xa.grad, dtype, what + " d/dinput")
+                slack, _ = bce_grad_slack(x, y, w, pw, reduction, None, COMPUTE_EPS[dtype])
+                assert_ulps(xa.grad, ref_dx, ulps=0.5, slack=slack, what=what + " d/dinput")
 
 
 # ---- adam -----------------------------------------------------------------------------------
@@ -115,6 +85,14 @@ def _torch_step(torch_cls, p64, g64, state64, wd, amsgrad):
 
 
 def check_adam(backend, device):
+    """FusedAdam/FusedAdamW steps, each against one torch.optim step in float64 from the very
+    state ours started from (tests/test_adam.py's teacher forcing), params and states to
+    RTOL of their dtype.
+
+    Args:
+        backend: the backend name to force.
+        device: the torch.device of the params.
+    """
     for dtype in DTYPES:
         for amsgrad in (False, True):
             for name, torch_cls, wd in OPTIMIZERS:
@@ -137,24 +115,10 @@ def check_adam(backend, device):
                         st = opt.state[p]
                         if float(st["step"]) != float(est["step"]):
                             raise AssertionError(f"{what}: step {float(st['step'])}, torch {float(est['step'])}")
-                        # the size of the terms each result adds up, from torch's values:
-                        # |grad| (with the L2 term), the moments, the update lr/bc1 * m / denom
-                        b1, b2 = 0.9, 0.999
-                        gl = g64.abs() + (wd * p64.abs() if torch_cls is torch.optim.Adam else 0)
-                        m_scale = b1 * st64.get("exp_avg", torch.zeros_like(p64)).abs() + (1 - b1) * gl
-                        v_scale = b2 * st64.get("exp_avg_sq", torch.zeros_like(p64)) + 2 * (1 - b2) * gl * gl
-                        t = float(est["step"])
-                        v = est["max_exp_avg_sq"] if amsgrad else est["exp_avg_sq"]
-                        denom = (v / (1 - b2 ** t)).sqrt() + 1e-8
-                        m_v = m_scale + est["exp_avg"].abs() * v_scale / (2 * v).clamp_min(1e-300)
-                        upd_scale = ADAM_LR / (1 - b1 ** t) * m_v / denom
-                        _close(p, e, dtype, p64.abs() + upd_scale, what)
-                        _close(st["exp_avg"], est["exp_avg"], st["exp_avg"].dtype, m_scale, what + " exp_avg")
-                        _close(st["exp_avg_sq"], est["exp_avg_sq"], st["exp_avg_sq"].dtype, v_scale,
-                               what + " exp_avg_sq")
-                        if amsgrad:
-                            _close(st["max_exp_avg_sq"], est["max_exp_avg_sq"], st["max_exp_avg_sq"].dtype,
-                                   v_scale + est["max_exp_avg_sq"], what + " max_exp_avg_sq")
+                        _expect_dtype(p, dtype, what)
+                        assert_close(p, e, dtype, what=what)
+                        for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ()):
+                            assert_close(st[key], est[key], st[key].dtype, what=f"{what} {key}")
 
 
 # ---- unscale --------------------------------------------------------------------------------
@@ -167,6 +131,14 @@ def _same_bits(a, b):
 
 
 def check_unscale(backend, device):
+    """unscale_and_check_ bit for bit against torch's own unscale op, the values to RTOL of
+    their dtype, the norm to NORM_RTOL (tests/test_unscale.py's bounds), and a read-only pass
+    that meets an inf or a NaN.
+
+    Args:
+        backend: the backend name to force.
+        device: the torch.device of the gradients.
+    """
     for dtype in DTYPES:
         for inv in (1 / 1024.0, 1 / 3000.0):  # AMP's powers of two, and one that really rounds
             seed = stable_seed("unscale", dtype, inv)
@@ -186,12 +158,11 @@ def check_unscale(backend, device):
                     bad = int((a != b).sum())
                     raise AssertionError(f"{what}: tensor {i} differs from torch's unscale in {bad} of "
                                          f"{a.numel()} elements")
-                assert_close(a, x.double() * inv, dtype=dtype, rtol=_store(dtype), atol=_tiny(dtype),
-                             what=f"{what} tensor {i}")
+                assert_close(a, x.double() * inv, dtype=dtype, what=f"{what} tensor {i}")
             truth = math.sqrt(sum(float((x.double() * inv).square().sum()) for x in xs))
             if not (torch.is_tensor(norm) and norm.dtype == torch.float32 and norm.numel() == 1):
                 raise AssertionError(f"{what}: the norm is {norm!r}, expected a one-element float32 tensor")
-            assert_close(norm.reshape(()), torch.tensor(truth, dtype=torch.float64), rtol=NORM, atol=0,
+            assert_close(norm.reshape(()), torch.tensor(truth, dtype=torch.float64), rtol=NORM_RTOL, atol=0,
                          what=f"{what} norm")
             # a read-only pass that meets an inf (then a NaN): found_inf set, tensors untouched
             for bad in (float("inf"), float("nan")):
@@ -215,8 +186,13 @@ CHECKS = {"bce": check_bce, "adam": check_adam, "unscale": check_unscale}
 
 
 def run(device: str, ops=None, backends=None):
-    """[(op, backend, status, detail)] for every op family and backend on `device` (or only
-    the given `ops` / `backends`)."""
+    """[(op, backend, status, detail)] for every op family and backend on `device`.
+
+    Args:
+        device: the device to check ("cpu", "cuda", ...).
+        ops: the op families to check (CHECKS' keys); all when None.
+        backends: the backends to check; all when None.
+    """
     dev = torch.device(device)
     rows = []
     for op, fn in CHECKS.items():
@@ -240,6 +216,11 @@ def run(device: str, ops=None, backends=None):
 
 
 def main(argv=None) -> int:
+    """`fusedtrain check`: prints the table and returns 1 on any failure, else 0.
+
+    Args:
+        argv: the command-line arguments (sys.argv[1:] when None); --help lists them.
+    """
     p = argparse.ArgumentParser(prog="fusedtrain check", description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--op", action="append", choices=sorted(CHECKS), help="check only this op family (repeatable)")

@@ -6,12 +6,11 @@ in a second pytest process started with TRITON_INTERPRET=1 (it must be set befor
 imported); that run generates only the triton-cpu cases, marked triton_interp, and
 `make test` selects them with -m triton_interp.
 """
-import os
-
 import pytest
 import torch
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from helpers import INTERPRET
+
 HAS_CUDA = torch.cuda.is_available()
 
 

@@ -9,7 +9,6 @@ fp32, instead of letting rounding noise accumulate over 200 steps.
 """
 import copy
 import itertools
-import os
 
 import pytest
 import torch
@@ -17,9 +16,8 @@ import torch
 import fusedtrain
 from fusedtrain import FusedAdam, FusedAdamW, _ext
 from fusedtrain.ops import adam as adam_ops
-from helpers import RTOL, assert_close
+from helpers import INTERPRET, assert_close, assert_unchanged, snapshot
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 STEPS = 200
 # The Triton interpreter pays ~3 ms per program: one small tensor per group there.
 SHAPES = [(3, 5), (17,)] if not INTERPRET else [(3, 7)]
@@ -136,24 +134,6 @@ def _rand_grads(shapes, steps, seed):
     return [[torch.randn(s, generator=gen) for s in shapes] for _ in range(steps)]
 
 
-def _snapshot(opt, params):
-    return ([p.detach().clone() for p in params],
-            {id(p): {k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt.state[p].items()} for p in params
-             if p in opt.state})
-
-
-def _assert_unchanged(before, opt, params):
-    ps, states = before
-    for a, p in zip(ps, params):
-        assert torch.equal(a, p.detach()), "a param changed"
-    for p in params:
-        now = opt.state.get(p, {})
-        old = states.get(id(p), {})
-        assert set(now) == set(old), f"state keys changed: {set(old)} -> {set(now)}"
-        for k, v in old.items():
-            assert torch.equal(v, now[k]) and v.dtype == now[k].dtype, f"state {k} changed"
-
-
 @pytest.mark.parametrize("amsgrad", [False, True])
 @pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.bfloat16, True)], ids=["fp32", "bf16-master"])
 def test_found_inf_skips_bit_identically(backend_device, amsgrad, dtype, master):
@@ -166,16 +146,16 @@ def test_found_inf_skips_bit_identically(backend_device, amsgrad, dtype, master)
         opt.step()
     for p in params:
         p.grad = torch.full_like(p, float("inf"))
-    before = _snapshot(opt, params)
+    before = snapshot(opt, params)
     # torch.amp.GradScaler's protocol: attributes on the optimizer
     opt.grad_scale = torch.tensor(1024.0, device=device)
     opt.found_inf = torch.tensor(1.0, device=device)
     opt.step()
     del opt.grad_scale, opt.found_inf
-    _assert_unchanged(before, opt, params)
+    assert_unchanged(before, opt, params)
     # fusedtrain.GradScaler's entry point
     opt._step_scaled(grad_mult=torch.tensor(0.5, device=device), found_inf=torch.tensor(1.0, device=device))
-    _assert_unchanged(before, opt, params)
+    assert_unchanged(before, opt, params)
     # found_inf == 0: the step happens and the count moves
     for p in params:
         p.grad = torch.ones_like(p)
@@ -486,10 +466,10 @@ def test_bad_grad_is_a_clear_error_that_changes_nothing(backend_device, bad):
         opt.add_param_group({"params": [q]})
         q.grad = torch.randn(4, 4, device=device).to_sparse()
         params = params + [q]
-    before = _snapshot(opt, params)
+    before = snapshot(opt, params)
     with pytest.raises(RuntimeError, match="(?i)grad"):
         opt.step()
-    _assert_unchanged(before, opt, params)
+    assert_unchanged(before, opt, params)
 
 
 def test_op_level_bad_input_changes_nothing(backend_device):

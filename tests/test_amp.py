@@ -8,12 +8,12 @@ import torch
 
 import fusedtrain
 from fusedtrain.amp import OptState
+from helpers import INTERPRET
 
 pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
               pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
               pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")]
 
-INTERPRET = fusedtrain._backend._interpret()
 STEPS = 300
 # The Triton interpreter costs milliseconds per launch: under it the 300-step race runs for the
 # plain SGD loop, and the other loops run 100 steps.

@@ -1,5 +1,4 @@
-"""Backend availability, defaults and explicit choice (DESIGN §2)."""
-import os
+"""Backend availability, defaults and explicit choice (docs/design.md §2)."""
 import subprocess
 import sys
 
@@ -8,8 +7,9 @@ import torch
 
 import fusedtrain
 from fusedtrain import _backend
+from helpers import normal_only
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="runs in the normal test process")
+pytestmark = normal_only
 
 
 def test_backends_reports_every_backend_with_a_reason():

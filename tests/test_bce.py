@@ -2,7 +2,6 @@
 against torch itself in float64, on every backend this process can run (the reference
 backend included: it is tested here like the others, never used as the truth)."""
 import contextlib
-import os
 
 import pytest
 import torch
@@ -11,13 +10,9 @@ import torch.nn.functional as F
 import fusedtrain
 from fusedtrain import _ext
 from fusedtrain.functional import binary_cross_entropy_with_logits as bce
-from conftest import INTERPRET
-from helpers import (COMPUTE_EPS, FLOAT_DTYPES, RTOL, assert_close, assert_ulps, bce_grad_slack, seed_for,
-                     torch_bce_float64)
+from helpers import (COMPUTE_EPS, DT_IDS, FLOAT_DTYPES, INTERPRET, REDUCTIONS, RTOL, assert_close, assert_ulps,
+                     bce_grad_slack, bce_loss_tolerance, normal_only, seed_for, torch_bce_float64)
 
-REDUCTIONS = ("none", "mean", "sum")
-DT_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
-normal_only = pytest.mark.skipif(INTERPRET, reason="runs in the normal test process")
 needs_native = pytest.mark.skipif(_ext._C is None, reason="extension not built")
 
 
@@ -56,21 +51,9 @@ def _check(x, y, w, pw, reduction, *, go_seed=0, target_grad=True, seed=None, un
         loss.backward(go.to(x.device))
     ref_loss, ref_dx, ref_dy = torch_bce_float64(x, y, w, pw, reduction, go)
 
-    n = max(x.numel(), 1)
-    wmax = 1.0 if w is None else max(float(w.abs().max()) if w.numel() else 1.0, 1e-3)
-    pwmax = 1.0 if pw is None else max(float(pw.abs().max()) if pw.numel() else 1.0, 1.0)
-    xmax = max(float(x.detach().double().abs().max()) if x.numel() else 1.0, 1.0)
     # math in fp32 (fp64 for fp64 input), rounded once to the storage dtype
-    comp = RTOL[torch.float64 if x.dtype == torch.float64 else torch.float32]
-    rt = max(RTOL[loss.dtype], comp)
-    if reduction == "none":
-        assert_close(loss, ref_loss, rtol=rt, atol=rt * wmax * pwmax, what=f"loss (seed {seed})")
-    else:
-        terms = torch_bce_float64(x, y, w, pw, "none")[0].abs().sum()
-        scale = float(terms) / (n if reduction == "mean" else 1)
-        rt = max(rt, 1e-5)
-        assert_close(loss, ref_loss, rtol=rt, atol=rt * (scale + wmax * pwmax / (n if reduction == "mean" else 1)),
-                     what=f"loss (seed {seed})")
+    rt, at = bce_loss_tolerance(x, y, w, pw, reduction, loss.dtype)
+    assert_close(loss, ref_loss, rtol=rt, atol=at, what=f"loss (seed {seed})")
     slack_x, slack_y = bce_grad_slack(x, y, w, pw, reduction, go, COMPUTE_EPS[x.dtype])
     assert xx.grad.dtype == x.dtype
     # one rounding of the fp32 (fp64) result: half an ulp plus the math's error (slack)

@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedtrain
-from conftest import INTERPRET
-from helpers import COMPUTE_EPS, assert_ulps, bce_grad_slack, seed_for, torch_bce_float64
+from helpers import COMPUTE_EPS, DT_IDS, INTERPRET, assert_ulps, bce_grad_slack, seed_for, torch_bce_float64
 
 # 'mean' at these sizes puts |d loss / d x| / N below fp16's normal range (6.1e-5); the
 # interpreter executes Triton in numpy, hence its smaller (still subnormal) sizes. N_LARGE is
@@ -20,7 +19,6 @@ N_MEAN = 1000 * 1024 if INTERPRET else 2000 * 1024
 N_LARGE = 1000 * 1024 if INTERPRET else 8000 * 1024
 N_OTHER = 125 * 1024 if INTERPRET else 500 * 1024
 SCALES = [0.3, 3.0 * 2**14] if INTERPRET else [1.0, 0.3, 3.0 * 2**14, 2.0**16, 2.0**24]
-DT_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def _batch(n, dtype, device, cols=1024):

@@ -7,9 +7,9 @@ import sys
 import sysconfig
 
 import pytest
+from helpers import ROOT, normal_only
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="runs in the normal test process")
+pytestmark = normal_only
 
 
 def _run(*args, timeout=600):

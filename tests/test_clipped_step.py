@@ -5,10 +5,10 @@ import pytest
 import torch
 
 import fusedtrain
+from helpers import INTERPRET
 
 pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
 
-INTERPRET = fusedtrain._backend._interpret()
 STEPS = 60 if INTERPRET else 300
 SHAPES = [(33, 17), (64,), (5, 3, 7), (1,)]
 LR, WD = 2e-3, 0.05

@@ -8,9 +8,10 @@ from torch import nn
 
 import fusedtrain
 from dist_util import spawn
+from helpers import normal_only
 
 pytestmark = [
-    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="runs in the normal test process"),
+    normal_only,
     pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available"),
 ]
 STEPS = 50

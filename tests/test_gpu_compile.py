@@ -1,4 +1,4 @@
-"""GPU code held to account without a GPU (DESIGN §5, points 2 and 4).
+"""GPU code held to account without a GPU (docs/design.md §5, points 2 and 4).
 
 - every Triton kernel of the package compiles ahead of time for sm_80 and sm_90, and
   ptxas reports no spill stores;
@@ -16,9 +16,9 @@ import torch
 
 from fusedtrain import _ext
 from fusedtrain.triton import aot
+from helpers import INTERPRET, ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
+pytestmark = pytest.mark.skipif(INTERPRET,
                                 reason="compiles for real GPUs; not under the interpreter")
 
 SPECS = aot.all_specs()

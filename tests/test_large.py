@@ -1,13 +1,12 @@
-"""One huge tensor per op family at training scale (DESIGN §6: one huge tensor; int64 offsets):
-Adam here (the unscale case is test_unscale.py::test_one_huge_tensor). 2^24 + 3 elements:
-past the integers fp32 holds exactly, and not a multiple of any block or chunk."""
+"""One huge tensor per op family at training scale (docs/design.md §6, "One huge tensor";
+int64 offsets): Adam here (the unscale case is test_unscale.py::test_one_huge_tensor).
+2^24 + 3 elements: past the integers fp32 holds exactly, and not a multiple of any block or
+chunk."""
 import torch
 
 import fusedtrain
 from fusedtrain._compare import ulp_at_one
-from helpers import assert_close, seed_for
-
-INTERPRET = fusedtrain._backend._interpret()
+from helpers import INTERPRET, assert_close, seed_for
 
 
 def test_adam_one_huge_param(backend_device):

@@ -7,12 +7,9 @@ import torch
 import torch.nn.functional as F
 
 import fusedtrain
-from conftest import INTERPRET
 from fusedtrain.functional import asymmetric_loss, binary_cross_entropy_with_logits, sigmoid_focal_loss
-from helpers import COMPUTE_EPS, assert_close, assert_ulps, seed_for
+from helpers import COMPUTE_EPS, DT_IDS, INTERPRET, REDUCTIONS, assert_close, assert_ulps, seed_for
 
-REDUCTIONS = ("none", "mean", "sum")
-DT_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 

@@ -1,4 +1,4 @@
-"""The package without Triton installed (DESIGN §2: it imports and works, the triton backend
+"""The package without Triton installed (docs/design.md §2: it imports and works, the triton backend
 reports itself unavailable with the reason). A child process hides triton behind a
 sys.meta_path finder that raises ModuleNotFoundError, as a missing package does, before
 anything imports it; TRITON_INTERPRET=1 is set too, so nothing but the missing package can
@@ -7,10 +7,9 @@ import os
 import subprocess
 import sys
 
-import pytest
+from helpers import ROOT, normal_only
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="runs in the normal test process")
+pytestmark = normal_only
 
 CHILD = r'''
 import importlib.abc

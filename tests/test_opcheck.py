@@ -1,20 +1,15 @@
-"""torch.library.opcheck on the registered unscale and adam ops (BCE: tests/test_bce.py).
-
-Registered ops of these families (torch.ops.fusedtrain_triton / fusedtrain_ref hold BCE ops
-only): fusedtrain::adam_ and fusedtrain::unscale_and_check_ (native, C++ schema in
-csrc/ops.cpp, fake kernels in fusedtrain/ops/), and fusedtrain::unscale_and_check_triton (the
-Triton body as a Python custom op, runnable on CPU only under TRITON_INTERPRET=1). The Triton
-and reference Adam steps are plain functions, not ops (nothing to opcheck). Every test util
-runs, test_aot_dispatch_dynamic included: both ops mutate lists in place, which AOT autograd
-functionalizes (auto_functionalized) and opcheck compares with eager.
+"""torch.library.opcheck on the registered unscale and adam ops of every backend (BCE:
+tests/test_bce.py): fusedtrain:: (native, C++ schema in csrc/ops.cpp), fusedtrain_triton::
+(runnable on CPU only under TRITON_INTERPRET=1) and fusedtrain_ref:: (reference). Every test
+util runs, test_aot_dispatch_dynamic included: the ops mutate lists in place, which AOT
+autograd functionalizes (auto_functionalized) and opcheck compares with eager.
 """
 import pytest
 import torch
 
 import fusedtrain
-from helpers import seed_for
+from helpers import INTERPRET, seed_for
 
-INTERPRET = fusedtrain._backend._interpret()
 HAVE_C = fusedtrain._ext._C is not None
 UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 
@@ -32,22 +27,21 @@ def _unscale_args(dtype, compute_norm, write, seed):
     return (ts, torch.full((1,), 1 / 3000.0), torch.zeros(1), compute_norm, write)
 
 
-def _unscale_ops():
-    ops = []
-    if HAVE_C and not INTERPRET:
-        ops.append(pytest.param("unscale_and_check_", id="native"))
+def _namespaces():
+    """The op namespaces this process can run on CPU tensors."""
     if INTERPRET:
-        ops.append(pytest.param("unscale_and_check_triton", id="triton", marks=pytest.mark.triton_interp))
-    return ops
+        return [pytest.param("fusedtrain_triton", id="triton", marks=pytest.mark.triton_interp)]
+    return [pytest.param("fusedtrain_ref", id="reference")] + (
+        [pytest.param("fusedtrain", id="native")] if HAVE_C else [])
 
 
-@pytest.mark.parametrize("op_name", _unscale_ops())
+@pytest.mark.parametrize("namespace", _namespaces())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("compute_norm,write", [(True, True), (False, True), (True, False)])
-def test_opcheck_unscale(op_name, dtype, compute_norm, write):
-    seed = seed_for("opcheck", op_name, dtype, compute_norm, write)
-    op = getattr(torch.ops.fusedtrain, op_name).default
-    _opcheck(op, _unscale_args(dtype, compute_norm, write, seed), f"{op_name} {dtype} seed {seed}")
+def test_opcheck_unscale(namespace, dtype, compute_norm, write):
+    seed = seed_for("opcheck", namespace, dtype, compute_norm, write)
+    op = getattr(torch.ops, namespace).unscale_and_check_.default
+    _opcheck(op, _unscale_args(dtype, compute_norm, write, seed), f"{namespace} {dtype} seed {seed}")
 
 
 def _adam_args(dtype, *, amsgrad, master, lr_tensor, grad_mult, found_inf, seed):
@@ -78,12 +72,12 @@ ADAM_CASES = {
 }
 
 
-@pytest.mark.skipif(not HAVE_C or INTERPRET, reason="native op, normal test process")
+@pytest.mark.parametrize("namespace", _namespaces())
 @pytest.mark.parametrize("case", sorted(ADAM_CASES))
-def test_opcheck_adam(case):
+def test_opcheck_adam(namespace, case):
     seed = seed_for("opcheck adam", case)
-    _opcheck(torch.ops.fusedtrain.adam_.default, _adam_args(**ADAM_CASES[case], seed=seed),
-             f"adam_ {case} seed {seed}")
+    _opcheck(getattr(torch.ops, namespace).adam_.default, _adam_args(**ADAM_CASES[case], seed=seed),
+             f"{namespace} adam_ {case} seed {seed}")
 
 
 @pytest.mark.skipif(not HAVE_C or INTERPRET, reason="native op, normal test process")

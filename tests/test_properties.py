@@ -1,17 +1,14 @@
 """Property tests (hypothesis): the loss and the optimizers against the float64 reference
 over random shapes, broadcasts, dtypes, reductions, hyperparameters and tensor counts, on
 the default backend for CPU tensors (native where built)."""
-import os
-
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fusedtrain
-from helpers import FLOAT_DTYPES, assert_close
+from helpers import FLOAT_DTYPES, assert_close, normal_only
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="runs in the normal test process")
+pytestmark = normal_only
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 F = fusedtrain.functional.binary_cross_entropy_with_logits
 
@@ -30,7 +27,7 @@ def test_bce_matches_reference(shape, dtype, reduction, weight_form, pw_form, ma
     x64 = torch.randn(shape, generator=g, dtype=torch.float64)
     if magnitude == "max":
         # logits up to the dtype's largest finite value; for fp32/bf16 (whose max is fp32's) up
-        # to max/8: the DESIGN formula in fp32 (torch's too) forms lw * softplus(-x) with
+        # to max/8: docs/design.md §4's formula in fp32 (torch's too) forms lw * softplus(-x) with
         # lw <= pos_weight <= 4, which overflows fp32 before the terms cancel beyond that
         # (and for mean/sum also / numel: fp32 sums, ours and torch's, overflow past that)
         top = torch.finfo(dtype).max if dtype == torch.float16 else torch.finfo(torch.float32).max / 8

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import fusedtrain
+from helpers import assert_unchanged, normal_only, snapshot
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="runs in the normal test process")
+pytestmark = normal_only
 
 
 def _run(mode, path):
@@ -31,22 +32,6 @@ def test_resume_in_new_process_is_bit_identical(tmp_path):
             assert torch.equal(v, resumed["state"][k][name]), f"state {k}.{name} differs"
 
 
-def _snapshot(params, opt):
-    return ([p.detach().clone() for p in params],
-            {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()} for p in params})
-
-
-def _assert_same(before, params, opt):
-    ps, states = before
-    for p, q in zip(ps, params):
-        assert torch.equal(p, q.detach()), "a parameter changed during a failed step"
-    for p in params:
-        now = opt.state[p]
-        assert set(now) == set(states[id(p)]), "optimizer state keys changed during a failed step"
-        for k, v in states[id(p)].items():
-            assert torch.equal(v, now[k]) if torch.is_tensor(v) else v == now[k], f"state {k} changed"
-
-
 @pytest.mark.parametrize("opt_cls", [fusedtrain.FusedAdam, fusedtrain.FusedAdamW])
 @pytest.mark.parametrize("bad", ["sparse", "wrong-shape", "wrong-dtype"])
 def test_exception_mid_step_leaves_everything_untouched(opt_cls, bad):
@@ -66,8 +51,8 @@ def test_exception_mid_step_leaves_everything_untouched(opt_cls, bad):
         params[2].grad.data = torch.randn(3)
     else:
         params[2].grad.data = torch.randn(4, 4, dtype=torch.float64)
-    before = _snapshot(params, opt)
+    before = snapshot(opt, params)
     with pytest.raises((RuntimeError, ValueError, TypeError)) as err:
         opt.step()
     assert "grad" in str(err.value).lower()
-    _assert_same(before, params, opt)
+    assert_unchanged(before, opt, params, "a failed step")

@@ -10,9 +10,7 @@ import fusedtrain
 from fusedtrain import reference, selfcheck
 from fusedtrain.ops import adam as ops_adam
 from fusedtrain.ops import unscale as ops_unscale
-
-INTERPRET = fusedtrain._backend._interpret()
-normal_only = pytest.mark.skipif(INTERPRET, reason="runs in the normal test process")
+from helpers import INTERPRET, normal_only
 
 
 def _rows(ops, backends, device="cpu"):
@@ -138,8 +136,8 @@ def test_unscale_math_in_the_storage_dtype_fails(monkeypatch):
 
 @pytest.mark.skipif(INTERPRET or fusedtrain._ext._C is None, reason="native backend only")
 def test_native_unscale_norm_off_fails(monkeypatch):
-    real = ops_unscale._run_group
-    monkeypatch.setattr(ops_unscale, "_run_group", lambda *a: real(*a) * 1.0002)
+    real = ops_unscale._OPS["native"]
+    monkeypatch.setitem(ops_unscale._OPS, "native", lambda *a: real(*a) * 1.0002)
     _fails("unscale", "native")
 
 

@@ -1,25 +1,24 @@
 // fusedtrain::adam_ on CPU: one at::parallel_for over all elements of all tensors of the
-// call. The element space is cut into units of kUnit elements per tensor (a prefix sum of
-// unit counts maps a unit to its tensor), each thread takes a contiguous run of units, and
-// within a tensor the loop is vectorized with at::vec (16 elements at a time, fp32 math for
-// fp32 / bf16 / fp16 storage). Per-tensor scalars (bias corrections, step size) are computed
-// once per call in double from the per-tensor step (adam_math.h make_coef).
+// call (multi_tensor.h: units of kUnit elements per tensor, each thread a contiguous run of
+// units), and within a tensor the loop is vectorized with at::vec (16 elements at a time on
+// AVX2, fp32 math for fp32 / bf16 / fp16 storage, vec_io.h). Per-tensor scalars (bias
+// corrections, step size) are computed once per call in double from the per-tensor step
+// (adam_math.h make_coef).
 //
 // found_inf (nonzero) -> nothing at all is written. The step increment happens here too.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <tuple>
 #include <vector>
 
 #define FT_ADAM_WITH_ATEN_VEC 1
-#include "fusedtrain/adam_math.h"
-#include "fusedtrain/adam_direct.h"
+#include "adam.h"
 #include "fusedtrain/adam_lists.h"
+#include "fusedtrain/adam_math.h"
+#include "multi_tensor.h"
+#include "vec_io.h"
 
 namespace fusedtrain {
 namespace {
@@ -28,30 +27,13 @@ using at::vec::Vectorized;
 using fVec = Vectorized<float>;
 using adam::Coef;
 using adam::CoefV;
+using vec_io::load2;
+using vec_io::store2;
 
 constexpr int64_t kVec = 2 * fVec::size();  // elements per vector iteration (16 on AVX2)
 constexpr int64_t kUnit = 64 * kVec;         // elements per scheduling unit (1024)
+constexpr int64_t kGrain = 32;               // units per thread at least: ~1 MB of traffic
 constexpr int64_t kPrefetch = 256;           // software prefetch distance, elements
-
-template <typename T>
-struct Io {
-  static_assert(Vectorized<T>::size() == kVec, "Vectorized<half type> must hold 2 float vectors");
-  static void load(const T* p, fVec& a, fVec& b) {
-    std::tie(a, b) = at::vec::convert_to_float<T>(Vectorized<T>::loadu(p));
-  }
-  static void store(T* p, const fVec& a, const fVec& b) { at::vec::convert_from_float<T>(a, b).store(p); }
-};
-template <>
-struct Io<float> {
-  static void load(const float* p, fVec& a, fVec& b) {
-    a = fVec::loadu(p);
-    b = fVec::loadu(p + fVec::size());
-  }
-  static void store(float* p, const fVec& a, const fVec& b) {
-    a.store(p);
-    b.store(p + fVec::size());
-  }
-};
 
 struct TensorJob {
   void* p;          // param (P)
@@ -98,18 +80,18 @@ void run_range(const TensorJob& j, int64_t lo, int64_t hi, const TensorJob* next
       prefetch_at<P, S, AMS, MASTER>(*next, ahead - hi);
     }
     fVec p0, p1, g0, g1, m0, m1, v0, v1, x0, x1;
-    if constexpr (MASTER) Io<float>::load(w + i, p0, p1); else Io<P>::load(p + i, p0, p1);
-    Io<P>::load(g + i, g0, g1);
-    Io<S>::load(m + i, m0, m1);
-    Io<S>::load(v + i, v0, v1);
-    if constexpr (AMS) Io<S>::load(vm + i, x0, x1);
+    if constexpr (MASTER) load2(w + i, p0, p1); else load2(p + i, p0, p1);
+    load2(g + i, g0, g1);
+    load2(m + i, m0, m1);
+    load2(v + i, v0, v1);
+    if constexpr (AMS) load2(vm + i, x0, x1);
     adam::update<AMS>(p0, g0, m0, v0, x0, cv);
     adam::update<AMS>(p1, g1, m1, v1, x1, cv);
-    if constexpr (MASTER) Io<float>::store(w + i, p0, p1);
-    Io<P>::store(p + i, p0, p1);
-    Io<S>::store(m + i, m0, m1);
-    Io<S>::store(v + i, v0, v1);
-    if constexpr (AMS) Io<S>::store(vm + i, x0, x1);
+    if constexpr (MASTER) store2(w + i, p0, p1);
+    store2(p + i, p0, p1);
+    store2(m + i, m0, m1);
+    store2(v + i, v0, v1);
+    if constexpr (AMS) store2(vm + i, x0, x1);
   }
   if (i < hi) {
     const CoefV<float> cs(j.coef);
@@ -128,77 +110,72 @@ void run_range(const TensorJob& j, int64_t lo, int64_t hi, const TensorJob* next
 }
 
 template <typename P, typename S, bool AMS, bool MASTER>
-void run_all(const std::vector<TensorJob>& jobs) {
-  const int64_t n = static_cast<int64_t>(jobs.size());
-  std::vector<int64_t> start(n + 1, 0);  // prefix sum of units per tensor
-  for (int64_t t = 0; t < n; ++t) start[t + 1] = start[t] + (jobs[t].numel + kUnit - 1) / kUnit;
-  const int64_t units = start[n];
-  if (units == 0) return;
-  // about 32K elements (~1 MB of traffic) per thread at least
-  const int64_t grain = 32;
-  at::parallel_for(0, units, grain, [&](int64_t ub, int64_t ue) {
-    int64_t t = std::upper_bound(start.begin(), start.end(), ub) - start.begin() - 1;
-    for (; t < n && start[t] < ue; ++t) {
-      const TensorJob& j = jobs[t];
-      const int64_t lo = std::max<int64_t>(ub - start[t], 0) * kUnit;
-      const int64_t hi = std::min<int64_t>((ue - start[t]) * kUnit, j.numel);
-      const TensorJob* next = (t + 1 < n && start[t + 1] < ue) ? &jobs[t + 1] : nullptr;
-      if (lo < hi) run_range<P, S, AMS, MASTER>(j, lo, hi, next);
-    }
+void run_all(const std::vector<TensorJob>& jobs, const mta::Units& units) {
+  units.parallel(kGrain, /*serial=*/false, [&](int64_t t, int64_t lo, int64_t hi, bool next) {
+    run_range<P, S, AMS, MASTER>(jobs[t], lo, hi, next ? &jobs[t + 1] : nullptr);
   });
 }
 
 template <typename P, typename S, bool MASTER>
-void run_ams(const std::vector<TensorJob>& jobs, bool amsgrad) {
-  if (amsgrad) run_all<P, S, true, MASTER>(jobs);
-  else run_all<P, S, false, MASTER>(jobs);
+void run_ams(const std::vector<TensorJob>& jobs, const mta::Units& units, bool amsgrad) {
+  if (amsgrad) run_all<P, S, true, MASTER>(jobs, units);
+  else run_all<P, S, false, MASTER>(jobs, units);
 }
 
 template <typename P>
-void run_param(const std::vector<TensorJob>& jobs, bool amsgrad, bool fp32_state, bool master) {
+void run_param(const std::vector<TensorJob>& jobs, const mta::Units& units, bool amsgrad, bool fp32_state,
+               bool master) {
   if constexpr (std::is_same_v<P, float>) {
-    run_ams<float, float, false>(jobs, amsgrad);
+    run_ams<float, float, false>(jobs, units, amsgrad);
   } else {
-    if (master) run_ams<P, float, true>(jobs, amsgrad);
-    else if (fp32_state) run_ams<P, float, false>(jobs, amsgrad);
-    else run_ams<P, P, false>(jobs, amsgrad);
+    if (master) run_ams<P, float, true>(jobs, units, amsgrad);
+    else if (fp32_state) run_ams<P, float, false>(jobs, units, amsgrad);
+    else run_ams<P, P, false>(jobs, units, amsgrad);
   }
 }
 
 float read_scalar(const at::Tensor& t) { return t.to(at::kFloat).item<float>(); }
 
-// L: at::TensorList (the op) or PtrList (the direct entry below): size(), empty(), [i].
-template <typename L>
-void adam_impl(const L& params, const L& grads, const L& exp_avgs, const L& exp_avg_sqs,
-               const L& max_exp_avg_sqs, const L& steps, const L& master_params, double lr,
-               const at::Tensor* lr_tensor, double beta1, double beta2, double eps, double weight_decay,
-               bool amsgrad, bool maximize, bool decoupled_weight_decay, const at::Tensor* grad_mult,
-               const at::Tensor* found_inf) {
-  const size_t n = params.size();
-  adam::check_list_lengths(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, amsgrad);
+}  // namespace
+
+void adam_cpu(at::TensorList params_in, at::TensorList grads_in, at::TensorList exp_avgs_in,
+              at::TensorList exp_avg_sqs_in, at::TensorList max_exp_avg_sqs_in, at::TensorList steps,
+              at::TensorList master_params_in, double lr, const std::optional<at::Tensor>& lr_tensor,
+              double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
+              bool maximize, bool decoupled_weight_decay,
+              const std::optional<at::Tensor>& grad_mult, const std::optional<at::Tensor>& found_inf) {
+  const auto sdt = adam::check_lists(params_in, grads_in, exp_avgs_in, exp_avg_sqs_in, max_exp_avg_sqs_in, steps,
+                                     master_params_in, amsgrad);
+  const size_t n = params_in.size();
   if (n == 0) return;
+  const auto dev = params_in[0].device();
+  adam::check_scalar("lr_tensor", lr_tensor, dev);
+  adam::check_scalar("grad_mult", grad_mult, dev);
+  adam::check_scalar("found_inf", found_inf, dev);
   if (found_inf && read_scalar(*found_inf) != 0.f) return;  // skip: write nothing
+  adam::Contiguous contiguous;
+  const at::TensorList params = contiguous(params_in, true), grads = contiguous(grads_in, false),
+                       exp_avgs = contiguous(exp_avgs_in, true), exp_avg_sqs = contiguous(exp_avg_sqs_in, true),
+                       max_exp_avg_sqs = amsgrad ? contiguous(max_exp_avg_sqs_in, true) : at::TensorList(),
+                       master_params = contiguous(master_params_in, true);
   const float mult = grad_mult ? read_scalar(*grad_mult) : 1.f;
   const double lr_v = lr_tensor ? lr_tensor->to(at::kDouble).item<double>() : lr;
   const bool master = !master_params.empty();
   const auto pdt = params[0].scalar_type();
-  const auto sdt = exp_avgs[0].scalar_type();
 
   std::vector<TensorJob> jobs(n);
   std::vector<float> new_steps(n);
   adam::Coef coef{};
   for (size_t i = 0; i < n; ++i) {
-    adam::check_tensor(i, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, pdt, sdt,
-                       amsgrad);
     TensorJob& j = jobs[i];
     j.p = params[i].data_ptr();
     j.g = grads[i].data_ptr();
     j.m = exp_avgs[i].data_ptr();
     j.v = exp_avg_sqs[i].data_ptr();
     j.vmax = amsgrad ? max_exp_avg_sqs[i].data_ptr() : nullptr;
-    j.master = master ? master_params[i].template data_ptr<float>() : nullptr;
+    j.master = master ? master_params[i].data_ptr<float>() : nullptr;
     j.numel = params[i].numel();
-    const float s = *steps[i].template data_ptr<float>() + 1.f;  // torch: step_t += 1 (fp32)
+    const float s = *steps[i].data_ptr<float>() + 1.f;  // torch: step_t += 1 (fp32)
     new_steps[i] = s;
     // the tensors of a group share their step almost always: two pow() per distinct step,
     // not per tensor (they were most of the per-tensor cost of 1000 small tensors)
@@ -208,39 +185,16 @@ void adam_impl(const L& params, const L& grads, const L& exp_avgs, const L& exp_
     }
     j.coef = coef;
   }
-  adam::check_state_dtype(pdt, sdt, master);
   const bool fp32_state = sdt == at::kFloat;
+  const mta::Units units(static_cast<int64_t>(n), kUnit, [&](int64_t t) { return jobs[t].numel; });
   switch (pdt) {
-    case at::kFloat: run_param<float>(jobs, amsgrad, fp32_state, master); break;
-    case at::kBFloat16: run_param<at::BFloat16>(jobs, amsgrad, fp32_state, master); break;
-    case at::kHalf: run_param<at::Half>(jobs, amsgrad, fp32_state, master); break;
+    case at::kFloat: run_param<float>(jobs, units, amsgrad, fp32_state, master); break;
+    case at::kBFloat16: run_param<at::BFloat16>(jobs, units, amsgrad, fp32_state, master); break;
+    case at::kHalf: run_param<at::Half>(jobs, units, amsgrad, fp32_state, master); break;
     default: TORCH_CHECK(false, "adam_: unsupported param dtype ", pdt);
   }
-  for (size_t i = 0; i < n; ++i) *steps[i].template data_ptr<float>() = new_steps[i];
-}
-
-void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-              at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
-              at::TensorList master_params, double lr, const std::optional<at::Tensor>& lr_tensor,
-              double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
-              bool maximize, bool decoupled_weight_decay,
-              const std::optional<at::Tensor>& grad_mult, const std::optional<at::Tensor>& found_inf) {
-  adam_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, lr,
-            lr_tensor ? &*lr_tensor : nullptr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
-            decoupled_weight_decay, grad_mult ? &*grad_mult : nullptr, found_inf ? &*found_inf : nullptr);
-}
-
-}  // namespace
-
-// The same kernel without the dispatcher's list boxing (csrc/module.cpp, used by
-// fusedtrain/ops/adam.py for plain CPU tensors outside tracing).
-void adam_cpu_direct(const PtrList& params, const PtrList& grads, const PtrList& exp_avgs,
-                     const PtrList& exp_avg_sqs, const PtrList& max_exp_avg_sqs, const PtrList& steps,
-                     const PtrList& master_params, double lr, const at::Tensor* lr_tensor, double beta1,
-                     double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
-                     bool decoupled_weight_decay, const at::Tensor* grad_mult, const at::Tensor* found_inf) {
-  adam_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, lr, lr_tensor, beta1,
-            beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_mult, found_inf);
+  for (size_t i = 0; i < n; ++i) *steps[i].data_ptr<float>() = new_steps[i];
+  contiguous.write_back();
 }
 
 TORCH_LIBRARY_IMPL(fusedtrain, CPU, m) { m.impl("adam_", &adam_cpu); }

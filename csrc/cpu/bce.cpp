@@ -5,8 +5,8 @@
 // the thread count); at::parallel_for hands out whole chunks, each chunk writes its loss
 // partial to its own slot, and the partials are summed in chunk order: the result is the
 // same bit for bit for every thread count. Inside a chunk, each row segment runs at::vec
-// steps of 2 * Vectorized<opmath>::size() elements and a scalar tail; both call the same
-// formulas (fusedtrain/bce_math.h).
+// steps of 2 * Vectorized<opmath>::size() elements (vec_io.h) and a scalar tail; both call
+// the same formulas (fusedtrain/bce_math.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -16,37 +16,18 @@
 
 #include "fusedtrain/bce_dispatch.h"
 #include "fusedtrain/bce_math.h"
+#include "vec_io.h"
 
 namespace fusedtrain {
 namespace bce {
 namespace {
 
 using at::vec::Vectorized;
+using vec_io::load2;
+using vec_io::store2;
 
 constexpr int64_t kChunk = 4096;  // elements per reduction chunk (fixed: determinism)
 constexpr int64_t kGrain = 8;     // chunks: below 8 * 4096 elements run on the calling thread
-
-// Two opmath vectors (2 * W elements) from storage type T.
-template <typename op_t, typename T>
-inline void load2(const T* p, Vectorized<op_t>& a, Vectorized<op_t>& b) {
-  if constexpr (std::is_same_v<T, op_t>) {
-    a = Vectorized<op_t>::loadu(p);
-    b = Vectorized<op_t>::loadu(p + Vectorized<op_t>::size());
-  } else {
-    static_assert(Vectorized<T>::size() == 2 * Vectorized<op_t>::size());
-    std::tie(a, b) = at::vec::convert_to_float<T>(Vectorized<T>::loadu(p));
-  }
-}
-
-template <typename op_t, typename T>
-inline void store2(T* p, const Vectorized<op_t>& a, const Vectorized<op_t>& b) {
-  if constexpr (std::is_same_v<T, op_t>) {
-    a.store(p);
-    b.store(p + Vectorized<op_t>::size());
-  } else {
-    at::vec::convert_from_float<T>(a, b).store(p);
-  }
-}
 
 // A broadcast (R, C) operand in opmath: element (r, c) at p[r * s0 + c * s1], s1 in {0, 1}.
 template <typename op_t>
@@ -58,7 +39,7 @@ struct Bcast {
     if (s1 == 0) {
       a = b = Vectorized<op_t>(rp[0]);
     } else {
-      bce::load2<op_t>(rp + c, a, b);
+      vec_io::load2<op_t>(rp + c, a, b);
     }
   }
   inline op_t at(const op_t* rp, int64_t c) const { return rp[c * s1]; }

@@ -1,13 +1,13 @@
 // CPU body of fusedtrain::unscale_and_check_ (schema in csrc/ops.cpp; Python entry in
 // fusedtrain/ops/unscale.py, which validates and groups by dtype before calling this).
 //
-// The whole list is cut into fixed chunks of kChunk elements (a tensor's last chunk may be
-// shorter) that at::parallel_for hands to the threads; each chunk records its own fp32 sum of
-// squares and whether it saw an inf/NaN, and the chunk sums are combined in chunk order in
-// double. The chunking depends on the tensor sizes only, never on the thread count, so the
-// norm is bit-identical from run to run and across thread counts. The per-element math is
-// csrc/include/fusedtrain/unscale_math.h, instantiated here for at::vec::Vectorized<float>
-// (the main loop) and float (the tails).
+// The whole list is cut into fixed chunks of kChunk elements (multi_tensor.h: a tensor's
+// last chunk may be shorter) that at::parallel_for hands to the threads; each chunk records
+// its own fp32 sum of squares and whether it saw an inf/NaN, and the chunk sums are combined
+// in chunk order in double. The chunking depends on the tensor sizes only, never on the
+// thread count, so the norm is bit-identical from run to run and across thread counts. The
+// per-element math is csrc/include/fusedtrain/unscale_math.h, instantiated here for
+// at::vec::Vectorized<float> (the main loop) and float (the tails).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -16,22 +16,22 @@
 #include <vector>
 
 #include "fusedtrain/unscale_math.h"
+#include "multi_tensor.h"
+#include "vec_io.h"
 
 namespace fusedtrain {
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kChunk = 1 << 15;
-// Below this many elements in all (16 MiB of fp32, half this machine class's L3) one core
-// finishes the pass in well under a millisecond from cache, and waking a second thread costs
-// more than it saves (on a shared 2-vCPU machine a busy sibling makes a parallel region cost a
-// scheduler slice, ~8 ms). The chunking, and so the norm, does not depend on this choice.
-constexpr int64_t kParallelMin = int64_t(1) << 22;
+using vec_io::load2;
+using vec_io::store2;
 
-struct Chunk {
-  void* data;
-  int64_t n;
-};
+constexpr int64_t kChunk = 1 << 15;
+// Below this many elements in all (16 MiB of fp32, within a typical L3) one core finishes
+// the pass from cache, and waking a second thread costs more than it saves (a busy sibling
+// can make a parallel region wait for a scheduler slice). The chunking, and so the norm,
+// does not depend on this choice.
+constexpr int64_t kParallelMin = int64_t(1) << 22;
 
 struct ChunkResult {
   float sumsq;
@@ -56,27 +56,6 @@ inline void body(Vec& a, Vec& b, const Vec& inv, Vec& sq0, Vec& sq1, Vec& pr0, V
   if (NORM) {
     sq0 = unscale::square_add(sq0, a);
     sq1 = unscale::square_add(sq1, b);
-  }
-}
-
-// Load / store 2*Vec::size() elements of any storage dtype as two fp32 vectors.
-template <typename scalar_t>
-inline void load2(const scalar_t* p, Vec& a, Vec& b) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    a = Vec::loadu(p);
-    b = Vec::loadu(p + Vec::size());
-  } else {
-    std::tie(a, b) = at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(p));
-  }
-}
-
-template <typename scalar_t>
-inline void store2(scalar_t* p, const Vec& a, const Vec& b) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    a.store(p);
-    b.store(p + Vec::size());
-  } else {
-    at::vec::convert_from_float<scalar_t>(a, b).store(p);
   }
 }
 
@@ -119,52 +98,48 @@ ChunkResult run_chunk(scalar_t* p, int64_t n, float inv_s) {
   return {sq, unscale::probe_found(pr)};
 }
 
+// res[u]: the result of unit (chunk) u of `units`; data[t]: tensor t's first element.
 template <typename scalar_t, bool WRITE, bool NORM>
-void run_all(const std::vector<Chunk>& chunks, int64_t total, float inv, std::vector<ChunkResult>& res) {
-  const int64_t n_chunks = static_cast<int64_t>(chunks.size());
-  auto body = [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      res[c] = run_chunk<scalar_t, WRITE, NORM>(static_cast<scalar_t*>(chunks[c].data), chunks[c].n, inv);
-    }
-  };
-  if (total < kParallelMin || at::get_num_threads() == 1) {
-    body(0, n_chunks);
-  } else {
-    // grain 1: a chunk (up to kChunk elements) is already worth a thread.
-    at::parallel_for(0, n_chunks, 1, body);
-  }
+void run_all(const mta::Units& units, const std::vector<void*>& data, bool serial, float inv,
+             std::vector<ChunkResult>& res) {
+  // grain 1: a chunk (up to kChunk elements) is already worth a thread.
+  units.parallel(1, serial, [&](int64_t t, int64_t lo, int64_t hi, bool) {
+    scalar_t* p = static_cast<scalar_t*>(data[t]);
+    for (int64_t s = lo; s < hi; s += kChunk)
+      res[units.first(t) + s / kChunk] = run_chunk<scalar_t, WRITE, NORM>(p + s, std::min(kChunk, hi - s), inv);
+  });
 }
 
 template <typename scalar_t>
-void dispatch(const std::vector<Chunk>& chunks, int64_t total, float inv, bool write, bool norm,
+void dispatch(const mta::Units& units, const std::vector<void*>& data, bool serial, float inv, bool write, bool norm,
               std::vector<ChunkResult>& res) {
-  if (write && norm) run_all<scalar_t, true, true>(chunks, total, inv, res);
-  else if (write) run_all<scalar_t, true, false>(chunks, total, inv, res);
-  else if (norm) run_all<scalar_t, false, true>(chunks, total, inv, res);
-  else run_all<scalar_t, false, false>(chunks, total, inv, res);
+  if (write && norm) run_all<scalar_t, true, true>(units, data, serial, inv, res);
+  else if (write) run_all<scalar_t, true, false>(units, data, serial, inv, res);
+  else if (norm) run_all<scalar_t, false, true>(units, data, serial, inv, res);
+  else run_all<scalar_t, false, false>(units, data, serial, inv, res);
 }
 
 // tensors: one dtype (fp32, fp16 or bf16), each non-overlapping and dense (its numel elements
 // are one span starting at data_ptr); inv_scale, found_inf: one-element fp32 CPU tensors.
 at::Tensor unscale_and_check_cpu(at::TensorList tensors, const at::Tensor& inv_scale, const at::Tensor& found_inf,
                                  bool compute_norm, bool write) {
-  std::vector<Chunk> chunks;
+  const int64_t n = static_cast<int64_t>(tensors.size());
+  std::vector<void*> data(n);
   int64_t total = 0;
-  for (const auto& t : tensors) {
-    const int64_t n = t.numel();
-    total += n;
-    char* base = static_cast<char*>(t.data_ptr());
-    const int64_t es = t.element_size();
-    for (int64_t s = 0; s < n; s += kChunk) chunks.push_back({base + s * es, std::min(kChunk, n - s)});
+  for (int64_t t = 0; t < n; ++t) {
+    data[t] = tensors[t].data_ptr();
+    total += tensors[t].numel();
   }
-  std::vector<ChunkResult> res(chunks.size());
+  const mta::Units units(n, kChunk, [&](int64_t t) { return tensors[t].numel(); });
+  std::vector<ChunkResult> res(units.count());
   const float inv = inv_scale.data_ptr<float>()[0];
-  if (!chunks.empty()) {
+  if (units.count() != 0) {
+    const bool serial = total < kParallelMin || at::get_num_threads() == 1;
     const auto dtype = tensors[0].scalar_type();
     switch (dtype) {
-      case at::kFloat: dispatch<float>(chunks, total, inv, write, compute_norm, res); break;
-      case at::kHalf: dispatch<at::Half>(chunks, total, inv, write, compute_norm, res); break;
-      case at::kBFloat16: dispatch<at::BFloat16>(chunks, total, inv, write, compute_norm, res); break;
+      case at::kFloat: dispatch<float>(units, data, serial, inv, write, compute_norm, res); break;
+      case at::kHalf: dispatch<at::Half>(units, data, serial, inv, write, compute_norm, res); break;
+      case at::kBFloat16: dispatch<at::BFloat16>(units, data, serial, inv, write, compute_norm, res); break;
       default: TORCH_CHECK(false, "fusedtrain::unscale_and_check_: unsupported dtype ", dtype);
     }
   }

@@ -1,8 +1,8 @@
-// fusedtrain::adam_ on CUDA: one launch of a multi-tensor-apply kernel for every tensor of
-// the call (multi_tensor_apply.cuh: device-resident address/size tables, one block per
-// chunk of a tensor). Per element: adam_math.h, the code the CPU kernel runs. Four
-// elements per thread per iteration, 16-byte (fp32) / 8-byte (fp16, bf16) loads where every
-// pointer of the block is aligned for them.
+// fusedtrain::adam_ on CUDA: one launch of the multi-tensor engine for every tensor of the
+// call (multi_tensor_apply.cuh: device-resident address/size tables, one block per chunk of
+// a tensor) with AdamOp as its functor. Per element: adam_math.h, the code the CPU kernel
+// runs. Four elements per thread per iteration, 16-byte (fp32) / 8-byte (fp16, bf16) loads
+// (vec_io.cuh) where every pointer of the block is aligned for them.
 //
 // The step: every block reads the tensor's step, then (after __syncthreads) bumps the
 // tensor's counter; the last block of the tensor writes step + 1 and resets the counter.
@@ -17,13 +17,14 @@
 #include "fusedtrain/adam_lists.h"
 #include "fusedtrain/adam_math.h"
 #include "multi_tensor_apply.cuh"
+#include "vec_io.cuh"
 
 namespace fusedtrain {
 namespace {
 
 constexpr int kThreads = 256;  // __launch_bounds__: up to 255 registers (the double-precision pow of make_coef)
 constexpr int kIlp = 4;
-constexpr int64_t kChunk = 16384;  // elements per block
+constexpr int64_t kChunk = 16384;  // elements per block; an empty tensor has a block too (its step)
 
 // columns of the tables
 enum : int { kP = 0, kG, kM, kV, kVmax, kMaster, kStep, kLists };
@@ -37,105 +38,89 @@ struct Hyper {
 };
 
 template <typename T>
-struct alignas(sizeof(T) * kIlp) Pack {
-  T v[kIlp];
-};
-
-template <typename T>
-__device__ __forceinline__ void load4(const T* p, int64_t i, float (&out)[kIlp]) {
-  const Pack<T> x = *reinterpret_cast<const Pack<T>*>(p + i);
-#pragma unroll
-  for (int k = 0; k < kIlp; ++k) out[k] = static_cast<float>(x.v[k]);
-}
-template <typename T>
-__device__ __forceinline__ void store4(T* p, int64_t i, const float (&in)[kIlp]) {
-  Pack<T> x;
-#pragma unroll
-  for (int k = 0; k < kIlp; ++k) x.v[k] = static_cast<T>(in[k]);
-  *reinterpret_cast<Pack<T>*>(p + i) = x;
-}
-
-template <typename T>
 __device__ __forceinline__ bool aligned4(const void* p) {
-  return (reinterpret_cast<uintptr_t>(p) % (sizeof(T) * kIlp)) == 0;
+  return vec_io::aligned<T, kIlp>(p);
 }
 
+// The functor of the multi-tensor engine: one chunk of one tensor.
 template <typename P, typename S, bool AMS, bool MASTER>
-__global__ void __launch_bounds__(kThreads) adam_kernel(mta::Tables tab, int32_t* counters, Hyper h) {
-  if (h.fi_ptr != nullptr && *h.fi_ptr != 0.f) return;  // skip: write nothing at all
-  const int64_t t = tab.blocks[2 * blockIdx.x];
-  const int64_t chunk_idx = tab.blocks[2 * blockIdx.x + 1];
-  const int64_t* row = mta::row_of(tab, t);
-  const int64_t numel = row[tab.nlists];
-  P* p = reinterpret_cast<P*>(row[kP]);
-  const P* g = reinterpret_cast<const P*>(row[kG]);
-  S* m = reinterpret_cast<S*>(row[kM]);
-  S* v = reinterpret_cast<S*>(row[kV]);
-  S* vm = reinterpret_cast<S*>(row[kVmax]);
-  float* w = reinterpret_cast<float*>(row[kMaster]);
-  float* step_ptr = reinterpret_cast<float*>(row[kStep]);
+struct AdamOp {
+  Hyper h;
+  int32_t* counters;  // per tensor, zero between launches
 
-  const float step = *step_ptr + 1.f;  // torch: step_t += 1 (fp32)
-  const double lr = h.lr_ptr != nullptr ? static_cast<double>(*h.lr_ptr) : h.lr;
-  const float mult = h.gm_ptr != nullptr ? *h.gm_ptr : 1.f;
-  const adam::CoefV<float> c(adam::make_coef(lr, h.beta1, h.beta2, h.eps, h.wd, h.decoupled,
-                                             static_cast<double>(step), mult, h.maximize));
+  // found_inf nonzero: write nothing at all
+  __device__ __forceinline__ bool skip() const { return h.fi_ptr != nullptr && *h.fi_ptr != 0.f; }
 
-  const int64_t lo = chunk_idx * tab.chunk;
-  const int64_t hi = lo + tab.chunk < numel ? lo + tab.chunk : numel;
-  const bool vec = aligned4<P>(p) && aligned4<P>(g) && aligned4<S>(m) && aligned4<S>(v) &&
-                   (!AMS || aligned4<S>(vm)) && (!MASTER || aligned4<float>(w)) && (lo % kIlp) == 0;
-  if (vec) {
-    for (int64_t i = lo + static_cast<int64_t>(threadIdx.x) * kIlp; i + kIlp <= hi;
-         i += static_cast<int64_t>(kThreads) * kIlp) {
-      float rp[kIlp], rg[kIlp], rm[kIlp], rv[kIlp], rx[kIlp];
-      if (MASTER) load4<float>(w, i, rp); else load4<P>(p, i, rp);
-      load4<P>(g, i, rg);
-      load4<S>(m, i, rm);
-      load4<S>(v, i, rv);
-      if (AMS) load4<S>(vm, i, rx);
+  __device__ __forceinline__ void operator()(const mta::Chunk& ch) const {
+    const int64_t numel = ch.numel;
+    P* p = ch.ptr<P>(kP);
+    const P* g = ch.ptr<const P>(kG);
+    S* m = ch.ptr<S>(kM);
+    S* v = ch.ptr<S>(kV);
+    S* vm = ch.ptr<S>(kVmax);
+    float* w = ch.ptr<float>(kMaster);
+    float* step_ptr = ch.ptr<float>(kStep);
+
+    const float step = *step_ptr + 1.f;  // torch: step_t += 1 (fp32)
+    const double lr = h.lr_ptr != nullptr ? static_cast<double>(*h.lr_ptr) : h.lr;
+    const float mult = h.gm_ptr != nullptr ? *h.gm_ptr : 1.f;
+    const adam::CoefV<float> c(adam::make_coef(lr, h.beta1, h.beta2, h.eps, h.wd, h.decoupled,
+                                               static_cast<double>(step), mult, h.maximize));
+
+    const int64_t lo = ch.lo();
+    const int64_t hi = ch.hi();
+    const bool vec = aligned4<P>(p) && aligned4<P>(g) && aligned4<S>(m) && aligned4<S>(v) &&
+                     (!AMS || aligned4<S>(vm)) && (!MASTER || aligned4<float>(w)) && (lo % kIlp) == 0;
+    if (vec) {
+      for (int64_t i = lo + static_cast<int64_t>(threadIdx.x) * kIlp; i + kIlp <= hi;
+           i += static_cast<int64_t>(kThreads) * kIlp) {
+        float rp[kIlp], rg[kIlp], rm[kIlp], rv[kIlp], rx[kIlp];
+        if (MASTER) vec_io::load_vec(w + i, rp); else vec_io::load_vec(p + i, rp);
+        vec_io::load_vec(g + i, rg);
+        vec_io::load_vec(m + i, rm);
+        vec_io::load_vec(v + i, rv);
+        if (AMS) vec_io::load_vec(vm + i, rx);
 #pragma unroll
-      for (int k = 0; k < kIlp; ++k) adam::update<AMS>(rp[k], rg[k], rm[k], rv[k], rx[k], c);
-      if (MASTER) store4<float>(w, i, rp);
-      store4<P>(p, i, rp);
-      store4<S>(m, i, rm);
-      store4<S>(v, i, rv);
-      if (AMS) store4<S>(vm, i, rx);
+        for (int k = 0; k < kIlp; ++k) adam::update<AMS>(rp[k], rg[k], rm[k], rv[k], rx[k], c);
+        if (MASTER) vec_io::store_vec(w + i, rp);
+        vec_io::store_vec(p + i, rp);
+        vec_io::store_vec(m + i, rm);
+        vec_io::store_vec(v + i, rv);
+        if (AMS) vec_io::store_vec(vm + i, rx);
+      }
     }
-  }
-  // scalar path: the whole range when unaligned, else the tail of fewer than kIlp elements
-  const int64_t tail = vec ? lo + ((hi - lo) / kIlp) * kIlp : lo;
-  for (int64_t i = tail + threadIdx.x; i < hi; i += kThreads) {
-    float rp = MASTER ? w[i] : static_cast<float>(p[i]);
-    float rm = static_cast<float>(m[i]), rv = static_cast<float>(v[i]);
-    float rx = AMS ? static_cast<float>(vm[i]) : 0.f;
-    adam::update<AMS>(rp, static_cast<float>(g[i]), rm, rv, rx, c);
-    if (MASTER) w[i] = rp;
-    p[i] = static_cast<P>(rp);
-    m[i] = static_cast<S>(rm);
-    v[i] = static_cast<S>(rv);
-    if (AMS) vm[i] = static_cast<S>(rx);
-  }
+    // scalar path: the whole range when unaligned, else the tail of fewer than kIlp elements
+    const int64_t tail = vec ? lo + ((hi - lo) / kIlp) * kIlp : lo;
+    for (int64_t i = tail + threadIdx.x; i < hi; i += kThreads) {
+      float rp = MASTER ? w[i] : static_cast<float>(p[i]);
+      float rm = static_cast<float>(m[i]), rv = static_cast<float>(v[i]);
+      float rx = AMS ? static_cast<float>(vm[i]) : 0.f;
+      adam::update<AMS>(rp, static_cast<float>(g[i]), rm, rv, rx, c);
+      if (MASTER) w[i] = rp;
+      p[i] = static_cast<P>(rp);
+      m[i] = static_cast<S>(rm);
+      v[i] = static_cast<S>(rv);
+      if (AMS) vm[i] = static_cast<S>(rx);
+    }
 
-  // every thread of this block has read the step; the last block of the tensor writes it
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    const int64_t nb = (numel + tab.chunk - 1) / tab.chunk;
-    const int32_t nblocks = static_cast<int32_t>(nb > 0 ? nb : 1);  // an empty tensor has one block
-    if (atomicAdd(&counters[t], 1) == nblocks - 1) {
-      *step_ptr = step;
-      counters[t] = 0;
+    // every thread of this block has read the step; the last block of the tensor writes it
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      __threadfence();
+      const int64_t nb = (numel + ch.chunk - 1) / ch.chunk;
+      const int32_t nblocks = static_cast<int32_t>(nb > 0 ? nb : 1);  // an empty tensor has one block
+      if (atomicAdd(&counters[ch.tensor], 1) == nblocks - 1) {
+        *step_ptr = step;
+        counters[ch.tensor] = 0;
+      }
     }
   }
-}
+};
 
 template <typename P, typename S, bool MASTER>
 void launch_ams(bool amsgrad, const mta::Tables& tab, int32_t* counters, const Hyper& h, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(tab.nblocks));
-  if (amsgrad) adam_kernel<P, S, true, MASTER><<<grid, kThreads, 0, stream>>>(tab, counters, h);
-  else adam_kernel<P, S, false, MASTER><<<grid, kThreads, 0, stream>>>(tab, counters, h);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (amsgrad) mta::launch<kThreads>(tab, AdamOp<P, S, true, MASTER>{h, counters}, stream);
+  else mta::launch<kThreads>(tab, AdamOp<P, S, false, MASTER>{h, counters}, stream);
 }
 
 template <typename P>
@@ -151,42 +136,36 @@ void launch_param(bool amsgrad, bool fp32_state, bool master, const mta::Tables&
 }
 
 const float* opt_ptr(const std::optional<at::Tensor>& t, const at::Device& dev, const char* what) {
-  if (!t.has_value()) return nullptr;
-  TORCH_CHECK(t->device() == dev && t->scalar_type() == at::kFloat && t->numel() == 1,
-              "adam_: ", what, " must be a one-element fp32 tensor on ", dev);
-  return t->data_ptr<float>();
+  adam::check_scalar(what, t, dev);
+  return t.has_value() ? t->data_ptr<float>() : nullptr;
 }
 
-void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-               at::TensorList max_exp_avg_sqs, at::TensorList steps, at::TensorList master_params, double lr,
-               const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double eps,
-               double weight_decay, bool amsgrad, bool maximize, bool decoupled_weight_decay,
-               const std::optional<at::Tensor>& grad_mult, const std::optional<at::Tensor>& found_inf) {
-  const size_t n = params.size();
-  adam::check_list_lengths(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, amsgrad);
+void adam_cuda(at::TensorList params_in, at::TensorList grads_in, at::TensorList exp_avgs_in,
+               at::TensorList exp_avg_sqs_in, at::TensorList max_exp_avg_sqs_in, at::TensorList steps,
+               at::TensorList master_params_in, double lr, const std::optional<at::Tensor>& lr_tensor, double beta1,
+               double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
+               bool decoupled_weight_decay, const std::optional<at::Tensor>& grad_mult,
+               const std::optional<at::Tensor>& found_inf) {
+  const auto sdt = adam::check_lists(params_in, grads_in, exp_avgs_in, exp_avg_sqs_in, max_exp_avg_sqs_in, steps,
+                                     master_params_in, amsgrad);
+  const size_t n = params_in.size();
   if (n == 0) return;
-  const at::Device dev = params[0].device();
-  const auto pdt = params[0].scalar_type();
-  const auto sdt = exp_avgs[0].scalar_type();
-  const bool master = !master_params.empty();
-  for (size_t i = 0; i < n; ++i) {
-    TORCH_CHECK(params[i].device() == dev && grads[i].device() == dev && exp_avgs[i].device() == dev &&
-                    exp_avg_sqs[i].device() == dev && steps[i].device() == dev,
-                "adam_: every tensor must be on ", dev);
-    if (amsgrad) TORCH_CHECK(max_exp_avg_sqs[i].device() == dev, "adam_: every tensor must be on ", dev);
-    if (master) TORCH_CHECK(master_params[i].device() == dev, "adam_: every tensor must be on ", dev);
-    adam::check_tensor(i, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, pdt, sdt,
-                       amsgrad);
-  }
-  adam::check_state_dtype(pdt, sdt, master);
+  const at::Device dev = params_in[0].device();
+  const auto pdt = params_in[0].scalar_type();
+  const bool master = !master_params_in.empty();
   const c10::cuda::CUDAGuard guard(dev);
+  adam::Contiguous contiguous;
+  const at::TensorList params = contiguous(params_in, true), grads = contiguous(grads_in, false),
+                       exp_avgs = contiguous(exp_avgs_in, true), exp_avg_sqs = contiguous(exp_avg_sqs_in, true),
+                       max_exp_avg_sqs = amsgrad ? contiguous(max_exp_avg_sqs_in, true) : at::TensorList(),
+                       master_params = contiguous(master_params_in, true);
   Hyper h{lr, beta1, beta2, eps, weight_decay, opt_ptr(lr_tensor, dev, "lr_tensor"),
           opt_ptr(grad_mult, dev, "grad_mult"), opt_ptr(found_inf, dev, "found_inf"), maximize,
           decoupled_weight_decay};
   const at::TensorList none;
   const std::vector<at::TensorList> lists{params, grads, exp_avgs, exp_avg_sqs,
                                           amsgrad ? max_exp_avg_sqs : none, master ? master_params : none, steps};
-  const mta::Tables tab = mta::tables_for(lists, kChunk, dev);
+  const mta::Tables tab = mta::tables_for(lists, mta::Layout{kChunk, /*empty_block=*/true}, dev);
   int32_t* counters = mta::zeroed_counters(static_cast<int64_t>(n), dev);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool fp32_state = sdt == at::kFloat;
@@ -196,6 +175,7 @@ void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
     case at::kHalf: launch_param<c10::Half>(amsgrad, fp32_state, master, tab, counters, h, stream); break;
     default: TORCH_CHECK(false, "adam_: unsupported param dtype ", pdt);
   }
+  contiguous.write_back();
 }
 
 }  // namespace

@@ -4,7 +4,7 @@
 // The forward reads input and target once (and writes the loss for 'none'); the backward reads
 // them again and writes each wanted gradient once, times grad_output, rounded once. Each thread
 // moves VEC = 16 / sizeof(input) elements per step with 16-byte loads and stores of input and
-// gradient (target/loss in fp32 with a 2-byte input: two 16-byte accesses);
+// gradient (target/loss in fp32 with a 2-byte input: two 16-byte accesses; vec_io.cuh);
 // weight and pos_weight are read through the read-only cache (they are broadcast, usually tiny).
 // Pointers that are not aligned for the vector width fall back to scalar accesses.
 //
@@ -21,6 +21,7 @@
 
 #include "fusedtrain/bce_dispatch.h"
 #include "fusedtrain/bce_math.h"
+#include "vec_io.cuh"
 
 namespace fusedtrain {
 namespace bce {
@@ -29,10 +30,8 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kIters = 4;  // vector steps per thread per tile
 
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
+using vec_io::load_vec;
+using vec_io::store_vec;
 
 template <typename scalar_t>
 struct Tile {
@@ -46,32 +45,6 @@ struct BcastArg {
   int64_t s0, s1;  // element (r, c) at p[r * s0 + c * s1]
   __device__ __forceinline__ op_t at(int64_t r, int64_t c) const { return __ldg(p + r * s0 + c * s1); }
 };
-
-template <typename T, int N>
-__device__ __forceinline__ void load_vec(const T* p, bool vec, int n, T (&out)[N]) {
-  if (vec) {
-    const Pack<T, N> pk = *reinterpret_cast<const Pack<T, N>*>(p);
-#pragma unroll
-    for (int j = 0; j < N; ++j) out[j] = pk.v[j];
-  } else {
-#pragma unroll
-    for (int j = 0; j < N; ++j) out[j] = j < n ? p[j] : T(0);
-  }
-}
-
-template <typename T, int N>
-__device__ __forceinline__ void store_vec(T* p, bool vec, int n, const T (&in)[N]) {
-  if (vec) {
-    Pack<T, N> pk;
-#pragma unroll
-    for (int j = 0; j < N; ++j) pk.v[j] = in[j];
-    *reinterpret_cast<Pack<T, N>*>(p) = pk;
-  } else {
-#pragma unroll
-    for (int j = 0; j < N; ++j)
-      if (j < n) p[j] = in[j];
-  }
-}
 
 template <typename scalar_t, typename target_t, typename out_t, bool PW, bool REDUCE>
 __global__ void __launch_bounds__(kThreads)
@@ -211,8 +184,6 @@ BcastArg<op_t> bcast_of(const std::optional<at::Tensor>& t, const op_t* one) {
   return {v.data_ptr<op_t>(), v.size(0) == 1 ? 0 : v.stride(0), v.size(1) == 1 ? 0 : v.stride(1)};
 }
 
-bool is_aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
-
 // A device-resident 1 for absent weights (stride 0): a __device__ constant per opmath type.
 __device__ float kOneF = 1.0f;
 __device__ double kOneD = 1.0;
@@ -262,11 +233,11 @@ std::tuple<at::Tensor, at::Tensor> bce_with_logits_cuda(const at::Tensor& input,
              TORCH_CHECK(!(unit_grad && generic), "bce_with_logits: unit_grad is for plain BCE only");
              scalar_t* gp = unit_grad ? grad.data_ptr<scalar_t>() : nullptr;
              const op_t gscale = reduction == 1 ? op_t(1) / op_t(N) : op_t(1);
-             bool aligned = is_aligned(xp, sizeof(scalar_t) * VEC) && is_aligned(yp, sizeof(target_t) * VEC) &&
-                            (gp == nullptr || is_aligned(gp, sizeof(scalar_t) * VEC));
+             bool aligned = vec_io::aligned<scalar_t, VEC>(xp) && vec_io::aligned<target_t, VEC>(yp) &&
+                            (gp == nullptr || vec_io::aligned<scalar_t, VEC>(gp));
              if (reduction == 0) {
                out_t* lp = loss.data_ptr<out_t>();
-               aligned = aligned && is_aligned(lp, sizeof(out_t) * VEC);
+               aligned = aligned && vec_io::aligned<out_t, VEC>(lp);
                bce_fwd_kernel<scalar_t, target_t, out_t, PW, false><<<blocks, kThreads, 0, stream>>>(
                    xp, yp, w, pw, lp, gp, nullptr, N, C, gscale, spec, generic, aligned);
                C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -317,11 +288,11 @@ std::tuple<at::Tensor, at::Tensor> bce_with_logits_backward_cuda(
                constexpr int64_t kTileB = bwd_tile<scalar_t, GENERIC>();
                const int64_t blocks = (N + kTileB - 1) / kTileB;
                TORCH_CHECK(blocks < (int64_t(1) << 31), "bce_with_logits_backward: tensor too large");
-               const bool aligned = is_aligned(xp, sizeof(scalar_t) * VEC) &&
-                                    is_aligned(yp, sizeof(target_t) * VEC) &&
-                                    (gip == nullptr || is_aligned(gip, sizeof(scalar_t) * VEC)) &&
-                                    (gtp == nullptr || is_aligned(gtp, sizeof(target_t) * VEC)) &&
-                                    (!PER_ELEM || is_aligned(gop, sizeof(op_t) * VEC));
+               const bool aligned = vec_io::aligned<scalar_t, VEC>(xp) &&
+                                    vec_io::aligned<target_t, VEC>(yp) &&
+                                    (gip == nullptr || vec_io::aligned<scalar_t, VEC>(gip)) &&
+                                    (gtp == nullptr || vec_io::aligned<target_t, VEC>(gtp)) &&
+                                    (!PER_ELEM || vec_io::aligned<op_t, VEC>(gop));
                bce_bwd_kernel<scalar_t, target_t, PW, PER_ELEM, GENERIC><<<blocks, kThreads, 0, stream>>>(
                    gop, xp, yp, w, pw, gip, gtp, N, C, divisor, spec, aligned);
              };

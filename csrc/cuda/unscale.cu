@@ -1,30 +1,27 @@
 // CUDA body of fusedtrain::unscale_and_check_ (schema in csrc/ops.cpp; Python entry in
 // fusedtrain/ops/unscale.py, which validates and groups by device and dtype first).
 //
-// One kernel launch per call, whatever the number of tensors. The host cuts every tensor
-// into chunks of kChunk elements and uploads one int64 table (pinned memory, async copy):
-//   meta[0]                  a zero counter (for the last-block combine below)
-//   meta[1 .. 1+C)           the address of each chunk's first element
-//   meta[1+C .. 1+2C)        the length of each chunk (<= kChunk)
-// Block c handles chunk c: it reads each element once (16-byte vector loads when aligned),
-// checks it, writes x * inv_scale back when WRITE (one write), and sums squares when NORM.
-// found_inf is set with a plain store of 1.0f by any block that saw an inf/NaN (all writers
-// store the same value, nothing reads it on the host). With NORM each block stores its
-// partial sum; the last block to finish (atomic counter) adds the partials in chunk order, in
-// double, and stores the fp32 total: a deterministic result from the same single launch.
-//
-// This is a small self-contained multi-tensor launcher; the lead will unify it with
-// csrc/cuda/multi_tensor_apply.cuh after merging.
+// One launch of the multi-tensor engine per call, whatever the number of tensors
+// (multi_tensor_apply.cuh: every tensor cut into chunks of kChunk elements, one block per
+// chunk, empty tensors none) with UnscaleOp as its functor. Block b handles chunk b: it
+// reads each element once (16-byte vector loads when aligned, vec_io.cuh), checks it,
+// writes x * inv_scale back when WRITE (one write), and sums squares when NORM. found_inf
+// is set with a plain store of 1.0f by any block that saw an inf/NaN (all writers store the
+// same value, nothing reads it on the host). With NORM each block stores its partial sum;
+// the last block to finish (atomic counter, zeroed per call) adds the partials in chunk
+// order, in double, and stores the fp32 total: a deterministic result from the same single
+// launch.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
-#include <vector>
-
 #include "fusedtrain/unscale_math.h"
+#include "multi_tensor_apply.cuh"
+#include "vec_io.cuh"
 
 namespace fusedtrain {
 namespace {
@@ -32,12 +29,6 @@ namespace {
 constexpr int64_t kChunk = 1 << 14;  // elements per block
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
-
-template <typename scalar_t>
-struct alignas(16) Pack {
-  static constexpr int N = 16 / sizeof(scalar_t);
-  scalar_t v[N];
-};
 
 template <typename scalar_t, bool WRITE, bool NORM>
 __device__ __forceinline__ void visit(scalar_t& e, float inv, float& sq, float& pr) {
@@ -65,125 +56,114 @@ __device__ __forceinline__ T block_sum(T v, T* smem) {
   return v;  // valid in thread 0
 }
 
-template <typename scalar_t, bool WRITE, bool NORM>
-__global__ void __launch_bounds__(kThreads) unscale_kernel(const int64_t* meta, int64_t n_chunks,
-                                                           const float* __restrict__ inv_scale,
-                                                           float* __restrict__ found_inf, float* __restrict__ partials,
-                                                           float* __restrict__ out, unsigned long long* counter) {
-  using P = Pack<scalar_t>;
-  constexpr int N = P::N;
-  const int64_t c = blockIdx.x;
-  scalar_t* p = reinterpret_cast<scalar_t*>(meta[1 + c]);
-  const int64_t n = meta[1 + n_chunks + c];
-  const float inv = *inv_scale;
-  float sq = 0.f, pr = 0.f;
+struct UnscaleArgs {
+  const float* inv_scale;
+  float* found_inf;
+  float* partials;               // NORM: one per block
+  float* out;                    // NORM: the 0-d result
+  unsigned long long* counter;   // NORM: zero at launch
+};
 
-  int64_t done = 0;
-  if ((reinterpret_cast<uintptr_t>(p) % 16) == 0) {
-    const int64_t n_packs = n / N;
-    P* pp = reinterpret_cast<P*>(p);
-    for (int64_t i = threadIdx.x; i < n_packs; i += kThreads) {
-      P pk = pp[i];
+// The functor of the multi-tensor engine: one chunk of one tensor.
+template <typename scalar_t, bool WRITE, bool NORM>
+struct UnscaleOp : UnscaleArgs {
+  __device__ __forceinline__ bool skip() const { return false; }
+
+  __device__ __forceinline__ void operator()(const mta::Chunk& ch) const {
+    constexpr int N = 16 / sizeof(scalar_t);
+    using P = vec_io::Pack<scalar_t, N>;
+    const int64_t c = blockIdx.x;
+    const int64_t n_chunks = gridDim.x;
+    const int64_t lo = ch.lo();
+    scalar_t* p = ch.ptr<scalar_t>(0) + lo;
+    const int64_t n = ch.hi() - lo;
+    const float inv = *inv_scale;
+    float sq = 0.f, pr = 0.f;
+
+    int64_t done = 0;
+    if (vec_io::aligned<scalar_t, N>(p)) {
+      const int64_t n_packs = n / N;
+      for (int64_t i = threadIdx.x; i < n_packs; i += kThreads) {
+        P pk = vec_io::load_pack<N>(p + i * N);
 #pragma unroll
-      for (int k = 0; k < N; ++k) visit<scalar_t, WRITE, NORM>(pk.v[k], inv, sq, pr);
-      if (WRITE) pp[i] = pk;
+        for (int k = 0; k < N; ++k) visit<scalar_t, WRITE, NORM>(pk.v[k], inv, sq, pr);
+        if (WRITE) vec_io::store_pack<N>(p + i * N, pk);
+      }
+      done = n_packs * N;
     }
-    done = n_packs * N;
-  }
-  for (int64_t i = done + threadIdx.x; i < n; i += kThreads) {
-    scalar_t e = p[i];
-    visit<scalar_t, WRITE, NORM>(e, inv, sq, pr);
-    if (WRITE) p[i] = e;
-  }
-
-  if (__syncthreads_or(unscale::probe_found(pr)) && threadIdx.x == 0) *found_inf = 1.f;
-
-  if (NORM) {
-    __shared__ float fsm[kWarps];
-    __shared__ double dsm[kWarps];
-    __shared__ bool is_last;
-    const float block = block_sum(sq, fsm);
-    if (threadIdx.x == 0) {
-      partials[c] = block;
-      __threadfence();
-      is_last = atomicAdd(counter, 1ull) == static_cast<unsigned long long>(n_chunks - 1);
+    for (int64_t i = done + threadIdx.x; i < n; i += kThreads) {
+      scalar_t e = p[i];
+      visit<scalar_t, WRITE, NORM>(e, inv, sq, pr);
+      if (WRITE) p[i] = e;
     }
-    __syncthreads();
-    if (is_last) {
-      __threadfence();
-      double s = 0.0;
-      for (int64_t i = threadIdx.x; i < n_chunks; i += kThreads) s += static_cast<double>(__ldcg(partials + i));
-      s = block_sum(s, dsm);
-      if (threadIdx.x == 0) *out = static_cast<float>(s);
+
+    if (__syncthreads_or(unscale::probe_found(pr)) && threadIdx.x == 0) *found_inf = 1.f;
+
+    if (NORM) {
+      __shared__ float fsm[kWarps];
+      __shared__ double dsm[kWarps];
+      __shared__ bool is_last;
+      const float block = block_sum(sq, fsm);
+      if (threadIdx.x == 0) {
+        partials[c] = block;
+        __threadfence();
+        is_last = atomicAdd(counter, 1ull) == static_cast<unsigned long long>(n_chunks - 1);
+      }
+      __syncthreads();
+      if (is_last) {
+        __threadfence();
+        double s = 0.0;
+        for (int64_t i = threadIdx.x; i < n_chunks; i += kThreads) s += static_cast<double>(__ldcg(partials + i));
+        s = block_sum(s, dsm);
+        if (threadIdx.x == 0) *out = static_cast<float>(s);
+      }
     }
   }
-}
-
-template <typename scalar_t, bool WRITE, bool NORM>
-void launch(const at::Tensor& meta, int64_t n_chunks, const at::Tensor& inv_scale, const at::Tensor& found_inf,
-            const at::Tensor& partials, const at::Tensor& out, cudaStream_t stream) {
-  int64_t* m = meta.data_ptr<int64_t>();
-  unscale_kernel<scalar_t, WRITE, NORM><<<static_cast<unsigned int>(n_chunks), kThreads, 0, stream>>>(
-      m, n_chunks, inv_scale.data_ptr<float>(), found_inf.data_ptr<float>(),
-      NORM ? partials.data_ptr<float>() : nullptr, NORM ? out.data_ptr<float>() : nullptr,
-      reinterpret_cast<unsigned long long*>(m));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
+};
 
 template <typename scalar_t>
-void dispatch(bool write, bool norm, const at::Tensor& meta, int64_t n_chunks, const at::Tensor& inv_scale,
-              const at::Tensor& found_inf, const at::Tensor& partials, const at::Tensor& out, cudaStream_t stream) {
-  if (write && norm) launch<scalar_t, true, true>(meta, n_chunks, inv_scale, found_inf, partials, out, stream);
-  else if (write) launch<scalar_t, true, false>(meta, n_chunks, inv_scale, found_inf, partials, out, stream);
-  else if (norm) launch<scalar_t, false, true>(meta, n_chunks, inv_scale, found_inf, partials, out, stream);
-  else launch<scalar_t, false, false>(meta, n_chunks, inv_scale, found_inf, partials, out, stream);
+void dispatch(bool write, bool norm, const mta::Tables& tab, const UnscaleArgs& a, cudaStream_t stream) {
+  auto run = [&](auto w, auto nm) {
+    mta::launch<kThreads>(tab, UnscaleOp<scalar_t, decltype(w)::value, decltype(nm)::value>{a}, stream);
+  };
+  using T_ = std::true_type;
+  using F_ = std::false_type;
+  if (write && norm) run(T_{}, T_{});
+  else if (write) run(T_{}, F_{});
+  else if (norm) run(F_{}, T_{});
+  else run(F_{}, F_{});
 }
 
 at::Tensor unscale_and_check_cuda(at::TensorList tensors, const at::Tensor& inv_scale, const at::Tensor& found_inf,
                                   bool compute_norm, bool write) {
   const c10::cuda::CUDAGuard guard(inv_scale.device());
-  std::vector<int64_t> addrs, lens;
-  for (const auto& t : tensors) {
-    const int64_t n = t.numel();
-    char* base = static_cast<char*>(t.data_ptr());
-    const int64_t es = t.element_size();
-    for (int64_t s = 0; s < n; s += kChunk) {
-      addrs.push_back(reinterpret_cast<int64_t>(base + s * es));
-      lens.push_back(std::min(kChunk, n - s));
-    }
-  }
-  const int64_t n_chunks = static_cast<int64_t>(addrs.size());
   const auto fopts = inv_scale.options();
-  if (n_chunks == 0) {
+  int64_t total = 0;
+  for (const auto& t : tensors) total += t.numel();
+  if (total == 0) {  // no chunk at all
     return compute_norm ? at::zeros({}, fopts) : at::empty({0}, fopts);
   }
-  TORCH_CHECK(n_chunks < (int64_t(1) << 31), "fusedtrain::unscale_and_check_: too many chunks");
-  auto host = at::empty({1 + 2 * n_chunks}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  int64_t* h = host.data_ptr<int64_t>();
-  h[0] = 0;
-  std::copy(addrs.begin(), addrs.end(), h + 1);
-  std::copy(lens.begin(), lens.end(), h + 1 + n_chunks);
-  const at::Tensor meta = host.to(inv_scale.device(), /*non_blocking=*/true);
-  at::Tensor partials, out;
+  const mta::Tables tab = mta::tables_for({tensors}, mta::Layout{kChunk, /*empty_block=*/false}, inv_scale.device());
+  const int64_t n_chunks = tab.nblocks;
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  UnscaleArgs a{inv_scale.data_ptr<float>(), found_inf.data_ptr<float>(), nullptr, nullptr, nullptr};
+  at::Tensor work, out;
   if (compute_norm) {
-    partials = at::empty({n_chunks}, fopts);
+    // the counter (8 bytes, zeroed here), then one partial per chunk
+    work = at::empty({2 + n_chunks}, fopts);
+    a.counter = reinterpret_cast<unsigned long long*>(work.data_ptr<float>());
+    a.partials = work.data_ptr<float>() + 2;
+    C10_CUDA_CHECK(cudaMemsetAsync(a.counter, 0, sizeof(unsigned long long), stream));
     out = at::empty({}, fopts);
+    a.out = out.data_ptr<float>();
   } else {
     out = at::empty({0}, fopts);
   }
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   switch (tensors[0].scalar_type()) {
-    case at::kFloat:
-      dispatch<float>(write, compute_norm, meta, n_chunks, inv_scale, found_inf, partials, out, stream);
-      break;
-    case at::kHalf:
-      dispatch<at::Half>(write, compute_norm, meta, n_chunks, inv_scale, found_inf, partials, out, stream);
-      break;
-    case at::kBFloat16:
-      dispatch<at::BFloat16>(write, compute_norm, meta, n_chunks, inv_scale, found_inf, partials, out, stream);
-      break;
-    default:
-      TORCH_CHECK(false, "fusedtrain::unscale_and_check_: unsupported dtype ", tensors[0].scalar_type());
+    case at::kFloat: dispatch<float>(write, compute_norm, tab, a, stream); break;
+    case at::kHalf: dispatch<at::Half>(write, compute_norm, tab, a, stream); break;
+    case at::kBFloat16: dispatch<at::BFloat16>(write, compute_norm, tab, a, stream); break;
+    default: TORCH_CHECK(false, "fusedtrain::unscale_and_check_: unsupported dtype ", tensors[0].scalar_type());
   }
   return out;
 }

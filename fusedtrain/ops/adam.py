@@ -1,38 +1,36 @@
-"""fusedtrain::adam_: one Adam/AdamW step over lists of tensors of one device.
+"""fusedtrain::adam_: one Adam/AdamW step over lists of tensors, one launch per device and dtype.
 
-`adam_(...)` validates everything before any tensor is written (a bad input raises and
-changes nothing), then runs the step on the backend `_backend.select(device, "adam")`
-picks: native (torch.ops.fusedtrain.adam_, CPU and CUDA), triton (fusedtrain/triton/adam.py)
-or reference (fusedtrain/reference.py). `prepare()` + `launch()` split the two halves so the
-optimizer can validate every (device, dtype) group of a step before launching any.
-
-Per element (csrc/include/fusedtrain/adam_math.h): torch.optim's Adam/AdamW update, fp32
-math, grads multiplied by `grad_mult` as they are read (never written), nothing written at
-all when `found_inf` is nonzero, `steps` incremented by the same kernel.
+`adam_()` is the functional form. `FusedAdam.step` calls `prepare()` for every param group
+first and `launch()` afterwards, so that a bad gradient anywhere raises before any tensor of
+the step is written. The per-element math is csrc/include/fusedtrain/adam_math.h.
 """
-import dataclasses
+from typing import NamedTuple, Optional, Union
 
 import torch
 
-from fusedtrain import _backend, _ext
+from fusedtrain import _backend, _ext, reference
 
-LOW_PRECISION = (torch.float16, torch.bfloat16)
+OP = "adam_"
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-@dataclasses.dataclass
-class AdamCall:
-    backend: str
-    device: torch.device
+class AdamTensors(NamedTuple):
+    """The tensor lists of one call, index i of each belonging to param i."""
+
     params: list
     grads: list
     exp_avgs: list
     exp_avg_sqs: list
-    max_exp_avg_sqs: list
-    steps: list
-    master_params: list
-    lr: float
-    lr_tensor: object
+    max_exp_avg_sqs: list  # empty unless amsgrad
+    steps: list            # one fp32 one-element tensor per param, on its device
+    master_params: list    # empty, or fp32 copies of fp16/bf16 params
+
+
+class AdamHyper(NamedTuple):
+    """The hyper-parameters of one call (the C++ kernels' make_coef arguments)."""
+
+    lr: Union[float, torch.Tensor]  # a one-element tensor is read on the device
     beta1: float
     beta2: float
     eps: float
@@ -40,13 +38,116 @@ class AdamCall:
     amsgrad: bool
     maximize: bool
     decoupled_weight_decay: bool
-    grad_mult: object
-    found_inf: object
-    writeback: list  # (original, staged contiguous copy) pairs to copy back after the kernel
 
+
+class AdamCall(NamedTuple):
+    """One prepared launch: a registered op and its arguments, all on one device."""
+
+    op: object
+    tensors: AdamTensors
+    hyper: AdamHyper
+    grad_mult: Optional[torch.Tensor]
+    found_inf: Optional[torch.Tensor]
+    writeback: list  # (original, contiguous copy) pairs copied back after the kernel
+
+
+# ---- the backends' ops: native in C++ (csrc/ops.cpp), triton and reference as custom ops ----
+
+def _fake(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+          exp_avg_sqs: list[torch.Tensor], max_exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor],
+          master_params: list[torch.Tensor], lr: float, lr_tensor: Optional[torch.Tensor], beta1: float,
+          beta2: float, eps: float, weight_decay: float, amsgrad: bool, maximize: bool,
+          decoupled_weight_decay: bool, grad_mult: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
+    return None
+
+
+_MUTATED = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps", "master_params")
+
+
+@torch.library.custom_op("fusedtrain_ref::adam_", mutates_args=_MUTATED)
+def _reference_op(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                  exp_avg_sqs: list[torch.Tensor], max_exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor],
+                  master_params: list[torch.Tensor], lr: float, lr_tensor: Optional[torch.Tensor], beta1: float,
+                  beta2: float, eps: float, weight_decay: float, amsgrad: bool, maximize: bool,
+                  decoupled_weight_decay: bool, grad_mult: Optional[torch.Tensor],
+                  found_inf: Optional[torch.Tensor]) -> None:
+    reference.adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params,
+                    lr=lr_tensor if lr_tensor is not None else lr, beta1=beta1, beta2=beta2, eps=eps,
+                    weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                    decoupled_weight_decay=decoupled_weight_decay, grad_mult=grad_mult, found_inf=found_inf)
+
+
+_reference_op.register_fake(_fake)
+_OPS = {"reference": torch.ops.fusedtrain_ref.adam_}
+if _ext._C is not None:
+    torch.library.register_fake("fusedtrain::adam_")(_fake)
+    _OPS["native"] = torch.ops.fusedtrain.adam_
+try:
+    from fusedtrain.triton import adam as _triton_adam  # registers fusedtrain_triton::adam_
+except ImportError:  # no triton: the backend reports itself unavailable
+    pass
+else:
+    _triton_adam.adam_.register_fake(_fake)
+    _OPS["triton"] = torch.ops.fusedtrain_triton.adam_
+
+
+# ---- validation: in the ops (csrc/include/fusedtrain/adam_lists.h), repeated here for the
+# Triton and reference ops, with the same messages ------------------------------------------
 
 def _fail(msg, exc=RuntimeError):
     raise exc(f"fusedtrain adam: {msg}")
+
+
+def _check_lengths(t: AdamTensors, amsgrad: bool):
+    n = len(t.params)
+    if not (len(t.grads) == len(t.exp_avgs) == len(t.exp_avg_sqs) == len(t.steps) == n):
+        _fail(f"params, grads, exp_avgs, exp_avg_sqs, steps differ in length "
+              f"({n}, {len(t.grads)}, {len(t.exp_avgs)}, {len(t.exp_avg_sqs)}, {len(t.steps)})", ValueError)
+    if amsgrad and len(t.max_exp_avg_sqs) != n:
+        _fail(f"amsgrad needs one max_exp_avg_sq per param ({len(t.max_exp_avg_sqs)} for {n})", ValueError)
+    if t.master_params and len(t.master_params) != n:
+        _fail(f"master_params: {len(t.master_params)} for {n} params", ValueError)
+
+
+def check_lists(t: AdamTensors, amsgrad: bool):
+    """Raise a clear error unless the lists are what fusedtrain::adam_ takes: equal lengths,
+    one device and dtype, dense grads of their params' dtype and shape, states in the params'
+    dtype or fp32 (master weights: fp32), fp32 one-element steps."""
+    _check_lengths(t, amsgrad)
+    if not t.params:
+        return
+    device, pdtype, sdtype = t.params[0].device, t.params[0].dtype, t.exp_avgs[0].dtype
+    states = [("exp_avg", t.exp_avgs, sdtype), ("exp_avg_sq", t.exp_avg_sqs, sdtype)]
+    if amsgrad:
+        states.append(("max_exp_avg_sq", t.max_exp_avg_sqs, sdtype))
+    if t.master_params:
+        states.append(("master param", t.master_params, torch.float32))
+    for i, (p, g, s) in enumerate(zip(t.params, t.grads, t.steps)):
+        if p.device != device:
+            _fail(f"param {i} is on {p.device}, param 0 on {device}: one call takes one device")
+        if p.dtype != pdtype:
+            _fail(f"param {i} is {p.dtype}, param 0 {pdtype}: one call takes one dtype", TypeError)
+        if g.layout != torch.strided:
+            _fail("Adam does not support sparse gradients, please consider SparseAdam instead "
+                  f"(param {i} has a {g.layout} grad)")
+        if g.device != device:
+            _fail(f"grad of param {i} is on {g.device} but the param is on {device}")
+        if g.dtype != pdtype:
+            _fail(f"grad of param {i} is {g.dtype} but the param is {pdtype}")
+        if g.shape != p.shape:
+            _fail(f"grad of param {i} has shape {tuple(g.shape)} but the param {tuple(p.shape)}")
+        if s.device != device or s.dtype != torch.float32 or s.numel() != 1:
+            _fail(f"step of param {i} must be a one-element fp32 tensor on {device}, got {s.dtype} on {s.device}")
+        for name, lst, dt in states:
+            x = lst[i]
+            if x.layout != torch.strided or x.device != device or x.dtype != dt or x.shape != p.shape:
+                _fail(f"{name} of param {i} is {x.dtype} {tuple(x.shape)} on {x.device}; expected "
+                      f"{dt} {tuple(p.shape)} on {device}")
+    low = pdtype in LOW_PRECISION
+    if sdtype != pdtype and not (sdtype == torch.float32 and low):
+        _fail(f"states must be in the param dtype or fp32 (params {pdtype}, states {sdtype})", TypeError)
+    if t.master_params and not (low and sdtype == torch.float32):
+        _fail("master_params are for fp16/bf16 params with fp32 states", TypeError)
 
 
 def _one_element(name, t, device):
@@ -56,152 +157,52 @@ def _one_element(name, t, device):
         return torch.tensor(float(t), dtype=torch.float32, device=device)
     if t.numel() != 1:
         _fail(f"{name} must be a one-element tensor, got shape {tuple(t.shape)}", ValueError)
-    if t.is_complex() or t.is_sparse:
+    if t.is_complex() or t.layout != torch.strided:
         _fail(f"{name} must be a real dense tensor", ValueError)
-    # torch moves grad_scale/found_inf to each device non_blocking the same way
+    # moved to each device without a host sync, as torch moves grad_scale/found_inf
     return t.reshape(1).to(device=device, dtype=torch.float32, non_blocking=True)
 
 
-def prepare(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params=(), *,
-            lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay,
-            grad_mult=None, found_inf=None, trusted_states=False) -> "AdamCall | None":
-    """Validate and normalize one call; raise before anything is written. None: nothing to do.
+# ---- prepare and launch ---------------------------------------------------------------------
 
-    trusted_states: the caller (FusedAdam, from a plan it validated when it built it) vouches
-    that params, states, steps and masters are consistent and contiguous; only the grads are
-    checked (every call)."""
-    params, grads, exp_avgs, exp_avg_sqs = list(params), list(grads), list(exp_avgs), list(exp_avg_sqs)
-    max_exp_avg_sqs, steps, master_params = list(max_exp_avg_sqs or ()), list(steps), list(master_params or ())
-    n = len(params)
-    if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(steps) == n):
-        _fail(f"params, grads, exp_avgs, exp_avg_sqs, steps differ in length "
-              f"({n}, {len(grads)}, {len(exp_avgs)}, {len(exp_avg_sqs)}, {len(steps)})", ValueError)
-    if amsgrad and len(max_exp_avg_sqs) != n:
-        _fail(f"amsgrad needs one max_exp_avg_sq per param ({len(max_exp_avg_sqs)} for {n})", ValueError)
-    if not amsgrad:
-        max_exp_avg_sqs = []
-    if master_params and len(master_params) != n:
-        _fail(f"master_params: {len(master_params)} for {n} params", ValueError)
-    if n == 0:
-        return None
-    device = params[0].device
-    pdtype = params[0].dtype
-    strided = torch.strided
-    # the common case in one pass (params of a trusted plan share device and dtype already);
-    # otherwise find the culprit and say what is wrong
-    grads_contiguous = False
-    if trusted_states:
-        check = getattr(_ext._C, "adam_check_grads", None)
-        fast = check(params, grads) if check is not None else 2
-        if fast != 2:  # the check below, in C++ (and whether every grad is contiguous)
-            ok, grads_contiguous = True, fast == 0
-        else:
-            ok = all(g is not None and g.layout is strided and g.dtype is pdtype and g.shape == p.shape
-                     and g.device == device for p, g in zip(params, grads))
-    else:
-        ok = all(g is not None and g.layout is strided and g.dtype is pdtype and p.dtype is pdtype
-                 and g.shape == p.shape and g.device == device and p.device == device for p, g in zip(params, grads))
-    if not ok:
-        _check_grads(params, grads, device, pdtype)
-    if trusted_states:
-        return _call(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, device, pdtype,
-                     lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_mult,
-                     found_inf, stage_states=False, grads_contiguous=grads_contiguous)
-    for i, s in enumerate(steps):
-        if not torch.is_tensor(s) or s.numel() != 1 or s.dtype != torch.float32 or s.device != device:
-            _fail(f"step of param {i} must be a one-element fp32 tensor on {device}, got "
-                  f"{s.dtype if torch.is_tensor(s) else type(s).__name__}"
-                  f"{'' if not torch.is_tensor(s) else ' on ' + str(s.device)}")
-    sdtype = exp_avgs[0].dtype
-    for name, lst in (("exp_avg", exp_avgs), ("exp_avg_sq", exp_avg_sqs), ("max_exp_avg_sq", max_exp_avg_sqs)):
-        for i, s in enumerate(lst):
-            if s.device != device or s.shape != params[i].shape or s.dtype != sdtype or s.is_sparse:
-                _fail(f"{name} of param {i} is {s.dtype} {tuple(s.shape)} on {s.device}; expected "
-                      f"{sdtype} {tuple(params[i].shape)} on {device}")
-    if sdtype != pdtype and not (sdtype == torch.float32 and pdtype in LOW_PRECISION):
-        _fail(f"states must be in the param dtype or fp32 (params {pdtype}, states {sdtype})", TypeError)
-    if master_params:
-        if pdtype not in LOW_PRECISION or sdtype != torch.float32:
-            _fail("master_params are for fp16/bf16 params with fp32 states", TypeError)
-        for i, w in enumerate(master_params):
-            if w.dtype != torch.float32 or w.shape != params[i].shape or w.device != device:
-                _fail(f"master param {i} must be fp32 {tuple(params[i].shape)} on {device}")
-    return _call(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, device, pdtype,
-                 lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_mult,
-                 found_inf, stage_states=True)
+def device_dtype_buckets(params):
+    """Index lists of the params of each (device, dtype), in param order."""
+    if torch.compiler.is_compiling():  # Dynamo traces this loop; the C++ helper is opaque to it
+        out = {}
+        for i, p in enumerate(params):
+            out.setdefault((p.device, p.dtype), []).append(i)
+        return list(out.values())
+    return [idx for _, idx in torch._C._group_tensors_by_device_and_dtype([params], True).values()]
 
 
-def _check_grads(params, grads, device, pdtype):
-    for i, (p, g) in enumerate(zip(params, grads)):
-        if g is None:
-            _fail(f"param {i} has no grad (skip params whose grad is None)", ValueError)
-        if g.is_sparse or g.layout != torch.strided:
-            _fail("Adam does not support sparse gradients, please consider SparseAdam instead "
-                  f"(param {i} has a {g.layout} grad)")
-        if p.device != device:
-            _fail(f"param {i} is on {p.device}, param 0 on {device}: one call takes one device")
-        if g.device != device:
-            _fail(f"grad of param {i} is on {g.device} but the param is on {device}")
-        if p.dtype != pdtype:
-            _fail(f"param {i} is {p.dtype}, param 0 {pdtype}: one call takes one dtype", TypeError)
-        if g.dtype != p.dtype:
-            _fail(f"grad of param {i} is {g.dtype} but the param is {p.dtype}")
-        if g.shape != p.shape:
-            _fail(f"grad of param {i} has shape {tuple(g.shape)} but the param {tuple(p.shape)}")
+def _split(t: AdamTensors, buckets):
+    if len(buckets) == 1:
+        return [t]
+    return [AdamTensors(*([lst[i] for i in idx] if lst else [] for lst in t)) for idx in buckets]
 
 
-def _call(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, device, pdtype, lr, beta1,
-          beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_mult, found_inf, stage_states,
-          grads_contiguous=False):
-    complex_ = pdtype.is_complex
-    real = torch.empty((), dtype=pdtype).real.dtype if complex_ else pdtype
-    if not real.is_floating_point:
-        _fail(f"params must be floating point or complex, got {pdtype}", TypeError)
-    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
-        _fail(f"betas must be in [0, 1), got ({beta1}, {beta2})", ValueError)
-    lr_tensor = None
-    if torch.is_tensor(lr):
-        lr_tensor = _one_element("lr", lr, device)
-        lr = 0.0
-    grad_mult = _one_element("grad_mult", grad_mult, device)
-    found_inf = _one_element("found_inf", found_inf, device)
+def _contiguous(t: AdamTensors, writeback):
+    """The kernels take contiguous tensors: a non-contiguous state is updated in a copy that
+    is copied back after the kernel (into writeback); a grad is only read."""
+    def staged(lst):
+        if all(x.is_contiguous() for x in lst):
+            return lst
+        out = []
+        for x in lst:
+            c = x.contiguous()
+            if c is not x:
+                writeback.append((x, c))
+            out.append(c)
+        return out
 
-    backend = _backend.select(device, "adam")
-    if real not in KERNEL_DTYPES and backend != "reference":
-        if _backend._forced()[0] is not None:
-            raise _backend.BackendError(f"adam: backend {backend!r} has kernels for fp32/fp16/bf16 params, "
-                                        f"not {real}; use the reference backend")
-        backend = "reference"
+    grads = t.grads if all(g.is_contiguous() for g in t.grads) else [g.contiguous() for g in t.grads]
+    return AdamTensors(staged(t.params), grads, staged(t.exp_avgs), staged(t.exp_avg_sqs),
+                       staged(t.max_exp_avg_sqs), t.steps, staged(t.master_params))
 
-    if complex_:  # torch's way: the update on the real view
-        params = [torch.view_as_real(t) for t in params]
-        grads = [torch.view_as_real(t) for t in grads]
-        exp_avgs = [torch.view_as_real(t) for t in exp_avgs]
-        exp_avg_sqs = [torch.view_as_real(t) for t in exp_avg_sqs]
-        max_exp_avg_sqs = [torch.view_as_real(t) for t in max_exp_avg_sqs]
-    writeback = []
-    if backend != "reference":
-        if not grads_contiguous and not all(g.is_contiguous() for g in grads):
-            grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
 
-        def staged(lst):
-            out = []
-            for t in lst:
-                if t.is_contiguous():
-                    out.append(t)
-                else:
-                    c = t.contiguous()
-                    writeback.append((t, c))
-                    out.append(c)
-            return out
-
-        if stage_states:
-            params, exp_avgs, exp_avg_sqs = staged(params), staged(exp_avgs), staged(exp_avg_sqs)
-            max_exp_avg_sqs, master_params = staged(max_exp_avg_sqs), staged(master_params)
-    return AdamCall(backend, device, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
-                    master_params, float(lr), lr_tensor, float(beta1), float(beta2), float(eps),
-                    float(weight_decay), bool(amsgrad), bool(maximize), bool(decoupled_weight_decay),
-                    grad_mult, found_inf, writeback)
+def _real_view(t: AdamTensors):
+    # complex params are updated as their real views, as torch does
+    return AdamTensors(*(lst if k in (5, 6) else [torch.view_as_real(x) for x in lst] for k, lst in enumerate(t)))
 
 
 def _tracing():
@@ -209,36 +210,61 @@ def _tracing():
             or torch._C._len_torch_dispatch_stack() > 0)
 
 
+def _native_cpu(*args):
+    # the CPU kernel without the dispatcher (csrc/module.cpp says what that saves); the op for
+    # tensors that need the dispatcher (a subclass, a functional tensor)
+    if not _ext._C.adam_cpu_(*args):
+        torch.ops.fusedtrain.adam_(*args)
+
+
+def prepare(tensors: AdamTensors, hyper: AdamHyper, grad_mult=None, found_inf=None, buckets=None) -> list:
+    """Cut one call into one AdamCall per (device, dtype) of the params and pick its op.
+    Raises before anything is written: the Triton and reference lists are checked here, the
+    native op checks its own (the lists of every call of a step reach it only at launch).
+
+    Args:
+        tensors: the lists (AdamTensors).
+        hyper: the hyper-parameters (AdamHyper).
+        grad_mult: optional one-element fp32 tensor every grad is multiplied by as it is read.
+        found_inf: optional one-element fp32 tensor; nonzero skips the whole step on the device.
+        buckets: the params' (device, dtype) index lists, if the caller kept them (device_dtype_buckets()).
+    """
+    if not tensors.params:
+        return []
+    if not (0.0 <= hyper.beta1 < 1.0 and 0.0 <= hyper.beta2 < 1.0):
+        _fail(f"betas must be in [0, 1), got ({hyper.beta1}, {hyper.beta2})", ValueError)
+    if not hyper.amsgrad:
+        tensors = tensors._replace(max_exp_avg_sqs=[])
+    _check_lengths(tensors, hyper.amsgrad)
+    calls = []
+    for t in _split(tensors, buckets if buckets is not None else device_dtype_buckets(tensors.params)):
+        device, dtype = t.params[0].device, t.params[0].dtype
+        real = dtype.to_real() if dtype.is_complex else dtype
+        if not real.is_floating_point:
+            _fail(f"params must be floating point or complex, got {dtype}", TypeError)
+        backend = _backend.select(device, OP, real, KERNEL_DTYPES)
+        if dtype.is_complex:
+            t = _real_view(t)
+        writeback = []
+        op = _OPS[backend]
+        if backend != "native":
+            check_lists(t, hyper.amsgrad)
+            if backend == "triton":
+                t = _contiguous(t, writeback)
+        elif device.type == "cpu" and not _tracing():
+            op = _native_cpu
+        h = hyper._replace(lr=_one_element("lr", hyper.lr, device)) if torch.is_tensor(hyper.lr) else hyper
+        calls.append(AdamCall(op, t, h, _one_element("grad_mult", grad_mult, device),
+                              _one_element("found_inf", found_inf, device), writeback))
+    return calls
+
+
 def launch(c: AdamCall) -> None:
-    """Run a prepared call: one kernel launch (CPU: one parallel region)."""
-    if c.backend == "native":
-        # plain CPU tensors outside tracing and dispatch modes: the same kernel without the
-        # dispatcher's per-tensor list boxing (False: not eligible, nothing done)
-        direct = getattr(_ext._C, "adam_cpu_direct", None)
-        if not (direct is not None and c.device.type == "cpu" and not _tracing()
-                and direct(c.params, c.grads, c.exp_avgs, c.exp_avg_sqs, c.max_exp_avg_sqs,
-                                            c.steps, c.master_params, c.lr, c.lr_tensor, c.beta1, c.beta2, c.eps,
-                                            c.weight_decay, c.amsgrad, c.maximize, c.decoupled_weight_decay,
-                                            c.grad_mult, c.found_inf)):
-            torch.ops.fusedtrain.adam_(c.params, c.grads, c.exp_avgs, c.exp_avg_sqs, c.max_exp_avg_sqs, c.steps,
-                                       c.master_params, c.lr, c.lr_tensor, c.beta1, c.beta2, c.eps,
-                                       c.weight_decay, c.amsgrad, c.maximize, c.decoupled_weight_decay,
-                                       c.grad_mult, c.found_inf)
-    elif c.backend == "triton":
-        from fusedtrain.triton import adam as tk
-
-        tk.adam_(c.params, c.grads, c.exp_avgs, c.exp_avg_sqs, c.max_exp_avg_sqs, c.steps, c.master_params,
-                 lr=c.lr, lr_tensor=c.lr_tensor, beta1=c.beta1, beta2=c.beta2, eps=c.eps,
-                 weight_decay=c.weight_decay, amsgrad=c.amsgrad, maximize=c.maximize,
-                 decoupled_weight_decay=c.decoupled_weight_decay, grad_mult=c.grad_mult, found_inf=c.found_inf)
-    else:
-        from fusedtrain import reference
-
-        reference.adam_(c.params, c.grads, c.exp_avgs, c.exp_avg_sqs, c.max_exp_avg_sqs, c.steps, c.master_params,
-                        lr=c.lr_tensor if c.lr_tensor is not None else c.lr, beta1=c.beta1, beta2=c.beta2,
-                        eps=c.eps, weight_decay=c.weight_decay, amsgrad=c.amsgrad, maximize=c.maximize,
-                        decoupled_weight_decay=c.decoupled_weight_decay, grad_mult=c.grad_mult,
-                        found_inf=c.found_inf)
+    """Run a prepared call: one kernel launch (on CPU one parallel region)."""
+    h = c.hyper
+    lr, lr_tensor = (0.0, h.lr) if torch.is_tensor(h.lr) else (float(h.lr), None)
+    c.op(*c.tensors, lr, lr_tensor, h.beta1, h.beta2, h.eps, h.weight_decay, h.amsgrad, h.maximize,
+         h.decoupled_weight_decay, c.grad_mult, c.found_inf)
     for orig, staged in c.writeback:
         orig.copy_(staged)
 
@@ -246,19 +272,18 @@ def launch(c: AdamCall) -> None:
 def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params=(), *,
           lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay,
           grad_mult=None, found_inf=None) -> None:
-    """One Adam (decoupled_weight_decay=False) or AdamW step, in place, over tensors of one
-    device: see the module docstring and csrc/ops.cpp for the contract."""
-    c = prepare(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, lr=lr,
-                beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                maximize=maximize, decoupled_weight_decay=decoupled_weight_decay, grad_mult=grad_mult,
-                found_inf=found_inf)
-    if c is not None:
+    """One Adam (decoupled_weight_decay=False) or AdamW step, in place.
+
+    Args:
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params: the
+            tensor lists of AdamTensors (any devices and dtypes; one launch per each pair).
+        lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay: as
+            torch.optim.Adam; lr may be a one-element tensor.
+        grad_mult, found_inf: see prepare().
+    """
+    tensors = AdamTensors(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
+                          list(max_exp_avg_sqs or ()), list(steps), list(master_params or ()))
+    hyper = AdamHyper(lr if torch.is_tensor(lr) else float(lr), float(beta1), float(beta2), float(eps),
+                      float(weight_decay), bool(amsgrad), bool(maximize), bool(decoupled_weight_decay))
+    for c in prepare(tensors, hyper, grad_mult, found_inf):
         launch(c)
-
-
-if _ext._C is not None and hasattr(torch.ops.fusedtrain, "adam_"):
-    @torch.library.register_fake("fusedtrain::adam_")
-    def _adam_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, lr, lr_tensor,
-                   beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_mult,
-                   found_inf):
-        return None

@@ -1,31 +1,8 @@
-"""BCE with logits: validation, backend dispatch, fake kernels and autograd.
-
-    binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean", pos_weight=None)
-
-matches torch.nn.functional.binary_cross_entropy_with_logits in signature, broadcasting,
-output dtype and values. Each backend registers two ops with one contract (csrc/ops.cpp,
-`// ---- bce`): `bce_with_logits` (the loss) and `bce_with_logits_backward` (the gradients of
-input and/or target times grad_output), as `fusedtrain::` (native), `fusedtrain_triton::` and
-`fusedtrain_ref::` (reference). All get the same fake kernels and autograd formula (registered
-here), so autograd and torch.compile treat them alike.
-
-Before an op runs, this module checks types, devices, shapes, broadcastability and the
-reduction name, and lays the tensors out for the kernels: input contiguous as (R, C) in its
-own dtype (no fp32 copy of a low-precision input); target in input's dtype or opmath (fp32;
-fp64 for fp64 input); weight and pos_weight in opmath as stride-0-broadcast (R, C) views,
-collapsed to (1, N) when all are scalars or laid out like input. The loss dtype is torch's:
-target's dtype, or fp32 (fp64 for an fp64 target) under autocast.
-
-Gradients are computed in the backward from the saved inputs: grad_output (a loss scale of
-2^16, a tensor for 'none') multiplies the fp32 derivative before the one rounding to the
-storage dtype. Storing d loss / d input in fp16 and scaling it later rounds twice, and for
-'mean' over millions of elements the first rounding lands in fp16's subnormals and destroys
-the value (docs/design.md, "Gradients are rounded once"). One exception keeps plain CPU
-training as fast as a fused forward: on CPU tensors outside torch.compile the forward also
-writes the gradient for a grad_output of exactly 1 (from the same exp), and a backward whose
-grad_output is a CPU 1 (loss.backward(), read for free) returns it without a pass.
-backward(create_graph=True) computes the gradients with differentiable torch ops instead
-(reference.bce_grads_differentiable), as torch's own BCE does.
+"""BCE with logits and its multi-label family (focal loss, ASL, label smoothing, ignore_index):
+argument checks, kernel layout, backend dispatch, and the fake kernels and autograd shared by
+every backend's `bce_with_logits` / `bce_with_logits_backward` ops. The op contract and the
+layout are in docs/design.md §2; why the backward recomputes the gradient and rounds it once,
+and the CPU shortcut for a grad_output of 1, in §4.
 """
 import torch
 

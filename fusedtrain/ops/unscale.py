@@ -1,13 +1,9 @@
 """unscale_and_check_: the multi-tensor "unscale gradients and check for inf/NaN" pass.
 
-Validation, grouping by (device, dtype), backend dispatch and the fake kernels live here;
-numerics live in the kernels (csrc/cpu/unscale.cpp, csrc/cuda/unscale.cu,
-fusedtrain/triton/unscale.py) and in the spec, fusedtrain/reference.py.
-
-Op: torch.ops.fusedtrain.unscale_and_check_(tensors, inv_scale, found_inf, compute_norm, write)
--> fp32 sum of squares of the unscaled values (0-d; empty when not compute_norm), one launch
-per call; the Triton body is the Python custom op fusedtrain::unscale_and_check_triton with
-the same schema.
+Validation, grouping by (device, dtype) and dispatch live here, the numerics in the kernels
+(csrc/include/fusedtrain/unscale_math.h) and their spec, fusedtrain/reference.py. Every
+backend is a registered op with the contract in csrc/ops.cpp: fusedtrain:: (native),
+fusedtrain_triton:: and fusedtrain_ref::unscale_and_check_.
 """
 
 import torch
@@ -15,36 +11,31 @@ import torch
 from fusedtrain import _backend, _ext, reference
 
 OP = "unscale_and_check_"
-SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
-
-
-# ---- the Triton body as a custom op (the kernel reads raw addresses from a table, which
-# torch.library.triton_op could not trace; an opaque custom op keeps torch.compile correct) ----
-@torch.library.custom_op("fusedtrain::unscale_and_check_triton", mutates_args=("tensors", "found_inf"))
-def _triton_op(tensors: list[torch.Tensor], inv_scale: torch.Tensor, found_inf: torch.Tensor,
-               compute_norm: bool, write: bool) -> torch.Tensor:
-    from fusedtrain.triton import unscale as tk
-
-    return tk.unscale_and_check_(tensors, inv_scale, found_inf, compute_norm, write)
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _fake(tensors, inv_scale, found_inf, compute_norm, write):
     return inv_scale.new_empty(() if compute_norm else (0,), dtype=torch.float32)
 
 
-_triton_op.register_fake(_fake)
+@torch.library.custom_op("fusedtrain_ref::unscale_and_check_", mutates_args=("tensors", "found_inf"))
+def _reference_op(tensors: list[torch.Tensor], inv_scale: torch.Tensor, found_inf: torch.Tensor,
+                  compute_norm: bool, write: bool) -> torch.Tensor:
+    return reference.unscale_and_check_(tensors, inv_scale, found_inf, compute_norm, write)
 
+
+_reference_op.register_fake(_fake)
+_OPS = {"reference": torch.ops.fusedtrain_ref.unscale_and_check_}
 if _ext._C is not None:
     torch.library.register_fake("fusedtrain::unscale_and_check_")(_fake)
-
-
-# ---- the pass on one (device, dtype) group ----
-def _run_group(backend, tensors, inv_scale, found_inf, compute_norm, write):
-    if backend == "native":
-        return torch.ops.fusedtrain.unscale_and_check_(tensors, inv_scale, found_inf, compute_norm, write)
-    if backend == "triton":
-        return _triton_op(tensors, inv_scale, found_inf, compute_norm, write)
-    return reference.unscale_and_check_(tensors, inv_scale, found_inf, compute_norm, write)
+    _OPS["native"] = torch.ops.fusedtrain.unscale_and_check_
+try:
+    from fusedtrain.triton import unscale as _triton_unscale  # registers fusedtrain_triton::unscale_and_check_
+except ImportError:  # no triton: the backend reports itself unavailable
+    pass
+else:
+    _triton_unscale.unscale_and_check_.register_fake(_fake)
+    _OPS["triton"] = torch.ops.fusedtrain_triton.unscale_and_check_
 
 
 def _check_scalar(name, t):
@@ -125,16 +116,11 @@ def unscale_sumsq_(tensors, inv_scale, found_inf, *, compute_norm=False, write=T
     flag_cache, inv_cache = {}, {}
     local_flags = []
     for (device, dtype), ((group,), _) in grouped.items():
-        if dtype not in SUPPORTED and dtype != torch.float64:
+        if dtype not in KERNEL_DTYPES and dtype != torch.float64:
             raise ValueError(f"unscale_and_check_: got a tensor of dtype {dtype}; expected float32, "
                              "float16 or bfloat16 (float64 on the reference backend)")
         runs, copies = _prepare(group, compute_norm)  # (empty tensors are fine: no chunks)
-        backend = _backend.select(device, OP)
-        if dtype == torch.float64 and backend != "reference":
-            if _backend._forced()[0] is not None:
-                raise _backend.BackendError(f"{OP}: backend {backend!r} has no float64 kernels; "
-                                            "use the reference backend for float64 tensors")
-            backend = "reference"
+        op = _OPS[_backend.select(device, OP, dtype, KERNEL_DTYPES)]
         inv = _per_device(inv_scale, device, inv_cache)
         if found_inf.device == device:
             flag = found_inf
@@ -143,7 +129,7 @@ def unscale_sumsq_(tensors, inv_scale, found_inf, *, compute_norm=False, write=T
                 flag_cache[device] = torch.zeros((), dtype=torch.float32, device=device)
                 local_flags.append(flag_cache[device])
             flag = flag_cache[device]
-        s = _run_group(backend, runs, inv, flag, compute_norm, write)
+        s = op(runs, inv, flag, compute_norm, write)
         if write:
             for t, c in copies:
                 t.copy_(c)

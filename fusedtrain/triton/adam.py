@@ -1,30 +1,25 @@
-"""Adam/AdamW step as one Triton launch over every tensor of a (device, dtype) group.
+"""Adam/AdamW as one Triton launch over every tensor of a (device, dtype) group: the op
+fusedtrain_triton::adam_, with fusedtrain::adam_'s contract (csrc/ops.cpp).
 
-Tables (int64 tensors, cached on the device per set of tensors, so a step with the same
-tensors launches the kernel and nothing else):
-  tab[t, :] = addresses of param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, step; numel
-  tiles: (tensor index, first element) of every CHUNK-element tile of every tensor.
-The grid is one program per tile. The per-tensor scalars (bias corrections, step size) are
-computed in float64 from the tensor's step, like the CPU kernel (hyperparameters arrive as
-int64 bit patterns of the host's doubles); the per-element math is fp32, in the order of
-csrc/include/fusedtrain/adam_math.h. The step increment: every program reads the old
-step, then bumps a per-tensor counter (atomic); the last program of the tensor writes
-step + 1 and resets the counter to 0 for the next launch. found_inf nonzero masks every
-load, store and atomic: nothing is written.
+Programs take tiles of the tables of fusedtrain/triton/multi_tensor.py (columns: param,
+grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, step; numel). The per-tensor scalars are
+computed in float64 from the tensor's step (hyper-parameters arrive as int64 bit patterns of
+the host's doubles), the per-element math is fp32 in the order of
+csrc/include/fusedtrain/adam_math.h. The step increment: every program reads the old step
+and bumps a per-tensor counter; the last program of a tensor writes step + 1 and resets the
+counter. A nonzero found_inf masks every load, store and atomic.
 """
-import os
 import struct
 import threading
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from fusedtrain.triton.rounding import store_rounded
-
+from fusedtrain.triton import multi_tensor
 from fusedtrain.triton.aot import AotSpec
-
-_COLS = 8  # p, g, m, v, vmax, master, step, numel
+from fusedtrain.triton.rounding import store_rounded
 
 
 @triton.jit
@@ -32,7 +27,8 @@ def _adam_kernel(tab, tile_t, tile_off, counters, p_ref, s_ref, lr_ptr, gm_ptr, 
                  lr_bits, beta1_bits, beta2_bits, eps, wd_bits,
                  AMSGRAD: tl.constexpr, MASTER: tl.constexpr, LR_TENSOR: tl.constexpr,
                  HAS_MULT: tl.constexpr, HAS_FI: tl.constexpr, MAXIMIZE: tl.constexpr,
-                 DECOUPLED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                 DECOUPLED: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    CHUNK = BLOCK * ITERS
     pid = tl.program_id(0)
     t = tl.load(tile_t + pid).to(tl.int64)
     off0 = tl.load(tile_off + pid)
@@ -125,57 +121,11 @@ def _bits(x: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 BLOCK = 1024   # elements per loop iteration of a program
-CHUNK = 4096   # elements per program (tile)
-
-
-def _tile(max_numel):
-    """(CHUNK, BLOCK) of a launch. The interpreter runs one program at a time, one numpy call
-    per operation: one iteration per program, tiles no wider than the largest tensor."""
-    if _INTERPRET:
-        b = min(1 << 16, max(16, triton.next_power_of_2(max(int(max_numel), 1))))
-        return b, b
-    return CHUNK, BLOCK
+ITERS = 4      # iterations per program: a tile of 4096 elements
 
 _lock = threading.Lock()
-_tables = {}      # (device, key) -> (tab, tile_t, tile_off); key = every address and size
 _counters = {}    # device -> int32 zeros (self-resetting), at least as long as the largest call
-_MAX_TABLES = 16
-
-
-def _ptr(t):
-    return t.data_ptr() if t is not None else 0
-
-
-def _to_device(t, device):
-    # from pinned memory and stream-ordered: a pageable host-to-device copy would block the host
-    if torch.device(device).type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
-def _tables_for(device, cols, chunk):
-    key = (str(device), chunk, tuple(cols))
-    with _lock:
-        hit = _tables.get(key)
-        if hit is not None:
-            return hit
-    n = len(cols) // _COLS
-    tab = torch.tensor(cols, dtype=torch.int64).reshape(n, _COLS)
-    # tiles per tensor in Python ints (no tensor is read back); an empty tensor gets one tile
-    # (its step)
-    per_list = [max(1, -(-cols[i * _COLS + 7] // chunk)) for i in range(n)]
-    per = torch.tensor(per_list, dtype=torch.int64)
-    tile_t = torch.repeat_interleave(torch.arange(n, dtype=torch.int32), per)
-    first = torch.cumsum(per, 0) - per
-    tile_off = (torch.arange(sum(per_list), dtype=torch.int64) - torch.repeat_interleave(first, per)) * chunk
-    entry = tuple(_to_device(t, device) for t in (tab, tile_t, tile_off))
-    with _lock:
-        if len(_tables) >= _MAX_TABLES:
-            _tables.pop(next(iter(_tables)))
-        _tables[key] = entry
-    return entry
 
 
 def _counters_for(device, n):
@@ -187,32 +137,31 @@ def _counters_for(device, n):
         return c
 
 
-def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, *, lr, lr_tensor,
-          beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_mult, found_inf):
-    """Lists validated by fusedtrain/ops/adam.py (one device, contiguous, consistent dtypes)."""
-    n = len(params)
-    cols = []
-    for i in range(n):
-        cols += [params[i].data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(), exp_avg_sqs[i].data_ptr(),
-                 max_exp_avg_sqs[i].data_ptr() if amsgrad else 0,
-                 master_params[i].data_ptr() if master_params else 0, steps[i].data_ptr(), params[i].numel()]
-    device = params[0].device
-    chunk, block = _tile(max(p.numel() for p in params))
-    tab, tile_t, tile_off = _tables_for(device, cols, chunk)
-    ntiles = tile_t.numel()
-    if ntiles == 0:
+@torch.library.custom_op("fusedtrain_triton::adam_",
+                         mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps",
+                                       "master_params"))
+def adam_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+          exp_avg_sqs: list[torch.Tensor], max_exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor],
+          master_params: list[torch.Tensor], lr: float, lr_tensor: Optional[torch.Tensor], beta1: float,
+          beta2: float, eps: float, weight_decay: float, amsgrad: bool, maximize: bool,
+          decoupled_weight_decay: bool, grad_mult: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
+    # an opaque custom op (not triton_op): the kernel reads addresses from a table, which
+    # torch.compile could not trace
+    if not params:
         return
-    counters = _counters_for(device, n)
+    block, iters = multi_tensor.tile(max(p.numel() for p in params), BLOCK, ITERS)
+    lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [], master_params, steps]
+    tab, tile_t, tile_off = multi_tensor.tables(lists, block * iters, empty_tiles=True)
     dummy = steps[0]
-    _adam_kernel[(ntiles,)](
-        tab, tile_t, tile_off, counters, params[0], exp_avgs[0],
+    _adam_kernel[(tile_t.numel(),)](
+        tab, tile_t, tile_off, _counters_for(params[0].device, len(params)), params[0], exp_avgs[0],
         lr_tensor if lr_tensor is not None else dummy,
         grad_mult if grad_mult is not None else dummy,
         found_inf if found_inf is not None else dummy,
         _bits(lr), _bits(beta1), _bits(beta2), float(eps), _bits(weight_decay),
         AMSGRAD=bool(amsgrad), MASTER=bool(master_params), LR_TENSOR=lr_tensor is not None,
         HAS_MULT=grad_mult is not None, HAS_FI=found_inf is not None, MAXIMIZE=bool(maximize),
-        DECOUPLED=bool(decoupled_weight_decay), CHUNK=chunk, BLOCK=block)
+        DECOUPLED=bool(decoupled_weight_decay), BLOCK=block, ITERS=iters)
 
 
 def _spec(pdt, sdt, amsgrad, master, flags):
@@ -220,7 +169,7 @@ def _spec(pdt, sdt, amsgrad, master, flags):
            "s_ref": f"*{sdt}", "lr_ptr": "*fp32", "gm_ptr": "*fp32", "fi_ptr": "*fp32", "lr_bits": "i64",
            "beta1_bits": "i64", "beta2_bits": "i64", "eps": "fp32", "wd_bits": "i64"}
     ce = dict(AMSGRAD=amsgrad, MASTER=master, LR_TENSOR=flags, HAS_MULT=flags, HAS_FI=flags, MAXIMIZE=flags,
-              DECOUPLED=not flags, CHUNK=4096, BLOCK=1024)
+              DECOUPLED=not flags, BLOCK=BLOCK, ITERS=ITERS)
     name = f"_adam_kernel[{pdt}/{sdt}{',amsgrad' if amsgrad else ''}{',master' if master else ''}" \
            f"{',lr_t,mult,found_inf,maximize' if flags else ',adamw'}]"
     return AotSpec(_adam_kernel, sig, ce, name=name)

@@ -2,7 +2,7 @@
 fusedtrain_triton::bce_with_logits_backward (torch.library.triton_op; contract in
 csrc/ops.cpp `// ---- bce`, autograd and fake registration in fusedtrain/ops/bce.py).
 
-Per element the formulas of csrc/include/fusedtrain/bce_math.h (DESIGN §4), in fp32 (fp64 for
+Per element the formulas of csrc/include/fusedtrain/bce_math.h (docs/design.md §4), in fp32 (fp64 for
 fp64 storage), from one exp(-|x|). log1p(e), e in [0, 1], by the same series as bce_math.h's
 log1p_unit (Triton has no log1p, libdevice does not run under the interpreter, and the
 interpreter must execute the very code the GPU runs; division and FMAs only, no approximate
@@ -321,6 +321,17 @@ def _opmath(dtype):
 def bce_with_logits(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
                     pos_weight: torch.Tensor | None, reduction: int, out_dtype: torch.dtype,
                     unit_grad: bool, kind: int, params: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss, and the gradient for a grad_output of 1 when unit_grad (else an empty tensor).
+
+    Args:
+        input, target: (R, C) contiguous logits and targets (target in input's dtype or opmath).
+        weight, pos_weight: optional (R, C) opmath views with stride(1) 0 or 1.
+        reduction: 0 none, 1 mean, 2 sum.
+        out_dtype: the loss's dtype.
+        unit_grad: also write d loss / d input for a grad_output of 1.
+        kind: 0 BCE, 1 focal, 2 ASL.
+        params: [label_smoothing, has_ignore, ignore_value, a, b, c] (fusedtrain/reference.py).
+    """
     R, C = input.shape
     N = R * C
     loss = input.new_empty((R, C) if reduction == 0 else (), dtype=out_dtype)
@@ -350,6 +361,13 @@ def bce_with_logits_backward(grad_output: torch.Tensor, input: torch.Tensor, tar
                              weight: torch.Tensor | None, pos_weight: torch.Tensor | None, reduction: int,
                              input_grad: bool, target_grad: bool, kind: int,
                              params: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d/dinput, d/dtarget) times grad_output, each rounded once (an empty tensor when not asked).
+
+    Args:
+        grad_output: opmath scalar, or (R, C) contiguous for reduction 0.
+        input, target, weight, pos_weight, reduction, kind, params: as bce_with_logits.
+        input_grad, target_grad: which gradients to compute.
+    """
     R, C = input.shape
     N = R * C
     gi = input.new_empty((R, C) if input_grad else (0,))

@@ -1,39 +1,37 @@
-"""Triton body of the unscale-and-check pass (fusedtrain/ops/unscale.py dispatches here).
+"""The unscale-and-check pass as one Triton launch per (device, dtype) group: the op
+fusedtrain_triton::unscale_and_check_, with fusedtrain::unscale_and_check_'s contract
+(csrc/ops.cpp).
 
-One launch per (device, dtype) group over any number of tensors. The host cuts every tensor
-into chunks of CHUNK = BLOCK * ITERS elements and builds one int64 table (see chunk_table):
-    meta[0]              a zero counter for the last-program combine
-    meta[1 .. 1+C)       the address of each chunk's first element
-    meta[1+C .. 1+2C)    the length of each chunk
-Program c handles chunk c. The per-element math mirrors csrc/include/fusedtrain/unscale_math.h:
-y = x * inv_scale in fp32, rounded once at the store; the probe x * 0 is NaN exactly for an
-inf/NaN x; squares of y are summed for the norm. With NORM each program stores its partial sum
-and the last program to finish (atomic counter) adds the partials in chunk order and stores
-the total: deterministic, and still one launch.
+Programs take tiles of the tables of fusedtrain/triton/multi_tensor.py. Per element, as
+csrc/include/fusedtrain/unscale_math.h: y = x * inv_scale in fp32, rounded once at the
+store; the probe x * 0 is NaN exactly for an inf/NaN x; the squares of y are summed for the
+norm. With NORM every program stores its partial sum and the last one to finish (atomic
+ticket) adds the partials in tile order: deterministic, and still one launch.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from fusedtrain.triton import multi_tensor
 from fusedtrain.triton.rounding import store_rounded
 
 BLOCK = 2048
 ITERS = 8
-CHUNK = BLOCK * ITERS
 RBLOCK = 1024
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 @triton.jit
-def unscale_chunks_kernel(meta_ptr, n_chunks, inv_scale_ptr, found_inf_ptr, partial_ptr, out_ptr,
-                          DTYPE: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, RBLOCK: tl.constexpr,
-                          WRITE: tl.constexpr, NORM: tl.constexpr):
+def unscale_kernel(rows, tile_t, tile_off, n_tiles, inv_scale_ptr, found_inf_ptr, partial_ptr, out_ptr, ticket_ptr,
+                   DTYPE: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, RBLOCK: tl.constexpr,
+                   WRITE: tl.constexpr, NORM: tl.constexpr):
     c = tl.program_id(0)
-    base = tl.load(meta_ptr + 1 + c).to(tl.pointer_type(DTYPE))
-    n = tl.load(meta_ptr + 1 + n_chunks + c)
+    t = tl.load(tile_t + c).to(tl.int64)
+    off0 = tl.load(tile_off + c)
+    # the tile's own base and length: 32-bit offsets inside it (64-bit ones cost registers)
+    base = tl.load(rows + 2 * t).to(tl.pointer_type(DTYPE)) + off0
+    n = tl.minimum(tl.load(rows + 2 * t + 1) - off0, BLOCK * ITERS).to(tl.int32)
     inv = tl.load(inv_scale_ptr)
     offs = tl.arange(0, BLOCK)
     sq = tl.full([BLOCK], 0.0, tl.float32)
@@ -55,57 +53,39 @@ def unscale_chunks_kernel(meta_ptr, n_chunks, inv_scale_ptr, found_inf_ptr, part
         tl.store(partial_ptr + c, tl.sum(sq, axis=0))
         # whichever thread stored the partial, it is ordered before the (release) ticket
         tl.debug_barrier()
-        ticket = tl.atomic_add(meta_ptr, 1, sem="acq_rel", scope="gpu")
-        if ticket == n_chunks - 1:
+        ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
+        if ticket == n_tiles - 1:
             roffs = tl.arange(0, RBLOCK)
             acc = tl.full([RBLOCK], 0.0, tl.float32)
-            for start in range(0, n_chunks, RBLOCK):
-                acc += tl.load(partial_ptr + start + roffs, mask=start + roffs < n_chunks, other=0.0,
+            for start in range(0, n_tiles, RBLOCK):
+                acc += tl.load(partial_ptr + start + roffs, mask=start + roffs < n_tiles, other=0.0,
                                cache_modifier=".cg")
             tl.store(out_ptr, tl.sum(acc, axis=0))
 
 
-def tiles(tensors):
-    """(BLOCK, ITERS) of a launch. On a GPU always (BLOCK, ITERS), a chunk of CHUNK elements.
-    Under the Triton interpreter, whose cost grows with the tile and not with the data, the
-    tile is shrunk to the largest tensor (a power of two, one iteration), which keeps the CPU
-    test run fast; the chunking is still a function of the tensor sizes only."""
-    if os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return BLOCK, ITERS
-    largest = max(t.numel() for t in tensors)
-    return min(triton.next_power_of_2(max(largest, 16)), BLOCK), 1
-
-
-def chunk_table(tensors, device, chunk=CHUNK):
-    """The int64 meta table of a group (see the module docstring) on `device`."""
-    addrs, lens = [], []
-    for t in tensors:
-        n = t.numel()
-        base, es = t.data_ptr(), t.element_size()
-        for s in range(0, n, chunk):
-            addrs.append(base + s * es)
-            lens.append(min(chunk, n - s))
-    host = torch.tensor([0] + addrs + lens, dtype=torch.int64)
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True), len(addrs)
-    return host, len(addrs)
-
-
-def unscale_and_check_(tensors, inv_scale, found_inf, compute_norm, write):
-    """One launch over `tensors` (one device, one dtype; each non-overlapping and dense)."""
+@torch.library.custom_op("fusedtrain_triton::unscale_and_check_", mutates_args=("tensors", "found_inf"))
+def unscale_and_check_(tensors: list[torch.Tensor], inv_scale: torch.Tensor, found_inf: torch.Tensor,
+                       compute_norm: bool, write: bool) -> torch.Tensor:
+    # an opaque custom op (not triton_op): the kernel reads addresses from a table, which
+    # torch.compile could not trace
     dev = inv_scale.device
-    block, iters = tiles(tensors)
-    meta, n_chunks = chunk_table(tensors, dev, block * iters)
-    if n_chunks == 0:
-        return torch.zeros((), dtype=torch.float32, device=dev) if compute_norm else \
-            torch.empty((0,), dtype=torch.float32, device=dev)
+    empty = torch.zeros((), dtype=torch.float32, device=dev) if compute_norm else \
+        torch.empty((0,), dtype=torch.float32, device=dev)
+    if not tensors:
+        return empty
+    block, iters = multi_tensor.tile(max(t.numel() for t in tensors), BLOCK, ITERS)
+    rows, tile_t, tile_off = multi_tensor.tables([tensors], block * iters, empty_tiles=False)
+    n_tiles = tile_t.numel()
+    if n_tiles == 0:
+        return empty
     if compute_norm:
-        partials = torch.empty((n_chunks,), dtype=torch.float32, device=dev)
+        partials = torch.empty((n_tiles,), dtype=torch.float32, device=dev)
+        ticket = torch.zeros((1,), dtype=torch.int32, device=dev)
         out = torch.empty((), dtype=torch.float32, device=dev)
     else:
-        partials = out = torch.empty((0,), dtype=torch.float32, device=dev)
-    unscale_chunks_kernel[(n_chunks,)](
-        meta, n_chunks, inv_scale, found_inf, partials, out,
+        partials = ticket = out = empty
+    unscale_kernel[(n_tiles,)](
+        rows, tile_t, tile_off, n_tiles, inv_scale, found_inf, partials, out, ticket,
         DTYPE=_TL_DTYPE[tensors[0].dtype], BLOCK=block, ITERS=iters, RBLOCK=RBLOCK,
         WRITE=write, NORM=compute_norm, num_warps=8)
     return out
@@ -115,11 +95,11 @@ def _spec(dtype, write, norm):
     from fusedtrain.triton.aot import AotSpec
 
     return AotSpec(
-        kernel=unscale_chunks_kernel,
-        signature={"meta_ptr": "*i64", "n_chunks": "i32", "inv_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
-                   "partial_ptr": "*fp32", "out_ptr": "*fp32"},
+        kernel=unscale_kernel,
+        signature={"rows": "*i64", "tile_t": "*i32", "tile_off": "*i64", "n_tiles": "i32", "inv_scale_ptr": "*fp32",
+                   "found_inf_ptr": "*fp32", "partial_ptr": "*fp32", "out_ptr": "*fp32", "ticket_ptr": "*i32"},
         constexprs={"DTYPE": dtype, "BLOCK": BLOCK, "ITERS": ITERS, "RBLOCK": RBLOCK, "WRITE": write, "NORM": norm},
-        name=f"unscale_chunks_kernel[{dtype.name},write={int(write)},norm={int(norm)}]",
+        name=f"unscale_kernel[{dtype.name},write={int(write)},norm={int(norm)}]",
     )
 
 

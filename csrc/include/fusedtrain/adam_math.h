@@ -2,7 +2,8 @@
 // Adam / AdamW: the per-element update, the one source of truth for the C++ CPU kernels
 // (scalar float and at::vec::Vectorized<float>) and the CUDA kernels (float).
 //
-// Order of operations follows torch.optim.Adam(foreach=False) in torch 2.14 (DESIGN §4):
+// Order of operations follows torch.optim.Adam(foreach=False) in torch 2.14 (docs/design.md,
+// "Numerics"):
 //   g  = grad * grad_mult            (grad_mult: AMP unscale; 1 otherwise), negated for maximize
 //   Adam:  g += wd * p               AdamW: p *= 1 - lr * wd   (before the update)
 //   m  = lerp(m, g, 1 - beta1)       (torch's lerp formula: two branches on the weight)

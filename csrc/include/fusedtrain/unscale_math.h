@@ -4,10 +4,10 @@
 // for at::vec::Vectorized<float>) and the CUDA kernels (csrc/cuda/unscale.cu, float) run.
 // fusedtrain/triton/unscale.py mirrors it line by line.
 //
-// All arithmetic is fp32 whatever the storage dtype (DESIGN §4); the unscaled value is
-// rounded once, at the store. The unscale is a plain fp32 multiply by inv_scale, exactly what
-// torch._amp_foreach_non_finite_check_and_unscale_ computes, so unscaled grads are
-// bit-identical to torch's.
+// All arithmetic is fp32 whatever the storage dtype (docs/design.md §4); the
+// unscaled value is rounded once, at the store. The unscale is a plain fp32 multiply by
+// inv_scale, exactly what torch._amp_foreach_non_finite_check_and_unscale_ computes, so
+// unscaled grads are bit-identical to torch's.
 #include "fusedtrain/macros.h"
 
 namespace fusedtrain {

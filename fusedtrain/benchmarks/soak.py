@@ -2,20 +2,23 @@
 against the torch composition (BCEWithLogitsLoss, torch.amp.GradScaler, AdamW(fused=True)),
 same seeds and data; reports how far loss and parameters drift apart over the run.
 
-    python benchmarks/soak.py [--steps 5000] [--device cpu]
+    python -m fusedtrain.benchmarks.soak [--steps 5000] [--device cpu]
 """
 import argparse
 import json
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fusedtrain import demo  # noqa: E402
+from .. import demo
 
 
 def main(argv=None):
+    """Runs both trainings, prints the drift table and writes soak.json.
+
+    Args:
+        argv: the command-line arguments (sys.argv[1:] when None); --help lists them.
+    """
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=5000)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -14,22 +14,17 @@ on the 22M mix (4096x4096, 4096x1024, 1024x1024, 40x4096) and on 1000 tensors of
 The scale is 1 and max_norm large, so the gradients keep their values from call to call
 (torch still multiplies by the clamped coefficient, and so do we).
 
-    python benchmarks/amp.py [--quick] [--device cpu|cuda] [--json out.json]
+    python -m fusedtrain.benchmarks.amp [--quick] [--device cpu|cuda] [--json out.json]
 """
-import os
-import sys
 from collections import defaultdict
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import fusedtrain
 
-import harness  # noqa: E402
-from harness import Row  # noqa: E402
-
-import fusedtrain  # noqa: E402
-from fusedtrain import _backend  # noqa: E402
+from .. import _backend
+from . import harness
+from .harness import Row
 
 MIX = [(4096, 4096), (4096, 1024), (1024, 1024), (40, 4096)]
 
@@ -79,6 +74,12 @@ def _alternating(fn, invs):
 
 
 def run(device, quick):
+    """The unscale, clipping and whole-step rows (harness.Row) of this device.
+
+    Args:
+        device: "cpu" or "cuda".
+        quick: smaller workloads and fewer repetitions.
+    """
     dev = torch.device(device)
     reps = 5 if quick else 15
     rounds = 1 if quick else 3

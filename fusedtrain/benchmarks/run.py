@@ -1,4 +1,4 @@
-"""Runs the benchmark suites: `fusedtrain bench` or `python benchmarks/run.py`.
+"""Runs the benchmark suites: `fusedtrain bench` or `python -m fusedtrain.benchmarks.run`.
 
 Prints one table (op, shape, dtype, baseline, ours, ratio, GB/s), writes results.json and
 a PNG bar chart of the ratios. On a GPU it also measures the device's copy bandwidth and
@@ -9,19 +9,21 @@ import importlib
 import json
 import os
 import platform
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import harness  # noqa: E402
-from fusedtrain import _plot  # noqa: E402
+from .. import _plot
+from . import harness
 
 SUITES = ("bce", "adam", "amp")
 
 
 def copy_bandwidth_gbps(device: str) -> float:
-    """Measured device-to-device copy bandwidth (read + write bytes per second)."""
+    """Measured device-to-device copy bandwidth (read + write bytes per second), in GB/s.
+
+    Args:
+        device: the device whose memory is measured.
+    """
     n = 1 << 28 if torch.device(device).type == "cuda" else 1 << 25
     src = torch.empty(n // 4, dtype=torch.float32, device=device).fill_(1)
     dst = torch.empty_like(src)
@@ -47,6 +49,12 @@ def _plot_ratios(rows, path):
 
 
 def main(argv=None) -> int:
+    """`fusedtrain bench`: runs the chosen suites, prints the table, writes results.json and
+    ratios.png; returns the exit status.
+
+    Args:
+        argv: the command-line arguments (sys.argv[1:] when None); --help lists them.
+    """
     p = argparse.ArgumentParser(prog="fusedtrain bench", description=__doc__.splitlines()[0])
     p.add_argument("--only", default=",".join(SUITES), help="comma-separated suites: " + ",".join(SUITES))
     p.add_argument("--quick", action="store_true", help="small sizes, few repetitions")
@@ -66,7 +74,7 @@ def main(argv=None) -> int:
     for name in it:
         if tqdm:
             it.set_postfix_str(name)
-        rows += importlib.import_module(name).run(a.device, a.quick)
+        rows += importlib.import_module(f".{name}", __package__).run(a.device, a.quick)
     print(harness.format_table(rows))
     meta = {"device": a.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "machine": platform.processor() or platform.machine(), "quick": a.quick}

@@ -3,35 +3,29 @@ fused=True), DeepSpeed's DeepSpeedCPUAdam where deepspeed is installed (CPU only
 memory floor (CPU fp32: stream_floor.c, the step's bytes with no math).
 
 Workloads: a 22M-parameter mix (4096x4096, 4096x1024, 1024x1024, 40x4096) and 1000 tensors
-of 4096. One row per (workload, dtype, baseline, ours backend). Every optimizer of a
+of 4096, and the host's share of a step (1000 tensors of 4). One row per (workload, dtype, baseline, ours backend). Every optimizer of a
 workload steps the same param and grad tensors (each keeps its own states), and the two
 sides of a row are timed in alternating rounds in the same process (median after warm-up):
-on a VM the same kernel was seen at 55 and at 110 GB/s minutes apart, so only what is
-measured side by side compares. GB/s counts the bytes one fp32 step must move: param,
-grad, exp_avg, exp_avg_sq read, param and states written (28 bytes per fp32 parameter).
+a host's memory bandwidth can drift between runs, so only what is measured side by side
+compares. GB/s counts the bytes one fp32 step must move: param, grad, exp_avg, exp_avg_sq
+read, param and states written (28 bytes per fp32 parameter).
 
 DeepSpeed rows run in a child process that times FusedAdamW first and imports deepspeed
-after: with deepspeed 0.19.8 imported, FusedAdamW and torch's fused AdamW both ran 2x
-slower in that process on this 2-core VM (DeepSpeedCPUAdam did not), so an in-process
-comparison would understate every other row.
+after: importing deepspeed was seen to slow every other CPU Adam in the process (the README
+has the measurement), so an in-process comparison would understate every other row.
 
-    python benchmarks/adam.py [--quick] [--device cpu|cuda]
+    python -m fusedtrain.benchmarks.adam [--quick] [--device cpu|cuda]
 """
 import importlib.util
 import json
-import os
 import statistics
-import subprocess
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import harness  # noqa: E402
-import stream_floor  # noqa: E402
+import fusedtrain
 
-import fusedtrain  # noqa: E402
+from . import harness, stream_floor
 
 WORKLOADS = {
     "22M mix": [(4096, 4096), (4096, 1024), (1024, 1024), (40, 4096)],
@@ -106,18 +100,46 @@ def _deepspeed_child(case: str, quick: bool) -> None:
 def _deepspeed_row(case, shapes, quick):
     if importlib.util.find_spec("deepspeed") is None:
         return None
-    cmd = [sys.executable, os.path.abspath(__file__), "--deepspeed-child", case] + (["--quick"] if quick else [])
-    try:  # the first run builds DeepSpeed's CPU Adam op (about a minute)
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=True).stdout
-        r = json.loads(out.strip().splitlines()[-1])
-    except (subprocess.SubprocessError, ValueError, IndexError) as e:
-        print(f"skipping DeepSpeedCPUAdam: {e}", file=sys.stderr)
+    # the first run builds DeepSpeed's CPU Adam op (minutes)
+    r = harness.child_json(__spec__.name, ["--deepspeed-child", case] + (["--quick"] if quick else []),
+                           "DeepSpeedCPUAdam", timeout=900)
+    if r is None:
         return None
     return harness.Row("adam", f"AdamW step {case}", "float32", "DeepSpeedCPUAdam (own process)", r["ds_ms"],
                        "FusedAdamW native", r["ours_ms"], _bytes(shapes, torch.float32))
 
 
+def _host_rows(device, warmup, reps, rounds):
+    """What a step costs besides moving bytes, at 1000 params of 4 elements: FusedAdamW.step
+    against AdamW(fused=True).step, and on CPU the kernel called through the dispatcher
+    against fusedtrain._C.adam_cpu_ (the route FusedAdamW takes there, docs/design.md §7)."""
+    shapes = [(4,)] * 1000
+    ps = _params(shapes, device, torch.float32)
+    ours_opt = fusedtrain.FusedAdamW(ps, **HYPER)
+    base_opt = torch.optim.AdamW(ps, fused=True, **HYPER)
+    ours_ms, base_ms = _paired(ours_opt.step, base_opt.step, device, warmup, reps, rounds)
+    rows = [harness.Row("adam", "host: step of 1000 params of 4", "float32", "AdamW fused", base_ms,
+                        "FusedAdamW", ours_ms)]
+    C = fusedtrain._ext._C
+    if torch.device(device).type == "cpu" and C is not None:
+        st = [ours_opt.state[p] for p in ps]
+        args = ([p.detach() for p in ps], [p.grad for p in ps], [s["exp_avg"] for s in st],
+                [s["exp_avg_sq"] for s in st], [], [s["step"] for s in st], [], 1e-3, None, 0.9, 0.999, 1e-8,
+                0.01, False, False, True, None, None)
+        direct_ms, op_ms = _paired(lambda: C.adam_cpu_(*args), lambda: torch.ops.fusedtrain.adam_(*args), device,
+                                   warmup, reps, rounds)
+        rows.append(harness.Row("adam", "host: kernel call, 1000 params of 4", "float32",
+                                "torch.ops.fusedtrain.adam_", op_ms, "_C.adam_cpu_", direct_ms))
+    return rows
+
+
 def run(device: str, quick: bool) -> list:
+    """The AdamW step rows (harness.Row) of this device.
+
+    Args:
+        device: "cpu" or "cuda".
+        quick: smaller workloads and fewer repetitions.
+    """
     rows = []
     reps, rounds, warmup = _timing(quick)
     cpu = torch.device(device).type == "cpu"
@@ -159,6 +181,8 @@ def run(device: str, quick: bool) -> list:
                 r = _deepspeed_row(case, shapes, quick)
                 if r is not None:
                     rows.append(r)
+    if "native" in _ours_backends(device):
+        rows += _host_rows(device, warmup, reps, rounds)
     return rows
 
 

@@ -1,4 +1,4 @@
-"""Timing and reporting shared by every benchmark suite (benchmarks/<family>.py).
+"""Timing and reporting shared by every benchmark suite (fusedtrain/benchmarks/<suite>.py).
 
 A suite module defines `run(device: str, quick: bool) -> list[Row]` and, for running it
 alone, `if __name__ == "__main__": harness.main(run)`. All timings of one row are taken in
@@ -7,7 +7,10 @@ the same process on the same inputs: warm-up, then the median of many runs.
 import argparse
 import dataclasses
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -15,6 +18,20 @@ import torch
 
 @dataclasses.dataclass
 class Row:
+    """One line of the results table: our time and a baseline's on the same inputs.
+
+    Args:
+        suite: "bce", "adam" or "amp".
+        case: what was timed, e.g. "fwd+bwd 8192x1024".
+        dtype: the storage dtype's name, e.g. "bfloat16".
+        baseline: what ours is compared with, e.g. "torch eager", "AdamW fused".
+        baseline_ms: the baseline's median time in milliseconds.
+        ours: fusedtrain's backend or entry point, e.g. "native".
+        ours_ms: fusedtrain's median time in milliseconds.
+        bytes_moved: bytes our kernel(s) must read and write per call (for GB/s; 0: none).
+        note: free text for the table's reader.
+    """
+
     suite: str             # "bce", "adam", "amp"
     case: str              # e.g. "fwd+bwd 8192x1024"
     dtype: str             # "float32", "bfloat16", ...
@@ -47,7 +64,15 @@ def _sync(device):
 
 
 def time_ms(fn, device="cpu", warmup=3, reps=15, min_time_s=0.0) -> float:
-    """Median wall time of fn() in milliseconds after `warmup` calls."""
+    """Median wall time of fn() in milliseconds after `warmup` calls.
+
+    Args:
+        fn: the no-argument function to time.
+        device: where fn's work runs ("cuda": synchronized around every call).
+        warmup: untimed calls first.
+        reps: timed calls at least.
+        min_time_s: keep timing until this many seconds have passed.
+    """
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -62,6 +87,11 @@ def time_ms(fn, device="cpu", warmup=3, reps=15, min_time_s=0.0) -> float:
 
 
 def format_table(rows) -> str:
+    """The rows as an aligned text table with ratio and GB/s columns.
+
+    Args:
+        rows: a list of Row.
+    """
     head = ("suite", "case", "dtype", "baseline", "base ms", "ours", "ours ms", "ratio", "GB/s")
     body = [(r.suite, r.case, r.dtype, r.baseline, f"{r.baseline_ms:.3f}", r.ours, f"{r.ours_ms:.3f}",
              f"{r.ratio:.2f}x", f"{r.gbps:.1f}" if r.gbps else "-") for r in rows]
@@ -70,8 +100,35 @@ def format_table(rows) -> str:
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
 
 
+def child_json(module, args, what, timeout, env=None):
+    """Runs `python -m module *args` in a child process and returns the JSON value it prints on
+    its last line, or None (with a "skipping" note on stderr) when it fails. The child imports
+    the same fusedtrain as this process, installed or not.
+
+    Args:
+        module: the suite's module name, e.g. "fusedtrain.benchmarks.bce".
+        args: its command-line arguments.
+        what: the rows it times, for the note when it fails.
+        timeout: seconds before the child is given up.
+        env: extra environment variables of the child.
+    """
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    try:
+        out = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
+                             check=True, env={**os.environ, **(env or {}), "PYTHONPATH": path}).stdout
+        return json.loads(out.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError) as e:
+        print(f"skipping {what}: {e}", file=sys.stderr)
+        return None
+
+
 def main(run):
-    """Entry point for running one suite directly: python benchmarks/<family>.py [--quick]."""
+    """Entry point for running one suite directly: python -m fusedtrain.benchmarks.<suite> [--quick].
+
+    Args:
+        run: the suite's run(device, quick) -> list[Row].
+    """
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true")

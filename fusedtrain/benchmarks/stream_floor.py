@@ -46,12 +46,18 @@ def _build():
 
 
 def available() -> bool:
+    """Whether the floor could be built (a C compiler was found) and loaded."""
     return bool(_build())
 
 
 def make_pass(params, grads, exp_avgs, exp_avg_sqs):
     """A no-argument function running one floor pass over these fp32 CPU tensors (written in
-    place: use tensors whose values do not matter, or that an optimizer overwrites anyway)."""
+    place: use tensors whose values do not matter, or that an optimizer overwrites anyway).
+
+    Args:
+        params, grads, exp_avgs, exp_avg_sqs: lists of contiguous fp32 CPU tensors, the
+            step's operands, one entry per parameter.
+    """
     lib = _build()
     if not lib:
         raise RuntimeError("stream_floor: no C compiler")

@@ -10,9 +10,8 @@ Two kinds of rows:
 On CPU, rows marked "(tcmalloc)" time the fp32/bf16 "fwd+bwd" cases again in a child process
 with libtcmalloc_minimal preloaded (LD_PRELOAD), when the library is installed (Debian:
 libtcmalloc-minimal4). glibc hands every buffer of 32 MiB or more out as fresh mmap'ed memory,
-so each step page-faults its new fp32 8192x1024 gradient in 4 KiB pages (~11 ms here); a
-caching allocator keeps that memory. That is the allocator's business, not the kernel's: the
-README suggests it as a tip. (jemalloc 5.3 was measured too and does not help here.)
+so each step page-faults its new fp32 8192x1024 gradient; a caching allocator keeps that
+memory. That is the allocator's business, not the kernel's: the README suggests it as a tip.
 
 Bytes moved by fusedtrain per element (bytes_moved, for GB/s): the forward reads input and
 target; the backward reads them again and writes the gradient once (2 * s_in + 2 * s_tgt + s_in:
@@ -20,25 +19,20 @@ fp32 20 B, bf16/fp16 10 B). The gradient is computed in the backward, times grad
 rounded once (docs/design.md); on CPU a plain loss.backward() takes the gradient the forward
 wrote for a grad_output of 1 instead (12 B fp32, 6 B bf16 moved).
 
-    python benchmarks/bce.py [--quick] [--device cpu|cuda] [--json out.json]
+    python -m fusedtrain.benchmarks.bce [--quick] [--device cpu|cuda] [--json out.json]
 """
 import contextlib
 import glob
 import json
-import os
-import subprocess
 import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import fusedtrain
 
-import harness  # noqa: E402
-
-import fusedtrain  # noqa: E402
-from fusedtrain.functional import binary_cross_entropy_with_logits as fused_bce  # noqa: E402
+from ..functional import binary_cross_entropy_with_logits as fused_bce
+from . import harness
 
 SHAPES = [(8192, 1024), (65536, 64)]
 QUICK_SHAPES = [(1024, 1024), (8192, 64)]
@@ -48,7 +42,12 @@ LOSS_SCALE = 65536.0
 
 
 def torch_focal(x, y, alpha=0.25, gamma=2.0):
-    """torchvision.ops.sigmoid_focal_loss's formula in plain torch, reduction='mean'."""
+    """torchvision.ops.sigmoid_focal_loss's formula in plain torch, reduction='mean'.
+
+    Args:
+        x, y: logits and labels.
+        alpha, gamma: as torchvision's.
+    """
     p = torch.sigmoid(x)
     ce = F.binary_cross_entropy_with_logits(x, y, reduction="none")
     p_t = p * y + (1 - p) * (1 - y)
@@ -57,7 +56,12 @@ def torch_focal(x, y, alpha=0.25, gamma=2.0):
 
 
 def torch_asl(x, y, gamma_neg=4.0, gamma_pos=1.0, clip=0.05, eps=1e-8):
-    """The ASL paper's reference formula in plain torch, averaged."""
+    """The ASL paper's reference formula in plain torch, averaged.
+
+    Args:
+        x, y: logits and labels.
+        gamma_neg, gamma_pos, clip, eps: as the reference code's.
+    """
     xs_pos = torch.sigmoid(x)
     xs_neg = (1 - xs_pos + clip).clamp(max=1)
     loss = y * torch.log(xs_pos.clamp(min=eps)) + (1 - y) * torch.log(xs_neg.clamp(min=eps))
@@ -119,21 +123,24 @@ def _tcmalloc_rows(quick):
     lib = _tcmalloc()
     if lib is None:
         return []
-    cmd = [sys.executable, os.path.abspath(__file__), "--plain-child"] + (["--quick"] if quick else [])
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True,
-                             env={**os.environ, "LD_PRELOAD": lib}).stdout
-        rows = [harness.Row(**{k: v for k, v in r.items() if k not in ("ratio", "gbps")})
-                for r in json.loads(out.strip().splitlines()[-1])]
-    except (subprocess.SubprocessError, ValueError, IndexError) as e:
-        print(f"skipping the tcmalloc rows: {e}", file=sys.stderr)
+    found = harness.child_json(__spec__.name, ["--plain-child"] + (["--quick"] if quick else []),
+                               "the tcmalloc rows", timeout=600, env={"LD_PRELOAD": lib})
+    if found is None:
         return []
+    rows = [harness.Row(**{k: v for k, v in r.items() if k not in ("ratio", "gbps")}) for r in found]
     for r in rows:
         r.case += " (tcmalloc)"
     return rows
 
 
 def run(device: str, quick: bool, plain_only: bool = False) -> list:
+    """The BCE and loss-family rows (harness.Row) of this device.
+
+    Args:
+        device: "cpu" or "cuda".
+        quick: smaller shapes and fewer repetitions.
+        plain_only: only the plain fwd+bwd cases (the tcmalloc child's rows).
+    """
     rows = []
     reps = 5 if quick else 15
     ours = [b for b in (("triton", "native") if device.startswith("cuda") else ("native",))
