@@ -555,3 +555,27 @@ def test_grads_of_is_the_python_gather():
     s.grad = torch.randn(2)
     assert _ext._C.grads_of([s]) is None
     assert _ext._C.grads_of([]) == []
+
+
+def test_hyper_parameters_are_not_specialized():
+    """An LR schedule must not compile a new Triton kernel per value: the hyper-parameter
+    arguments are do_not_specialize (checked here), and on a GPU three learning rates run
+    one compiled variant."""
+    pytest.importorskip("triton")
+    from fusedtrain.triton import adam as tk
+
+    names = {p.name for p in tk._adam_kernel.params if p.do_not_specialize}
+    assert names == {"lr_bits", "beta1_bits", "beta2_bits", "eps", "wd_bits"}
+    if not torch.cuda.is_available():
+        return
+    ps = [torch.randn(4096, device="cuda", requires_grad=True)]
+    ps[0].grad = torch.randn_like(ps[0])
+    opt = FusedAdamW(ps, lr=1e-3)
+    with fusedtrain.use_backend("triton"):
+        opt.step()
+        caches = tk._adam_kernel.device_caches[torch.cuda.current_device()][0]
+        before = len(caches)
+        for lr in (3e-4, 7.5e-5, 1.2e-2):
+            opt.param_groups[0]["lr"] = lr
+            opt.step()
+    assert len(caches) == before, "a new learning rate compiled a new kernel"

@@ -3,3 +3,19 @@
 Each module lists its kernels for ahead-of-time compilation in AOT_SPECS (see
 fusedtrain/triton/aot.py), so tests compile every kernel for sm_80 and sm_90 without a GPU.
 """
+import contextlib
+
+import torch
+
+
+def device_guard(t: torch.Tensor):
+    """Make t's device the current one around a launch: Triton launches on the current CUDA
+    device and its current stream, so a model on cuda:1 while cuda:0 is current would run on
+    the wrong GPU. Code compiled by torch.compile guards its device itself.
+
+    Args:
+        t: a tensor of the launch.
+    """
+    if t.device.type != "cuda" or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)

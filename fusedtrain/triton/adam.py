@@ -17,12 +17,14 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedtrain.triton import multi_tensor
+from fusedtrain.triton import device_guard, multi_tensor
 from fusedtrain.triton.aot import AotSpec
 from fusedtrain.triton.rounding import store_rounded
 
 
-@triton.jit
+# the hyper-parameters vary during training (an LR schedule): no specialization on their
+# values, or every new value could compile a new kernel
+@triton.jit(do_not_specialize=["lr_bits", "beta1_bits", "beta2_bits", "eps", "wd_bits"])
 def _adam_kernel(tab, tile_t, tile_off, counters, p_ref, s_ref, lr_ptr, gm_ptr, fi_ptr,
                  lr_bits, beta1_bits, beta2_bits, eps, wd_bits,
                  AMSGRAD: tl.constexpr, MASTER: tl.constexpr, LR_TENSOR: tl.constexpr,
@@ -98,11 +100,12 @@ def _adam_kernel(tab, tile_t, tile_off, counters, p_ref, s_ref, lr_ptr, gm_ptr, 
         if AMSGRAD:
             x = tl.load(xp + offs, mask=mask, other=0.0).to(tl.float32)
             x = tl.where((x != x) | (x > v), x, v)  # torch.maximum: NaN propagates
-            denom = tl.sqrt_rn(x) / bc2_sqrt + eps
+            denom = tl.math.div_rn(tl.sqrt_rn(x), bc2_sqrt) + eps
             store_rounded(xp + offs, x, mask)
         else:
-            denom = tl.sqrt_rn(v) / bc2_sqrt + eps
-        p = p - step_size * m / denom
+            denom = tl.math.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+        # IEEE division as in adam_math.h (Triton's fp32 `/` is the approximate div.full)
+        p = p - tl.math.div_rn(step_size * m, denom)
         if MASTER:
             tl.store(wp + offs, p, mask=mask)
         store_rounded(pp + offs, p, mask)
@@ -153,15 +156,16 @@ def adam_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[
     lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [], master_params, steps]
     tab, tile_t, tile_off = multi_tensor.tables(lists, block * iters, empty_tiles=True)
     dummy = steps[0]
-    _adam_kernel[(tile_t.numel(),)](
-        tab, tile_t, tile_off, _counters_for(params[0].device, len(params)), params[0], exp_avgs[0],
-        lr_tensor if lr_tensor is not None else dummy,
-        grad_mult if grad_mult is not None else dummy,
-        found_inf if found_inf is not None else dummy,
-        _bits(lr), _bits(beta1), _bits(beta2), float(eps), _bits(weight_decay),
-        AMSGRAD=bool(amsgrad), MASTER=bool(master_params), LR_TENSOR=lr_tensor is not None,
-        HAS_MULT=grad_mult is not None, HAS_FI=found_inf is not None, MAXIMIZE=bool(maximize),
-        DECOUPLED=bool(decoupled_weight_decay), BLOCK=block, ITERS=iters)
+    with device_guard(params[0]):
+        _adam_kernel[(tile_t.numel(),)](
+            tab, tile_t, tile_off, _counters_for(params[0].device, len(params)), params[0], exp_avgs[0],
+            lr_tensor if lr_tensor is not None else dummy,
+            grad_mult if grad_mult is not None else dummy,
+            found_inf if found_inf is not None else dummy,
+            _bits(lr), _bits(beta1), _bits(beta2), float(eps), _bits(weight_decay),
+            AMSGRAD=bool(amsgrad), MASTER=bool(master_params), LR_TENSOR=lr_tensor is not None,
+            HAS_MULT=grad_mult is not None, HAS_FI=found_inf is not None, MAXIMIZE=bool(maximize),
+            DECOUPLED=bool(decoupled_weight_decay), BLOCK=block, ITERS=iters)
 
 
 def _spec(pdt, sdt, amsgrad, master, flags):

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from fusedtrain import reference
+from fusedtrain.triton import device_guard
 from fusedtrain.triton.aot import AotSpec
 from fusedtrain.triton.rounding import store_rounded
 
@@ -344,15 +345,16 @@ def bce_with_logits(input: torch.Tensor, target: torch.Tensor, weight: torch.Ten
     partials = input.new_empty((nprog if reduction != 0 else 1,), dtype=_opmath(input.dtype))
     ws0, ws1 = _strides(weight, R, C)
     pws0, pws1 = _strides(pos_weight, R, C)
-    torch.library.wrap_triton(_bce_fwd_kernel)[(nprog,)](
-        input, target, input if weight is None else weight, input if pos_weight is None else pos_weight,
-        loss, grad if unit_grad else input, partials, N, C, ws0, ws1, pws0, pws1, N if reduction == 1 else 1,
-        *_spec_args(params), HAS_W=weight is not None, HAS_PW=pos_weight is not None, FLAT=R == 1,
-        REDUCE=reduction != 0, GRAD=unit_grad, ACC=_acc(input.dtype), BLOCK=BLOCK, num_warps=NUM_WARPS,
-        **_spec_constexprs(kind, params))
-    if reduction != 0:
-        torch.library.wrap_triton(_bce_sum_kernel)[(1,)](
-            partials, loss, nprog, N if reduction == 1 else 1, SUM_BLOCK=SUM_BLOCK, num_warps=NUM_WARPS)
+    with device_guard(input):
+        torch.library.wrap_triton(_bce_fwd_kernel)[(nprog,)](
+            input, target, input if weight is None else weight, input if pos_weight is None else pos_weight,
+            loss, grad if unit_grad else input, partials, N, C, ws0, ws1, pws0, pws1, N if reduction == 1 else 1,
+            *_spec_args(params), HAS_W=weight is not None, HAS_PW=pos_weight is not None, FLAT=R == 1,
+            REDUCE=reduction != 0, GRAD=unit_grad, ACC=_acc(input.dtype), BLOCK=BLOCK, num_warps=NUM_WARPS,
+            **_spec_constexprs(kind, params))
+        if reduction != 0:
+            torch.library.wrap_triton(_bce_sum_kernel)[(1,)](
+                partials, loss, nprog, N if reduction == 1 else 1, SUM_BLOCK=SUM_BLOCK, num_warps=NUM_WARPS)
     return loss, grad
 
 
@@ -376,13 +378,14 @@ def bce_with_logits_backward(grad_output: torch.Tensor, input: torch.Tensor, tar
         return gi, gt
     ws0, ws1 = _strides(weight, R, C)
     pws0, pws1 = _strides(pos_weight, R, C)
-    torch.library.wrap_triton(_bce_bwd_kernel)[(triton.cdiv(N, BLOCK),)](
-        grad_output, input, target, input if weight is None else weight, input if pos_weight is None else pos_weight,
-        gi if input_grad else input, gt if target_grad else target,
-        N, C, ws0, ws1, pws0, pws1, N if reduction == 1 else 1, *_spec_args(params),
-        HAS_W=weight is not None, HAS_PW=pos_weight is not None, FLAT=R == 1, PER_ELEM=reduction == 0,
-        GI=input_grad, GT=target_grad, ACC=_acc(input.dtype), BLOCK=BLOCK, num_warps=NUM_WARPS,
-        **_spec_constexprs(kind, params))
+    with device_guard(input):
+        torch.library.wrap_triton(_bce_bwd_kernel)[(triton.cdiv(N, BLOCK),)](
+            grad_output, input, target, input if weight is None else weight, input if pos_weight is None else pos_weight,
+            gi if input_grad else input, gt if target_grad else target,
+            N, C, ws0, ws1, pws0, pws1, N if reduction == 1 else 1, *_spec_args(params),
+            HAS_W=weight is not None, HAS_PW=pos_weight is not None, FLAT=R == 1, PER_ELEM=reduction == 0,
+            GI=input_grad, GT=target_grad, ACC=_acc(input.dtype), BLOCK=BLOCK, num_warps=NUM_WARPS,
+            **_spec_constexprs(kind, params))
     return gi, gt
 
 

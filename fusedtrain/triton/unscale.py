@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedtrain.triton import multi_tensor
+from fusedtrain.triton import device_guard, multi_tensor
 from fusedtrain.triton.rounding import store_rounded
 
 BLOCK = 2048
@@ -84,10 +84,11 @@ def unscale_and_check_(tensors: list[torch.Tensor], inv_scale: torch.Tensor, fou
         out = torch.empty((), dtype=torch.float32, device=dev)
     else:
         partials = ticket = out = empty
-    unscale_kernel[(n_tiles,)](
-        rows, tile_t, tile_off, n_tiles, inv_scale, found_inf, partials, out, ticket,
-        DTYPE=_TL_DTYPE[tensors[0].dtype], BLOCK=block, ITERS=iters, RBLOCK=RBLOCK,
-        WRITE=write, NORM=compute_norm, num_warps=8)
+    with device_guard(inv_scale):
+        unscale_kernel[(n_tiles,)](
+            rows, tile_t, tile_off, n_tiles, inv_scale, found_inf, partials, out, ticket,
+            DTYPE=_TL_DTYPE[tensors[0].dtype], BLOCK=block, ITERS=iters, RBLOCK=RBLOCK,
+            WRITE=write, NORM=compute_norm, num_warps=8)
     return out
 
 
