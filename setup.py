@@ -93,8 +93,7 @@ def _extensions():
         # The pip CUDA wheels (nvidia-*-cu13) carry headers that torch's CUDA headers include
         # (cusparse.h, cublas_v2.h) and that a bare nvcc install may lack.
         include_dirs += _pip_cuda_include_dirs()
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(_cuda_archs())
         sources += rel("csrc/cuda/*.cu")
         ext = CUDAExtension(
             "fusedtrain._C",
@@ -104,8 +103,7 @@ def _extensions():
             extra_compile_args={
                 "cxx": cxx_flags,
                 "nvcc": ["-O3", "-DNDEBUG", "-lineinfo", "--expt-relaxed-constexpr",
-                         # a spill to local memory fails the build (docs/design.md,
-                         # "Verifying GPU code without a GPU")
+                         # a spill to local memory fails the build (docs/design.md §5)
                          "-Xptxas=--warn-on-spills,--warning-as-error"],
             },
             extra_link_args=[],
@@ -118,6 +116,16 @@ def _extensions():
                            extra_compile_args={"cxx": cxx_flags}, extra_link_args=[])
         _say(f"building CPU kernels only ({why})")
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+
+
+def _cuda_archs():
+    """sm_80 and sm_90 always (the GPUs the kernels are written and checked for), plus what
+    TORCH_CUDA_ARCH_LIST asks for and the arch of every visible GPU."""
+    archs = ["8.0", "9.0"]
+    archs += [a for a in os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(" ", ";").split(";") if a]
+    if torch.cuda.is_available():
+        archs += ["%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+    return sorted(set(archs), key=lambda a: float(a.rstrip("+PTX").replace("a", "")))
 
 
 ext_modules, cmdclass = _extensions()

@@ -54,3 +54,13 @@ def assert_unchanged(before, opt, params, what="a step"):
                 assert torch.equal(v, now[k]) and v.dtype == now[k].dtype, f"state {k} changed during {what}"
             else:
                 assert v == now[k], f"state {k} changed during {what}"
+
+
+# ---- CI: a build without CUDA kernels is a failure, not a skip ------------------------------------
+REQUIRE_CUDA_KERNELS = os.environ.get("FUSEDTRAIN_REQUIRE_CUDA_KERNELS", "0") == "1"
+
+
+def cuda_build_missing(reason):
+    """Skip a test that needs the CUDA kernels compiled (or a CUDA tool), or fail it where
+    FUSEDTRAIN_REQUIRE_CUDA_KERNELS=1 (.ci/run sets it: nvcc is there, so the kernels must be)."""
+    (pytest.fail if REQUIRE_CUDA_KERNELS else pytest.skip)(reason)

@@ -16,7 +16,7 @@ import torch
 
 from fusedtrain import _ext
 from fusedtrain.triton import aot
-from helpers import INTERPRET, ROOT
+from helpers import INTERPRET, ROOT, cuda_build_missing
 
 pytestmark = pytest.mark.skipif(INTERPRET,
                                 reason="compiles for real GPUs; not under the interpreter")
@@ -58,11 +58,12 @@ def _schema_names():
         return re.findall(r'm\.def\("([a-z_0-9]+)\(', f.read())
 
 
-@pytest.mark.skipif(_ext._C is None, reason="extension not built")
 @pytest.mark.parametrize("key", ["CPU", "CUDA"])
 def test_extension_registers_every_op(key):
+    if _ext._C is None:
+        cuda_build_missing("extension not built")
     if key == "CUDA" and not _ext._C.built_with_cuda:
-        pytest.skip("extension built without CUDA")
+        cuda_build_missing("extension built without CUDA")
     names = _schema_names()
     assert names, "no schemas found in csrc/ops.cpp"
     missing = [n for n in names if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedtrain::{n}", key)]
@@ -76,11 +77,12 @@ def _cuobjdump():
     return bundled if os.path.exists(bundled) else shutil.which("cuobjdump")
 
 
-@pytest.mark.skipif(_ext._C is None or not _ext._C.built_with_cuda, reason="extension built without CUDA")
 def test_cuda_kernels_use_no_local_memory():
+    if _ext._C is None or not _ext._C.built_with_cuda:
+        cuda_build_missing("extension built without CUDA")
     tool = _cuobjdump()
     if tool is None:
-        pytest.skip("cuobjdump not found")
+        cuda_build_missing("cuobjdump not found")
     out = subprocess.run([tool, "-res-usage", _ext._C.__file__], capture_output=True, text=True, check=True).stdout
     archs = set(re.findall(r"arch = (sm_\d+)", out))
     assert {"sm_80", "sm_90"} <= archs, f"SASS for {sorted(archs)} only"

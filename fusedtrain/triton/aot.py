@@ -73,7 +73,9 @@ def ptxas_spills(ptx: str, cc: int) -> tuple:
         out = subprocess.run([_ptxas(), "-v", f"-arch={arch}", path, "-o", os.path.join(d, "k.cubin")],
                              capture_output=True, text=True, check=True)
     text = out.stdout + out.stderr
-    stores = sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", text))
-    loads = sum(int(x) for x in re.findall(r"(\d+) bytes spill loads", text))
-    regs = max([int(x) for x in re.findall(r"Used (\d+) registers", text)] or [0])
-    return stores, loads, regs
+    stores = [int(x) for x in re.findall(r"(\d+) bytes spill stores", text)]
+    loads = [int(x) for x in re.findall(r"(\d+) bytes spill loads", text)]
+    regs = [int(x) for x in re.findall(r"Used (\d+) registers", text)]
+    if not (stores and loads and regs):  # an unread report must not pass as "no spills"
+        raise RuntimeError(f"ptxas -v printed no register/spill report for sm_{cc}:\n{text}")
+    return sum(stores), sum(loads), max(regs)
