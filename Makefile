@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.fusedtrain-installed
 SOURCES := $(shell find csrc fusedtrain -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h') setup.py pyproject.toml
 
-.PHONY: venv install test test-native test-triton bench demo check clean
+.PHONY: venv install test test-native test-triton bench demo check gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ demo: $(STAMP)
 
 check: $(STAMP)
 	$(VENV)/bin/fusedtrain check
+
+# On a machine with a GPU: build, GPU tests, check, bench, compute-sanitizer; one report
+# (gpu-check-report.md), non-zero exit on any failure.
+gpu-check: $(STAMP)
+	$(PY) scripts/gpu_check.py
 
 clean:
 	rm -rf build $(VENV) fusedtrain/*.so *.egg-info

@@ -25,8 +25,8 @@ def backend_cases():
     cases = [pytest.param(("native", "cpu"), id="native-cpu"),
              pytest.param(("reference", "cpu"), id="reference-cpu")]
     if HAS_CUDA:
-        cases += [pytest.param(("triton", "cuda"), id="triton-cuda"),
-                  pytest.param(("native", "cuda"), id="native-cuda")]
+        cases += [pytest.param(("triton", "cuda"), id="triton-cuda", marks=pytest.mark.gpu),
+                  pytest.param(("native", "cuda"), id="native-cuda", marks=pytest.mark.gpu)]
     return cases
 
 

@@ -517,6 +517,7 @@ def test_constructor_matches_torch():
             FusedAdam(p, **bad)
 
 
+@pytest.mark.gpu
 def test_multi_device_groups_are_split_per_device():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device next to the CPU")

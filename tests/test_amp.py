@@ -372,6 +372,7 @@ def test_cuda_default_device_without_cuda_disables_like_torch():
     assert not s.is_enabled()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_no_host_sync_on_cuda(backend_device):
     _, device = backend_device

@@ -269,6 +269,7 @@ def test_autocast(backend_device, xdt):
         x.grad = y.grad = xr.grad = yr.grad = None
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("amp_dtype", [torch.float16, torch.bfloat16], ids=lambda d: DT_IDS[d])
 def test_autocast_cuda(backend_device, amp_dtype):
@@ -335,6 +336,7 @@ def test_bad_input_names_the_argument(backend_device):
         bce(torch.randn(4, 5, dtype=torch.complex64, device=device), y)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device type")
 def test_different_devices():
     x = torch.randn(4, 5)

@@ -210,6 +210,7 @@ def test_functional_form_and_errors(backend_device):
         fusedtrain.clipped_step_(torch.optim.SGD([q], lr=0.1), 1.0)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_capture_of_the_whole_step():
     torch.manual_seed(0)

@@ -6,9 +6,9 @@ import torch
 import fusedtrain
 from fusedtrain import FusedAdamW
 
-pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2 or not fusedtrain.backends("cuda")["triton"][0]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2 or not fusedtrain.backends("cuda")["triton"][0]
                                 or not fusedtrain.backends("cuda")["native"][0],
-                                reason="needs two GPUs and both CUDA backends")
+                                reason="needs two GPUs and both CUDA backends")]
 
 
 def _twice(fn):

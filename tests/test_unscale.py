@@ -341,6 +341,7 @@ def test_one_call_per_device_dtype_group(backend_device, monkeypatch):
     assert sorted(n for _, n in calls) == [20, 20, 20]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda_one_kernel_launch_per_group(backend_device):
     backend, device = backend_device

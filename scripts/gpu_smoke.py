@@ -1,0 +1,37 @@
+"""A few steps of every op family on CUDA, on both CUDA backends: the short run that
+compute-sanitizer checks (scripts/gpu_check.py)."""
+import torch
+
+import fusedtrain
+from fusedtrain import FusedAdamW, GradScaler
+
+
+def main():
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(0)
+    for backend in ("native", "triton"):
+        if not fusedtrain.backends(dev)[backend][0]:
+            continue
+        with fusedtrain.use_backend(backend):
+            model = torch.nn.Linear(257, 129, device=dev)
+            opt = FusedAdamW(model.parameters(), lr=1e-3)
+            scaler = GradScaler(dev)
+            crit = fusedtrain.FusedBCEWithLogits(pos_weight=torch.rand(129, device=dev, generator=g) + 0.5)
+            for _ in range(3):
+                x = torch.randn(64, 257, device=dev, generator=g)
+                y = torch.rand(64, 129, device=dev, generator=g)
+                with torch.autocast(dev, dtype=torch.float16):
+                    loss = crit(model(x), y)
+                scaler.scale(loss).backward()
+                scaler.step(opt, max_norm=1.0)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
+            ts = [torch.randn(n, device=dev, generator=g) for n in (1, 4097, 70001)]
+            fusedtrain.unscale_and_check_(ts, torch.full((), 0.5, device=dev), torch.zeros((), device=dev),
+                                          compute_norm=True)
+    torch.cuda.synchronize()
+    print("gpu smoke: ok")
+
+
+if __name__ == "__main__":
+    main()
