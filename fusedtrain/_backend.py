@@ -6,6 +6,7 @@ FUSEDTRAIN_BACKEND environment variable) that cannot run on the given tensors ra
 BackendError saying why; it never falls back silently.
 """
 import contextlib
+import importlib
 import os
 import threading
 
@@ -126,3 +127,27 @@ def select(device: torch.device, op: str, dtype: torch.dtype = None, kernel_dtyp
         if availability(cand, device)[0]:
             return cand
     return "reference"
+
+
+def family_ops(name: str, fake, triton_module: str) -> dict:
+    """{backend: op} of an op family with one op: fusedtrain_ref::<name> (which the family
+    registers itself), fusedtrain::<name> where the extension is built and
+    fusedtrain_triton::<name> where triton imports, each with the fake kernel `fake`.
+
+    Args:
+        name: the op's name in the three namespaces.
+        fake: its fake (meta) kernel, for torch.compile and FakeTensor.
+        triton_module: the module of fusedtrain.triton that registers the Triton op.
+    """
+    torch.library.register_fake(f"fusedtrain_ref::{name}")(fake)
+    ops = {"reference": getattr(torch.ops.fusedtrain_ref, name)}
+    if _ext._C is not None:
+        torch.library.register_fake(f"fusedtrain::{name}")(fake)
+        ops["native"] = getattr(torch.ops.fusedtrain, name)
+    try:
+        importlib.import_module(f"fusedtrain.triton.{triton_module}")
+    except ImportError:  # no triton: the backend reports itself unavailable
+        return ops
+    torch.library.register_fake(f"fusedtrain_triton::{name}")(fake)
+    ops["triton"] = getattr(torch.ops.fusedtrain_triton, name)
+    return ops

@@ -77,18 +77,7 @@ def _reference_op(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg
                     decoupled_weight_decay=decoupled_weight_decay, grad_mult=grad_mult, found_inf=found_inf)
 
 
-_reference_op.register_fake(_fake)
-_OPS = {"reference": torch.ops.fusedtrain_ref.adam_}
-if _ext._C is not None:
-    torch.library.register_fake("fusedtrain::adam_")(_fake)
-    _OPS["native"] = torch.ops.fusedtrain.adam_
-try:
-    from fusedtrain.triton import adam as _triton_adam  # registers fusedtrain_triton::adam_
-except ImportError:  # no triton: the backend reports itself unavailable
-    pass
-else:
-    _triton_adam.adam_.register_fake(_fake)
-    _OPS["triton"] = torch.ops.fusedtrain_triton.adam_
+_OPS = _backend.family_ops("adam_", _fake, "adam")
 
 
 # ---- validation: in the ops (csrc/include/fusedtrain/adam_lists.h), repeated here for the

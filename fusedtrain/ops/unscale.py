@@ -8,7 +8,7 @@ fusedtrain_triton:: and fusedtrain_ref::unscale_and_check_.
 
 import torch
 
-from fusedtrain import _backend, _ext, reference
+from fusedtrain import _backend, reference
 
 OP = "unscale_and_check_"
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -24,18 +24,7 @@ def _reference_op(tensors: list[torch.Tensor], inv_scale: torch.Tensor, found_in
     return reference.unscale_and_check_(tensors, inv_scale, found_inf, compute_norm, write)
 
 
-_reference_op.register_fake(_fake)
-_OPS = {"reference": torch.ops.fusedtrain_ref.unscale_and_check_}
-if _ext._C is not None:
-    torch.library.register_fake("fusedtrain::unscale_and_check_")(_fake)
-    _OPS["native"] = torch.ops.fusedtrain.unscale_and_check_
-try:
-    from fusedtrain.triton import unscale as _triton_unscale  # registers fusedtrain_triton::unscale_and_check_
-except ImportError:  # no triton: the backend reports itself unavailable
-    pass
-else:
-    _triton_unscale.unscale_and_check_.register_fake(_fake)
-    _OPS["triton"] = torch.ops.fusedtrain_triton.unscale_and_check_
+_OPS = _backend.family_ops("unscale_and_check_", _fake, "unscale")
 
 
 def _check_scalar(name, t):
