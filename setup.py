@@ -121,6 +121,8 @@ def _extensions():
 def _cuda_archs():
     """sm_80 and sm_90 always (the GPUs the kernels are written and checked for), plus what
     TORCH_CUDA_ARCH_LIST asks for and the arch of every visible GPU."""
+    import torch
+
     archs = ["8.0", "9.0"]
     archs += [a for a in os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(" ", ";").split(";") if a]
     if torch.cuda.is_available():

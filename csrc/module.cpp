@@ -22,8 +22,9 @@ bool plain(const Tensors& l) {
 
 // fusedtrain::adam_ on CPU tensors without the dispatcher: fusedtrain/ops/adam.py calls it
 // for plain CPU tensors outside torch.compile. Boxing seven lists of 1000 tensors through the
-// dispatcher costs about 0.35 ms more per step than pybind's list conversion, a fifth of a
-// 1000x4096 fp32 step (benchmark row "adam host 1000 params", fusedtrain/benchmarks/adam.py).
+// dispatcher costs about 0.3 ms more per step than pybind's list conversion, a sixth of a
+// 1000x4096 fp32 step (benchmark row "host: kernel call, 1000 params of 4",
+// fusedtrain/benchmarks/adam.py).
 // Returns false, having done nothing, when some tensor needs the dispatcher.
 bool adam_cpu_(const Tensors& params, const Tensors& grads, const Tensors& exp_avgs, const Tensors& exp_avg_sqs,
                const Tensors& max_exp_avg_sqs, const Tensors& steps, const Tensors& master_params, double lr,

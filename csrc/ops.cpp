@@ -32,7 +32,8 @@ TORCH_LIBRARY(fusedtrain, m) {
 
   // ---- adam (fusedtrain/ops/adam.py) ----
   // One Adam/AdamW step over every tensor of the lists, one kernel launch (one parallel
-  // region on CPU) for all of them. All tensors on one device, contiguous; params and grads
+  // region on CPU) for all of them. All tensors on one device (a strided one is updated in a
+  // contiguous copy that is copied back); params and grads
   // of one dtype (fp32/bf16/fp16); states in the param dtype or fp32; max_exp_avg_sqs empty
   // unless amsgrad; master_params empty or fp32 copies of the params (the update then runs
   // on them and params receive their rounding; states must be fp32). steps: one fp32

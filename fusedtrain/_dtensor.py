@@ -16,6 +16,15 @@ def is_dtensor(t) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
 
+def any_dtensor(ts) -> bool:
+    """Whether any of the tensors is a DTensor (one pass over their types, not their objects).
+
+    Args:
+        ts: an iterable of tensors.
+    """
+    return DTensor is not None and any(issubclass(t, DTensor) for t in set(map(type, ts)))
+
+
 def local(t):
     """The local shard of a DTensor (shares its storage, so in-place updates reach the
     DTensor); any other tensor as it is.

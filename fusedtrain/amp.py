@@ -8,7 +8,7 @@ and never syncs the host; how each method works: docs/design.md §7.
 from collections import defaultdict
 
 import torch
-from torch.amp.grad_scaler import OptState, _refresh_per_optimizer_state
+from torch.amp.grad_scaler import OptState
 
 from fusedtrain import _dtensor
 from fusedtrain.ops.unscale import combine_norm, unscale_sumsq_
@@ -69,7 +69,7 @@ def clipped_step_(optimizer, max_norm, *, inv_scale=None, found_inf=None):
 class GradScaler(torch.amp.GradScaler):
     """Drop-in torch.amp.GradScaler (same constructor, methods and state_dict) whose
     unscale/inf-check is fusedtrain's one-launch-per-group pass, and which hands the scale to
-    fused optimizers without a host sync. See the module docstring."""
+    fused optimizers without a host sync (docs/design.md §7)."""
 
     _last_clip_active = False  # did the last clip_grad_norm_ clip (CPU pass planning)
 
@@ -78,12 +78,22 @@ class GradScaler(torch.amp.GradScaler):
         super().__init__(device, init_scale=init_scale, growth_factor=growth_factor, backoff_factor=backoff_factor,
                          growth_interval=growth_interval, enabled=enabled)
 
+    def _check_scale_growth_tracker(self, funcname):
+        # torch's check, here so that torch.compile traces it (Dynamo skips torch/amp/)
+        fix = "This may indicate your script did not use scaler.scale(loss or outputs) earlier in the iteration."
+        if self._scale is None:
+            raise AssertionError(f"Attempted {funcname} but _scale is None.  " + fix)
+        if self._growth_tracker is None:
+            raise AssertionError(f"Attempted {funcname} but _growth_tracker is None.  " + fix)
+        return self._scale, self._growth_tracker
+
     def _state_of(self, optimizer):
         """torch's per-optimizer record, created by an explicit assignment: under torch.compile
         Dynamo drops an entry that the defaultdict's factory creates (torch 2.14)."""
         st = self._per_optimizer_states.get(id(optimizer))
         if st is None:
-            st = self._per_optimizer_states[id(optimizer)] = _refresh_per_optimizer_state()
+            # torch's _refresh_per_optimizer_state(), spelled here: Dynamo will not call into torch.amp
+            st = self._per_optimizer_states[id(optimizer)] = {"stage": OptState.READY, "found_inf_per_device": {}}
         return st
 
     # ---- gathering gradients ------------------------------------------------------------
@@ -167,9 +177,14 @@ class GradScaler(torch.amp.GradScaler):
 
     # ---- step ------------------------------------------------------------------------------
     def step(self, optimizer, *args, max_norm=None, **kwargs):
-        """torch.amp.GradScaler.step (see the module docstring for the fused paths).
-        max_norm: clip the unscaled gradients to this global L2 norm first
-        (clip_grad_norm_)."""
+        """torch.amp.GradScaler.step, on the fused passes (docs/design.md §7).
+
+        Args:
+            optimizer: the optimizer to step.
+            *args, **kwargs: passed to optimizer.step().
+            max_norm: clip the unscaled gradients to this global L2 norm first; for
+                fusedtrain's optimizers the one-read clipped step. Then returns the total norm.
+        """
         if not self._enabled:
             if max_norm is not None:
                 params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -224,13 +239,19 @@ class GradScaler(torch.amp.GradScaler):
 
     # ---- clipping ----------------------------------------------------------------------------
     def clip_grad_norm_(self, optimizer, max_norm, norm_type=2.0, error_if_nonfinite=False):
-        """Unscale the optimizer's gradients (unless unscale_ already ran), check them for
-        inf/NaN and clip them to a global L2 norm of max_norm, like
-        ``scaler.unscale_(optimizer); torch.nn.utils.clip_grad_norm_(params, max_norm)``, with
-        one read-only pass (found_inf and the norm of the unscaled values) and one scaling
-        pass (x * inv_scale * clip_coef, computed on the device and rounded once). Returns
-        the total norm of the unscaled gradients (0-d fp32 tensor on the scale's device;
-        nonfinite when a gradient is). No host sync unless error_if_nonfinite."""
+        """``scaler.unscale_(optimizer); torch.nn.utils.clip_grad_norm_(params, max_norm)`` in
+        a read-only check+norm pass and one scaling pass (x * inv_scale * clip_coef, rounded
+        once); no host sync unless error_if_nonfinite.
+
+        Args:
+            optimizer: whose gradients to unscale (unless unscale_ already ran) and clip.
+            max_norm, norm_type, error_if_nonfinite: as torch.nn.utils.clip_grad_norm_ (a
+                norm_type other than 2 or sparse gradients take torch's own path).
+
+        Returns:
+            The total norm of the unscaled gradients (0-d fp32 on the scale's device;
+            nonfinite when a gradient is).
+        """
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         if not self._enabled:
             return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite)

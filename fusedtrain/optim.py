@@ -13,8 +13,8 @@ import torch
 from fusedtrain import _dtensor
 from fusedtrain.ops import adam as adam_ops
 
-_EXP_AVG, _EXP_AVG_SQ, _MAX_EXP_AVG_SQ, _STEP, _MASTER = map(
-    operator.itemgetter, ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step", "master_param"))
+_EXP_AVG, _EXP_AVG_SQ, _MAX_EXP_AVG_SQ, _STEP = map(operator.itemgetter,
+                                                   ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"))
 
 _LOW = (torch.float16, torch.bfloat16)
 
@@ -151,12 +151,15 @@ class FusedAdam(torch.optim.Optimizer):
         if master:
             state["master_param"] = p.detach().float().clone(memory_format=torch.preserve_format)
 
-    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params):
-        """Append the group's params that have a grad, their grads and their states (created
-        at a param's first step) to the lists, as torch.optim.Adam's _init_group does; DTensor
-        params (FSDP2) give their local shards. A sparse grad raises before any state exists
-        for its param. Written with map() over the lists: at 1000 params this loop is the
-        step's host cost."""
+    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params,
+                    created):
+        """Append the group's params that have a grad, their grads and their states to the
+        lists, as torch.optim.Adam's _init_group does, creating the states of a param's first
+        step (those params are appended to `created`); DTensor params (FSDP2) give their local
+        shards. master_params gets one entry per param, None where the param keeps no fp32
+        copy (fusedtrain/ops/adam.py drops them per (device, dtype) call). A sparse grad raises
+        before any state exists for its param. Written with map() over the lists: at 1000
+        params this is most of the step's host time."""
         ps = group["params"]
         gs = [p.grad for p in ps]
         if not all(map(operator.is_not, gs, itertools.repeat(None))):
@@ -172,6 +175,7 @@ class FusedAdam(torch.optim.Optimizer):
                         raise RuntimeError("fusedtrain adam: Adam does not support sparse gradients, please "
                                            f"consider SparseAdam instead (a param has a {g.layout} grad)")
                     self._init_state(group, p)
+                    created.append(p)
         params += ps
         grads += gs
         exp_avgs += map(_EXP_AVG, sts)
@@ -179,22 +183,11 @@ class FusedAdam(torch.optim.Optimizer):
         if group["amsgrad"]:
             max_exp_avg_sqs += map(_MAX_EXP_AVG_SQ, sts)
         steps += map(_STEP, sts)
-        if self._uses_master(group, ps[0]):
-            master_params += map(_MASTER, sts)
-        if _dtensor.is_dtensor(ps[0]):
+        if group.get("master_weights"):
+            master_params += map(dict.get, sts, itertools.repeat("master_param"))
+        if _dtensor.any_dtensor(ps):
             for lst in (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params):
                 lst[:] = map(_dtensor.local, lst)
-
-    def _buckets(self, group, params):
-        """The (device, dtype) buckets of the params (index lists), kept until the group's
-        params with a grad change; the op checks every call's devices and dtypes."""
-        cache = self.__dict__.setdefault("_bucket_cache", {})
-        hit = cache.get(id(group))
-        if hit is not None and len(hit[0]) == len(params) and all(map(operator.is_, hit[0], params)):
-            return hit[1]
-        buckets = adam_ops.device_dtype_buckets(params)
-        cache[id(group)] = (list(params), buckets)
-        return buckets
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -221,19 +214,27 @@ class FusedAdam(torch.optim.Optimizer):
     def _step_scaled(self, grad_mult=None, found_inf=None):
         """The step with every gradient multiplied by `grad_mult` as it is read and nothing
         written when `found_inf` is nonzero (optional one-element fp32 tensors, any device).
-        Every group is validated before any tensor is written."""
-        self._accelerator_graph_capture_health_check()
-        calls = []
-        for group in self.param_groups:
-            lists = adam_ops.AdamTensors([], [], [], [], [], [], [])
-            self._init_group(group, *lists)
-            beta1, beta2 = group["betas"]
-            hyper = adam_ops.AdamHyper(
-                group["lr"] if torch.is_tensor(group["lr"]) else float(group["lr"]), _scalar(beta1),
-                _scalar(beta2), float(group["eps"]), float(group["weight_decay"]), bool(group["amsgrad"]),
-                bool(group["maximize"]), bool(group["decoupled_weight_decay"]))
-            if lists.params:
-                calls += adam_ops.prepare(lists, hyper, grad_mult, found_inf, self._buckets(group, lists.params))
+        A bad input raises before any tensor is written, and removes the states this step
+        created."""
+        check = getattr(self, "_accelerator_graph_capture_health_check", None) or \
+            self._cuda_graph_capture_health_check  # the older name (torch < 2.11)
+        check()
+        calls, created = [], []
+        try:
+            for group in self.param_groups:
+                lists = adam_ops.AdamTensors([], [], [], [], [], [], [])
+                self._init_group(group, *lists, created)
+                beta1, beta2 = group["betas"]
+                hyper = adam_ops.AdamHyper(
+                    group["lr"] if torch.is_tensor(group["lr"]) else float(group["lr"]), _scalar(beta1),
+                    _scalar(beta2), float(group["eps"]), float(group["weight_decay"]), bool(group["amsgrad"]),
+                    bool(group["maximize"]), bool(group["decoupled_weight_decay"]))
+                calls += adam_ops.prepare(lists, hyper, grad_mult, found_inf)
+            adam_ops.check_calls(calls)
+        except BaseException:
+            for p in created:
+                self.state.pop(p, None)
+            raise
         for c in calls:
             adam_ops.launch(c)
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fusedtrain
-from fusedtrain import FusedAdam, FusedAdamW, _ext
+from fusedtrain import FusedAdam, FusedAdamW
 from fusedtrain.ops import adam as adam_ops
 from helpers import INTERPRET, assert_close, assert_unchanged, snapshot
 
@@ -536,28 +536,6 @@ def test_multi_device_groups_are_split_per_device():
     assert opt.state[b]["step"].device.type == "cuda"
 
 
-@pytest.mark.skipif(getattr(_ext._C, "grads_of", None) is None, reason="extension not built")
-def test_grads_of_is_the_python_gather():
-    """The per-step C++ gather hands back the very .grad objects, and declines (None) whatever
-    the Python gather must handle: a missing grad, a tensor subclass, a non-list."""
-    ps = [torch.nn.Parameter(torch.randn(3)), torch.randn(2, requires_grad=True)]
-    for p in ps:
-        p.grad = torch.randn(p.shape)
-    gs = _ext._C.grads_of(ps)
-    assert len(gs) == 2 and all(g is p.grad for g, p in zip(gs, ps))
-    assert _ext._C.grads_of(tuple(ps)) is None
-    ps[1].grad = None
-    assert _ext._C.grads_of(ps) is None
-
-    class Sub(torch.Tensor):
-        pass
-
-    s = torch.randn(2).as_subclass(Sub).requires_grad_()
-    s.grad = torch.randn(2)
-    assert _ext._C.grads_of([s]) is None
-    assert _ext._C.grads_of([]) == []
-
-
 def test_hyper_parameters_are_not_specialized():
     """An LR schedule must not compile a new Triton kernel per value: the hyper-parameter
     arguments are do_not_specialize (checked here), and on a GPU three learning rates run
@@ -580,3 +558,53 @@ def test_hyper_parameters_are_not_specialized():
             opt.param_groups[0]["lr"] = lr
             opt.step()
     assert len(caches) == before, "a new learning rate compiled a new kernel"
+
+
+@pytest.mark.parametrize("bad", ["second-group", "second-dtype", "new-param-group"])
+def test_bad_grad_in_a_later_call_changes_nothing(backend_device, bad):
+    """A step of several calls (groups, or (device, dtype) buckets of one group) raises before
+    its first call writes, and removes the states it created."""
+    backend, device = backend_device
+    a = torch.randn(5, device=device, requires_grad=True)
+    b = torch.randn(4, 4, device=device, requires_grad=True)
+    if bad == "second-group":
+        opt = FusedAdamW([{"params": [a]}, {"params": [b]}], lr=1e-2)
+    elif bad == "second-dtype":
+        b = torch.randn(4, 4, device=device, dtype=torch.bfloat16, requires_grad=True)
+        opt = FusedAdamW([a, b], lr=1e-2)
+    else:
+        opt = FusedAdamW([a], lr=1e-2)
+    for p in (a, b):
+        p.grad = torch.randn_like(p)
+    opt.step()
+    if bad == "new-param-group":
+        b = torch.randn(4, 4, device=device, requires_grad=True)
+        opt.add_param_group({"params": [b]})
+    a.grad = torch.randn_like(a)
+    b.grad = torch.randn_like(b)
+    b.grad.data = torch.randn(3, device=device, dtype=b.dtype)  # what only .data can do
+    before = snapshot(opt, [a, b])
+    with pytest.raises(RuntimeError, match="grad of param 0 has shape"):
+        opt.step()
+    assert_unchanged(before, opt, [a, b])
+    assert len(opt.state.get(b, {})) == (0 if bad == "new-param-group" else 3)
+
+
+def test_master_weights_in_a_group_of_mixed_dtypes(backend_device):
+    """master_weights=True keeps an fp32 copy for the bf16 params of a group only, whichever
+    param comes first."""
+    backend, device = backend_device
+    for first_bf16 in (False, True):
+        a = torch.randn(5, device=device, requires_grad=True)
+        b = torch.randn(8, device=device, dtype=torch.bfloat16, requires_grad=True)
+        ref = b.detach().double().requires_grad_()
+        opt = FusedAdamW([b, a] if first_bf16 else [a, b], lr=1e-1, master_weights=True)
+        topt = torch.optim.AdamW([ref], lr=1e-1, foreach=False)
+        for k in range(3):
+            for p in (a, b, ref):
+                p.grad = torch.full_like(p, 0.5 + k)
+            opt.step()
+            topt.step()
+        assert "master_param" not in opt.state[a] and opt.state[b]["master_param"].dtype == torch.float32
+        assert_close(opt.state[b]["master_param"], ref.detach(), torch.float32, what="master copy")
+        assert torch.equal(b.detach(), opt.state[b]["master_param"].to(torch.bfloat16))

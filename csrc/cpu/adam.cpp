@@ -193,8 +193,8 @@ void adam_cpu(at::TensorList params_in, at::TensorList grads_in, at::TensorList 
     case at::kHalf: run_param<at::Half>(jobs, units, amsgrad, fp32_state, master); break;
     default: TORCH_CHECK(false, "adam_: unsupported param dtype ", pdt);
   }
+  contiguous.write_back();  // before the steps: a failing copy leaves every count as it was
   for (size_t i = 0; i < n; ++i) *steps[i].data_ptr<float>() = new_steps[i];
-  contiguous.write_back();
 }
 
 TORCH_LIBRARY_IMPL(fusedtrain, CPU, m) { m.impl("adam_", &adam_cpu); }

@@ -43,6 +43,7 @@ class AdamHyper(NamedTuple):
 class AdamCall(NamedTuple):
     """One prepared launch: a registered op and its arguments, all on one device."""
 
+    backend: str
     op: object
     tensors: AdamTensors
     hyper: AdamHyper
@@ -112,6 +113,12 @@ def check_lists(t: AdamTensors, amsgrad: bool):
     if t.master_params:
         states.append(("master param", t.master_params, torch.float32))
     for i, (p, g, s) in enumerate(zip(t.params, t.grads, t.steps)):
+        if not (torch.is_tensor(p) and torch.is_tensor(g)):
+            _fail(f"param {i} and its grad must be tensors, got {type(p).__name__} and {type(g).__name__} "
+                  "(skip params whose grad is None)", TypeError)
+        if not torch.is_tensor(s):
+            _fail(f"step of param {i} must be a one-element fp32 tensor on {device}, got {type(s).__name__}",
+                  TypeError)
         if p.device != device:
             _fail(f"param {i} is on {p.device}, param 0 on {device}: one call takes one device")
         if p.dtype != pdtype:
@@ -156,11 +163,6 @@ def _one_element(name, t, device):
 
 def device_dtype_buckets(params):
     """Index lists of the params of each (device, dtype), in param order."""
-    if torch.compiler.is_compiling():  # Dynamo traces this loop; the C++ helper is opaque to it
-        out = {}
-        for i, p in enumerate(params):
-            out.setdefault((p.device, p.dtype), []).append(i)
-        return list(out.values())
     return [idx for _, idx in torch._C._group_tensors_by_device_and_dtype([params], True).values()]
 
 
@@ -206,7 +208,7 @@ def _native_cpu(*args):
         torch.ops.fusedtrain.adam_(*args)
 
 
-def prepare(tensors: AdamTensors, hyper: AdamHyper, grad_mult=None, found_inf=None, buckets=None) -> list:
+def prepare(tensors: AdamTensors, hyper: AdamHyper, grad_mult=None, found_inf=None, check=False) -> list:
     """Cut one call into one AdamCall per (device, dtype) of the params and pick its op.
     Raises before anything is written: the Triton and reference lists are checked here, the
     native op checks its own (the lists of every call of a step reach it only at launch).
@@ -216,7 +218,8 @@ def prepare(tensors: AdamTensors, hyper: AdamHyper, grad_mult=None, found_inf=No
         hyper: the hyper-parameters (AdamHyper).
         grad_mult: optional one-element fp32 tensor every grad is multiplied by as it is read.
         found_inf: optional one-element fp32 tensor; nonzero skips the whole step on the device.
-        buckets: the params' (device, dtype) index lists, if the caller kept them (device_dtype_buckets()).
+        check: check the native calls' lists here too (in Python; else the op checks them,
+            and check_calls() runs before a step of several calls).
     """
     if not tensors.params:
         return []
@@ -226,7 +229,9 @@ def prepare(tensors: AdamTensors, hyper: AdamHyper, grad_mult=None, found_inf=No
         tensors = tensors._replace(max_exp_avg_sqs=[])
     _check_lengths(tensors, hyper.amsgrad)
     calls = []
-    for t in _split(tensors, buckets if buckets is not None else device_dtype_buckets(tensors.params)):
+    for t in _split(tensors, device_dtype_buckets(tensors.params)):
+        if t.master_params and t.master_params[0] is None:  # params of this dtype keep no fp32 copy
+            t = t._replace(master_params=[])
         device, dtype = t.params[0].device, t.params[0].dtype
         real = dtype.to_real() if dtype.is_complex else dtype
         if not real.is_floating_point:
@@ -236,24 +241,38 @@ def prepare(tensors: AdamTensors, hyper: AdamHyper, grad_mult=None, found_inf=No
             t = _real_view(t)
         writeback = []
         op = _OPS[backend]
-        if backend != "native":
+        if backend != "native" or check:
             check_lists(t, hyper.amsgrad)
             if backend == "triton":
                 t = _contiguous(t, writeback)
         elif device.type == "cpu" and not _tracing():
             op = _native_cpu
         h = hyper._replace(lr=_one_element("lr", hyper.lr, device)) if torch.is_tensor(hyper.lr) else hyper
-        calls.append(AdamCall(op, t, h, _one_element("grad_mult", grad_mult, device),
+        calls.append(AdamCall(backend, op, t, h, _one_element("grad_mult", grad_mult, device),
                               _one_element("found_inf", found_inf, device), writeback))
     return calls
 
 
-def launch(c: AdamCall) -> None:
-    """Run a prepared call: one kernel launch (on CPU one parallel region)."""
+def _args(c: AdamCall, found_inf):
     h = c.hyper
     lr, lr_tensor = (0.0, h.lr) if torch.is_tensor(h.lr) else (float(h.lr), None)
-    c.op(*c.tensors, lr, lr_tensor, h.beta1, h.beta2, h.eps, h.weight_decay, h.amsgrad, h.maximize,
-         h.decoupled_weight_decay, c.grad_mult, c.found_inf)
+    return (*c.tensors, lr, lr_tensor, h.beta1, h.beta2, h.eps, h.weight_decay, h.amsgrad, h.maximize,
+            h.decoupled_weight_decay, c.grad_mult, found_inf)
+
+
+def check_calls(calls) -> None:
+    """Raise now if a call of a step would raise once an earlier one has written. The native
+    op checks its lists as it runs, so every native call after the first runs first with
+    found_inf = 1: its lists are checked and nothing is written (a pass over the lists, no
+    pass over the data). prepare() checked the Triton and reference lists."""
+    for c in calls[1:]:
+        if c.backend == "native":
+            c.op(*_args(c, torch.ones(1, device=c.tensors.params[0].device)))
+
+
+def launch(c: AdamCall) -> None:
+    """Run a prepared call: one kernel launch (on CPU one parallel region)."""
+    c.op(*_args(c, c.found_inf))
     for orig, staged in c.writeback:
         orig.copy_(staged)
 
@@ -274,5 +293,5 @@ def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_p
                           list(max_exp_avg_sqs or ()), list(steps), list(master_params or ()))
     hyper = AdamHyper(lr if torch.is_tensor(lr) else float(lr), float(beta1), float(beta2), float(eps),
                       float(weight_decay), bool(amsgrad), bool(maximize), bool(decoupled_weight_decay))
-    for c in prepare(tensors, hyper, grad_mult, found_inf):
+    for c in prepare(tensors, hyper, grad_mult, found_inf, check=True):
         launch(c)

@@ -130,19 +130,22 @@ def unscale_sumsq_(tensors, inv_scale, found_inf, *, compute_norm=False, write=T
 
 
 def unscale_and_check_(tensors, inv_scale, found_inf, *, compute_norm=False, write=True):
-    """Multiply every tensor in `tensors` by `inv_scale` in place and set `found_inf` to 1.0
-    when any element is inf or NaN, in one pass (one kernel launch per (device, dtype) group).
+    """Multiply every tensor by `inv_scale` in place and set `found_inf` to 1.0 when any
+    element is inf or NaN, in one pass (one kernel launch per (device, dtype) group). The
+    unscaled value is the fp32 product rounded once, bit-identical to
+    torch._amp_foreach_non_finite_check_and_unscale_.
 
-    tensors: any number of float32 / float16 / bfloat16 tensors (None entries are skipped;
-    for a sparse COO tensor its values are processed). inv_scale, found_inf: one-element
-    float32 tensors; found_inf is only ever set, never cleared, and never read on the host.
-    The unscaled value is the fp32 product x * inv_scale rounded once to the tensor's dtype,
-    bit-identical to torch._amp_foreach_non_finite_check_and_unscale_.
+    Args:
+        tensors: float32 / float16 / bfloat16 tensors (None skipped; a sparse COO tensor's
+            values are processed).
+        inv_scale: one-element float32 tensor.
+        found_inf: one-element float32 tensor; only ever set, never cleared or read on the host.
+        compute_norm: also return the global L2 norm of the unscaled fp32 values (0-d float32
+            on found_inf's device; deterministic; nonfinite when an element is).
+        write: False makes it a read-only pass (found_inf and the norm; tensors untouched).
 
-    compute_norm=True returns the global L2 norm of the unscaled (fp32) values as a 0-d
-    float32 tensor on found_inf's device, computed in the same pass (deterministic; nonfinite
-    when an element is). write=False makes it a read-only pass: found_inf and the norm of the
-    unscaled values, tensors untouched. Returns None when compute_norm is False.
+    Returns:
+        The norm when compute_norm, else None.
     """
     sums = unscale_sumsq_(tensors, inv_scale, found_inf, compute_norm=compute_norm, write=write)
     if not compute_norm:

@@ -5,6 +5,7 @@
 // nanoseconds per tensor, and repeats them in Python only for the Triton and reference ops).
 #include <ATen/core/ATen_fwd.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
 #include <c10/util/Exception.h>
 
 #include <optional>
@@ -91,6 +92,7 @@ class Contiguous {
     return v;  // the vector's buffer outlives this object's moves of owned_
   }
   void write_back() {
+    const at::NoGradGuard no_grad;  // an update in place of a leaf, as the kernel's own writes
     for (auto& [t, c] : back_) t.copy_(c);
   }
 
