@@ -46,7 +46,7 @@ __device__ __forceinline__ bool aligned4(const void* p) {
 template <typename P, typename S, bool AMS, bool MASTER>
 struct AdamOp {
   Hyper h;
-  int32_t* counters;  // per tensor, zero between launches
+  int32_t* counters;  // per tensor, a zeroed buffer of this launch
 
   // found_inf nonzero: write nothing at all
   __device__ __forceinline__ bool skip() const { return h.fi_ptr != nullptr && *h.fi_ptr != 0.f; }
@@ -166,7 +166,9 @@ void adam_cuda(at::TensorList params_in, at::TensorList grads_in, at::TensorList
   const std::vector<at::TensorList> lists{params, grads, exp_avgs, exp_avg_sqs,
                                           amsgrad ? max_exp_avg_sqs : none, master ? master_params : none, steps};
   const mta::Tables tab = mta::tables_for(lists, mta::Layout{kChunk, /*empty_block=*/true}, dev);
-  int32_t* counters = mta::zeroed_counters(static_cast<int64_t>(n), dev);
+  // per-launch counters (a stream-ordered memset): launches on two streams never share them
+  const at::Tensor counter_buf = at::zeros({static_cast<int64_t>(n)}, at::TensorOptions().dtype(at::kInt).device(dev));
+  int32_t* counters = counter_buf.data_ptr<int32_t>();
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool fp32_state = sdt == at::kFloat;
   switch (pdt) {

@@ -191,19 +191,5 @@ inline Tables tables_for(const std::vector<at::TensorList>& lists, const Layout&
   return c.front().tables.tables;
 }
 
-// An int32 workspace of at least n zeros on `device`, for kernels that count per tensor and
-// reset their counters to zero before they finish (so it stays zero between launches).
-inline int32_t* zeroed_counters(int64_t n, const at::Device& device) {
-  static std::mutex m;
-  static std::vector<at::Tensor> per_device;
-  std::lock_guard<std::mutex> lock(m);
-  const size_t i = static_cast<size_t>(device.index());
-  if (per_device.size() <= i) per_device.resize(i + 1);
-  at::Tensor& t = per_device[i];
-  if (!t.defined() || t.numel() < n)
-    t = at::zeros({std::max<int64_t>(n, 1024)}, at::TensorOptions().dtype(at::kInt).device(device));
-  return t.data_ptr<int32_t>();
-}
-
 }  // namespace mta
 }  // namespace fusedtrain

@@ -10,7 +10,6 @@ and bumps a per-tensor counter; the last program of a tensor writes step + 1 and
 counter. A nonzero found_inf masks every load, store and atomic.
 """
 import struct
-import threading
 from typing import Optional
 
 import torch
@@ -127,19 +126,6 @@ def _bits(x: float) -> int:
 BLOCK = 1024   # elements per loop iteration of a program
 ITERS = 4      # iterations per program: a tile of 4096 elements
 
-_lock = threading.Lock()
-_counters = {}    # device -> int32 zeros (self-resetting), at least as long as the largest call
-
-
-def _counters_for(device, n):
-    with _lock:
-        c = _counters.get(str(device))
-        if c is None or c.numel() < n:
-            c = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-            _counters[str(device)] = c
-        return c
-
-
 @torch.library.custom_op("fusedtrain_triton::adam_",
                          mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps",
                                        "master_params"))
@@ -158,7 +144,9 @@ def adam_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[
     dummy = steps[0]
     with device_guard(params[0]):
         _adam_kernel[(tile_t.numel(),)](
-            tab, tile_t, tile_off, _counters_for(params[0].device, len(params)), params[0], exp_avgs[0],
+            # per-launch counters (a stream-ordered memset): launches on two streams never share them
+        tab, tile_t, tile_off, torch.zeros(len(params), dtype=torch.int32, device=params[0].device), params[0],
+        exp_avgs[0],
             lr_tensor if lr_tensor is not None else dummy,
             grad_mult if grad_mult is not None else dummy,
             found_inf if found_inf is not None else dummy,
@@ -168,14 +156,17 @@ def adam_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[
             DECOUPLED=bool(decoupled_weight_decay), BLOCK=block, ITERS=iters)
 
 
-def _spec(pdt, sdt, amsgrad, master, flags):
+def _spec(pdt, sdt, amsgrad, master, flags, wd_zero=False):
+    # an int argument is i32 when its value fits: lr_bits is _bits(0.0) = 0 with an lr tensor,
+    # wd_bits with weight_decay=0 (torch Adam's default)
     sig = {"tab": "*i64", "tile_t": "*i32", "tile_off": "*i64", "counters": "*i32", "p_ref": f"*{pdt}",
-           "s_ref": f"*{sdt}", "lr_ptr": "*fp32", "gm_ptr": "*fp32", "fi_ptr": "*fp32", "lr_bits": "i64",
-           "beta1_bits": "i64", "beta2_bits": "i64", "eps": "fp32", "wd_bits": "i64"}
+           "s_ref": f"*{sdt}", "lr_ptr": "*fp32", "gm_ptr": "*fp32", "fi_ptr": "*fp32",
+           "lr_bits": "i32" if flags else "i64", "beta1_bits": "i64", "beta2_bits": "i64", "eps": "fp32",
+           "wd_bits": "i32" if wd_zero else "i64"}
     ce = dict(AMSGRAD=amsgrad, MASTER=master, LR_TENSOR=flags, HAS_MULT=flags, HAS_FI=flags, MAXIMIZE=flags,
               DECOUPLED=not flags, BLOCK=BLOCK, ITERS=ITERS)
     name = f"_adam_kernel[{pdt}/{sdt}{',amsgrad' if amsgrad else ''}{',master' if master else ''}" \
-           f"{',lr_t,mult,found_inf,maximize' if flags else ',adamw'}]"
+           f"{',lr_t,mult,found_inf,maximize' if flags else ',adamw'}{',wd=0' if wd_zero else ''}]"
     return AotSpec(_adam_kernel, sig, ce, name=name)
 
 
@@ -186,4 +177,5 @@ AOT_SPECS = [
     _spec("fp16", "fp16", False, False, True),
     _spec("bf16", "fp32", True, True, True),
     _spec("fp16", "fp32", False, True, False),
+    _spec("fp32", "fp32", False, False, False, wd_zero=True),
 ]

@@ -22,6 +22,7 @@ class AotSpec:
     signature: dict                # arg name -> "*fp32", "*bf16", "i32", "fp32", "constexpr", ...
     constexprs: dict               # arg name -> value
     name: str = ""                 # label for reports (default: kernel name + dtypes)
+    options: dict = dataclasses.field(default_factory=dict)  # launch options of the call site (num_warps)
 
     @property
     def label(self):
@@ -53,7 +54,7 @@ def compile_for(spec: AotSpec, cc: int):
     for k in spec.constexprs:
         sig[k] = "constexpr"
     src = ASTSource(fn=spec.kernel, signature=sig, constexprs=dict(spec.constexprs))
-    return triton.compile(src, target=GPUTarget("cuda", cc, 32))
+    return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=dict(spec.options))
 
 
 def _ptxas():

@@ -17,6 +17,7 @@ from fusedtrain.triton.rounding import store_rounded
 
 BLOCK = 2048
 ITERS = 8
+NUM_WARPS = 8
 RBLOCK = 1024
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -36,7 +37,7 @@ def unscale_kernel(rows, tile_t, tile_off, n_tiles, inv_scale_ptr, found_inf_ptr
     offs = tl.arange(0, BLOCK)
     sq = tl.full([BLOCK], 0.0, tl.float32)
     pr = tl.full([BLOCK], 0.0, tl.float32)
-    for it in tl.static_range(ITERS):
+    for it in tl.range(ITERS):
         idx = it * BLOCK + offs
         m = idx < n
         x = tl.load(base + idx, mask=m, other=0.0).to(tl.float32)
@@ -88,7 +89,7 @@ def unscale_and_check_(tensors: list[torch.Tensor], inv_scale: torch.Tensor, fou
         unscale_kernel[(n_tiles,)](
             rows, tile_t, tile_off, n_tiles, inv_scale, found_inf, partials, out, ticket,
             DTYPE=_TL_DTYPE[tensors[0].dtype], BLOCK=block, ITERS=iters, RBLOCK=RBLOCK,
-            WRITE=write, NORM=compute_norm, num_warps=8)
+            WRITE=write, NORM=compute_norm, num_warps=NUM_WARPS)
     return out
 
 
@@ -101,6 +102,7 @@ def _spec(dtype, write, norm):
                    "found_inf_ptr": "*fp32", "partial_ptr": "*fp32", "out_ptr": "*fp32", "ticket_ptr": "*i32"},
         constexprs={"DTYPE": dtype, "BLOCK": BLOCK, "ITERS": ITERS, "RBLOCK": RBLOCK, "WRITE": write, "NORM": norm},
         name=f"unscale_kernel[{dtype.name},write={int(write)},norm={int(norm)}]",
+        options={"num_warps": NUM_WARPS},
     )
 
 
