@@ -608,3 +608,29 @@ def test_master_weights_in_a_group_of_mixed_dtypes(backend_device):
         assert "master_param" not in opt.state[a] and opt.state[b]["master_param"].dtype == torch.float32
         assert_close(opt.state[b]["master_param"], ref.detach(), torch.float32, what="master copy")
         assert torch.equal(b.detach(), opt.state[b]["master_param"].to(torch.bfloat16))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_two_optimizers_on_two_streams_count_their_own_steps(backend):
+    """The kernels count per tensor which block writes the step: two optimizers stepping on
+    two streams at once must not share those counters."""
+    if not fusedtrain.backends("cuda")[backend][0]:
+        pytest.skip(f"{backend} unavailable")
+    opts = []
+    for _ in range(2):
+        ps = [torch.randn(1 << 16, device="cuda", requires_grad=True) for _ in range(8)]
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opts.append((ps, FusedAdamW(ps, lr=1e-3)))
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    torch.cuda.synchronize()
+    with fusedtrain.use_backend(backend):
+        for _ in range(100):
+            for (ps, opt), s in zip(opts, streams):
+                with torch.cuda.stream(s):
+                    opt.step()
+    torch.cuda.synchronize()
+    for ps, opt in opts:
+        assert [opt.state[p]["step"].item() for p in ps] == [100.0] * len(ps)
