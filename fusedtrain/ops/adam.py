@@ -223,16 +223,17 @@ def _native_cpu(*args):
 
 def prepare(tensors: AdamTensors, hyper: AdamHyper, grad_mult=None, found_inf=None, check=False) -> list:
     """Cut one call into one AdamCall per (device, dtype) of the params and pick its op.
-    Raises before anything is written: the Triton and reference lists are checked here, the
-    native op checks its own (the lists of every call of a step reach it only at launch).
+    Raises before anything is written: the Triton and reference lists are checked here
+    (_check), a native call's by the op as it runs (check_calls() checks the later native
+    calls of a step of several calls before the first launch).
 
     Args:
         tensors: the lists (AdamTensors).
         hyper: the hyper-parameters (AdamHyper).
         grad_mult: optional one-element fp32 tensor every grad is multiplied by as it is read.
         found_inf: optional one-element fp32 tensor; nonzero skips the whole step on the device.
-        check: check the native calls' lists here too (in Python; else the op checks them,
-            and check_calls() runs before a step of several calls).
+        check: check the native calls' lists here too (the functional adam_(), whose
+            buckets are launched one after the other).
     """
     if not tensors.params:
         return []
