@@ -111,6 +111,7 @@ class FusedAdam(torch.optim.Optimizer):
         return torch.tensor(float(step), dtype=torch.float32, device=p.device)
 
     def load_state_dict(self, state_dict):
+        self.__dict__.pop("_plans", None)  # they hold the states being replaced
         saved_groups = state_dict["param_groups"]
         saved_state = state_dict["state"]
         super().load_state_dict(state_dict)
@@ -219,24 +220,58 @@ class FusedAdam(torch.optim.Optimizer):
         check = getattr(self, "_accelerator_graph_capture_health_check", None) or \
             self._cuda_graph_capture_health_check  # the older name (torch < 2.11)
         check()
-        calls, created = [], []
+        tracing = adam_ops._tracing()
+        # param group index -> GroupPlan (docs/design.md §7); a subclass's own _init_group is
+        # what its steps must run, so it gets none
+        plans = {} if tracing or type(self)._init_group is not FusedAdam._init_group else \
+            self.__dict__.setdefault("_plans", {})
+        calls, planned, created, kept = [], [], [], {}
         try:
-            for group in self.param_groups:
-                lists = adam_ops.AdamTensors([], [], [], [], [], [], [])
-                self._init_group(group, *lists, created)
-                beta1, beta2 = group["betas"]
-                hyper = adam_ops.AdamHyper(
-                    group["lr"] if torch.is_tensor(group["lr"]) else float(group["lr"]), _scalar(beta1),
-                    _scalar(beta2), float(group["eps"]), float(group["weight_decay"]), bool(group["amsgrad"]),
-                    bool(group["maximize"]), bool(group["decoupled_weight_decay"]))
-                calls += adam_ops.prepare(lists, hyper, grad_mult, found_inf)
+            for i, group in enumerate(self.param_groups):
+                hyper = self._hyper(group)
+                plan = plans.pop(i, None)
+                if plan is not None and not adam_ops.gather(plan, group, self.state, hyper):
+                    plan = None  # its states may be garbage by now
+                if plan is None:
+                    lists = adam_ops.AdamTensors([], [], [], [], [], [], [])
+                    self._init_group(group, *lists, created)
+                    group_calls = adam_ops.prepare(lists, hyper, grad_mult, found_inf)
+                    plan = None if tracing else adam_ops.plan_group(group, self.state, group_calls)
+                    if plan is None:
+                        calls += group_calls
+                        continue
+                kept[i] = plan
+                planned.append((plan, hyper, adam_ops.plan_scalars(plan, hyper, grad_mult, found_inf)))
             adam_ops.check_calls(calls)
+            if calls:  # the op checks the first call's lists before it writes, check_calls() the others
+                adam_ops.launch(calls[0])
         except BaseException:
             for p in created:
                 self.state.pop(p, None)
+            for plan, *_ in planned:
+                plan.plan.release()
+            plans.clear()  # none of them holds what was removed
             raise
-        for c in calls:
-            adam_ops.launch(c)
+        try:
+            for c in calls[1:]:
+                adam_ops.launch(c)
+            for plan, hyper, scalars in planned:
+                adam_ops.launch_plan(plan, hyper, scalars)
+        except BaseException:
+            for plan, *_ in planned:
+                plan.plan.release()
+            plans.clear()
+            raise
+        plans.clear()  # a group removed since the last step keeps none
+        plans.update(kept)
+
+    @staticmethod
+    def _hyper(group):
+        beta1, beta2 = group["betas"]
+        return adam_ops.AdamHyper(
+            group["lr"] if torch.is_tensor(group["lr"]) else float(group["lr"]), _scalar(beta1), _scalar(beta2),
+            float(group["eps"]), float(group["weight_decay"]), bool(group["amsgrad"]), bool(group["maximize"]),
+            bool(group["decoupled_weight_decay"]))
 
 
 class FusedAdamW(FusedAdam):

@@ -64,3 +64,23 @@ def cuda_build_missing(reason):
     """Skip a test that needs the CUDA kernels compiled (or a CUDA tool), or fail it where
     FUSEDTRAIN_REQUIRE_CUDA_KERNELS=1 (.ci/run sets it: nvcc is there, so the kernels must be)."""
     (pytest.fail if REQUIRE_CUDA_KERNELS else pytest.skip)(reason)
+
+
+class OpCalls(list):
+    """The fusedtrain op calls (any backend's namespace) made inside `with OpCalls("adam_") as calls:`,
+    counted by the profiler: the Python launches and the C++ ones of an optimizer's plan alike."""
+
+    def __init__(self, op):
+        super().__init__()
+        self._op = op
+
+    def __enter__(self):
+        self._prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._prof.__exit__(*exc)
+        self.extend(e.name for e in self._prof.events()
+                    if e.name.split("::")[0].startswith("fusedtrain") and e.name.split("::")[-1] == self._op)
+        return False

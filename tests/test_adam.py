@@ -16,7 +16,7 @@ import torch
 import fusedtrain
 from fusedtrain import FusedAdam, FusedAdamW
 from fusedtrain.ops import adam as adam_ops
-from helpers import INTERPRET, assert_close, assert_unchanged, snapshot
+from helpers import INTERPRET, OpCalls, assert_close, assert_unchanged, snapshot
 
 STEPS = 200
 # The Triton interpreter pays ~3 ms per program: one small tensor per group there.
@@ -338,13 +338,8 @@ def _one_step_vs_torch(device, shapes, seed, steps=2):
 
 def test_1000_tensors_of_7_elements(backend_device):
     backend, device = backend_device
-    calls = []
-    real = adam_ops.launch
-    adam_ops.launch = lambda c: (calls.append(c), real(c))[1]
-    try:
+    with OpCalls("adam_") as calls:
         ours, opt = _one_step_vs_torch(device, [(7,)] * 1000, 11)
-    finally:
-        adam_ops.launch = real
     assert len(calls) == 2, "one launch per (group, device, dtype) per step"
     assert all(opt.state[p]["step"].item() == 2 for p in ours)
 

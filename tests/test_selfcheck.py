@@ -61,6 +61,7 @@ def test_adam_with_a_wrong_beta2_fails(monkeypatch):
 @pytest.mark.skipif(INTERPRET or fusedtrain._ext._C is None, reason="native backend only")
 def test_native_adam_that_does_nothing_fails(monkeypatch):
     monkeypatch.setattr(ops_adam, "launch", lambda c: None)
+    monkeypatch.setattr(ops_adam, "launch_plan", lambda *args: None)
     _fails("adam", "native")
 
 

@@ -14,7 +14,6 @@
 #include <vector>
 
 #define FT_ADAM_WITH_ATEN_VEC 1
-#include "adam.h"
 #include "fusedtrain/adam_lists.h"
 #include "fusedtrain/adam_math.h"
 #include "multi_tensor.h"
@@ -136,8 +135,6 @@ void run_param(const std::vector<TensorJob>& jobs, const mta::Units& units, bool
 
 float read_scalar(const at::Tensor& t) { return t.to(at::kFloat).item<float>(); }
 
-}  // namespace
-
 void adam_cpu(at::TensorList params_in, at::TensorList grads_in, at::TensorList exp_avgs_in,
               at::TensorList exp_avg_sqs_in, at::TensorList max_exp_avg_sqs_in, at::TensorList steps,
               at::TensorList master_params_in, double lr, const std::optional<at::Tensor>& lr_tensor,
@@ -196,6 +193,8 @@ void adam_cpu(at::TensorList params_in, at::TensorList grads_in, at::TensorList 
   contiguous.write_back();  // before the steps: a failing copy leaves every count as it was
   for (size_t i = 0; i < n; ++i) *steps[i].data_ptr<float>() = new_steps[i];
 }
+
+}  // namespace
 
 TORCH_LIBRARY_IMPL(fusedtrain, CPU, m) { m.impl("adam_", &adam_cpu); }
 

@@ -4,6 +4,7 @@
 first and `launch()` afterwards, so that a bad gradient anywhere raises before any tensor of
 the step is written. The per-element math is csrc/include/fusedtrain/adam_math.h.
 """
+import collections
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -159,6 +160,11 @@ def _check(t: AdamTensors, amsgrad: bool):
         raise
 
 
+def _check_hyper(hyper: AdamHyper):
+    if not (0.0 <= hyper.beta1 < 1.0 and 0.0 <= hyper.beta2 < 1.0):
+        _fail(f"betas must be in [0, 1), got ({hyper.beta1}, {hyper.beta2})", ValueError)
+
+
 def _one_element(name, t, device):
     if t is None:
         return None
@@ -214,13 +220,6 @@ def _tracing():
             or torch._C._len_torch_dispatch_stack() > 0)
 
 
-def _native_cpu(*args):
-    # the CPU kernel without the dispatcher (csrc/module.cpp says what that saves); the op for
-    # tensors that need the dispatcher (a subclass, a functional tensor)
-    if not _ext._C.adam_cpu_(*args):
-        torch.ops.fusedtrain.adam_(*args)
-
-
 def prepare(tensors: AdamTensors, hyper: AdamHyper, grad_mult=None, found_inf=None, check=False) -> list:
     """Cut one call into one AdamCall per (device, dtype) of the params and pick its op.
     Raises before anything is written: the Triton and reference lists are checked here
@@ -237,8 +236,7 @@ def prepare(tensors: AdamTensors, hyper: AdamHyper, grad_mult=None, found_inf=No
     """
     if not tensors.params:
         return []
-    if not (0.0 <= hyper.beta1 < 1.0 and 0.0 <= hyper.beta2 < 1.0):
-        _fail(f"betas must be in [0, 1), got ({hyper.beta1}, {hyper.beta2})", ValueError)
+    _check_hyper(hyper)
     if not hyper.amsgrad:
         tensors = tensors._replace(max_exp_avg_sqs=[])
     _check_lengths(tensors, hyper.amsgrad)
@@ -259,8 +257,6 @@ def prepare(tensors: AdamTensors, hyper: AdamHyper, grad_mult=None, found_inf=No
             _check(t, hyper.amsgrad)
             if backend == "triton":
                 t = _contiguous(t, writeback)
-        elif device.type == "cpu" and not _tracing():
-            op = _native_cpu
         h = hyper._replace(lr=_one_element("lr", hyper.lr, device)) if torch.is_tensor(hyper.lr) else hyper
         calls.append(AdamCall(backend, op, t, h, _one_element("grad_mult", grad_mult, device),
                               _one_element("found_inf", found_inf, device), writeback))
@@ -288,6 +284,99 @@ def launch(c: AdamCall) -> None:
     c.op(*_args(c, c.found_inf))
     for orig, staged in c.writeback:
         orig.copy_(staged)
+
+
+# ---- plans: a group's calls kept from one step to the next (csrc/adam_plan.cpp) ----------
+
+class GroupPlan(NamedTuple):
+    """What FusedAdam keeps of a param group between steps."""
+
+    group: dict      # the param group it was built for
+    plan: object     # fusedtrain._C.AdamPlan
+    backend: str     # of every call
+    device: torch.device
+    dtypes: tuple    # of each call's params
+    flags: tuple     # the group's (amsgrad, master_weights) when it was built
+    triton: list     # Triton calls: per call its KeptTables, (block, iters), whether it has master params
+
+
+def _state_keys(amsgrad, master_weights):
+    return ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ()) + \
+        (("master_param",) if master_weights else ())
+
+
+def plan_group(group, state, calls) -> Optional[GroupPlan]:
+    """A plan of the group's `calls` of this step (its prepare() result), gathered and checked
+    for this step; or None where the group is not one a plan can keep: calls on the reference
+    backend, on several devices or backends, tensors staged in copies, or tensors that are
+    not the group's own params (complex params update their real views, DTensor params their
+    local shards); a state that is not exactly a dict; or under torch.compile."""
+    plan_type = getattr(_ext._C, "AdamPlan", None)
+    if (plan_type is None or not calls or _tracing() or type(group["params"]) is not list
+            or not (type(state) is dict or type(state) is collections.defaultdict)):
+        return None
+    backend = calls[0].backend
+    if (backend not in ("native", "triton") or any(c.backend != backend or c.writeback for c in calls)
+            or len({c.tensors.params[0].device for c in calls}) != 1):
+        return None
+    position = {id(p): i for i, p in enumerate(group["params"])}
+    try:
+        index = [[position[id(p)] for p in c.tensors.params] for c in calls]
+    except KeyError:
+        return None
+    if any(type(state[group["params"][i]]) is not dict for idx in index for i in idx):
+        return None
+    amsgrad, master_weights = bool(group["amsgrad"]), bool(group.get("master_weights"))
+    triton = backend == "triton"
+    plan = plan_type(group["params"], state, _state_keys(amsgrad, master_weights),
+                     [(i, bool(c.tensors.master_params)) for i, c in zip(index, calls)], amsgrad, triton)
+    device = calls[0].tensors.params[0].device
+    kept = []
+    if triton:  # the kernel reads contiguous tensors from tables, which the plan keeps
+        from fusedtrain.triton import adam as triton_adam, multi_tensor
+        for c in calls:
+            numels = [p.numel() for p in c.tensors.params]
+            block, iters = triton_adam.tile(max(numels))
+            kept.append((multi_tensor.KeptTables(numels, block * iters, True, device), (block, iters),
+                         bool(c.tensors.master_params)))
+    return GroupPlan(group, plan, backend, device, tuple(c.tensors.params[0].dtype for c in calls),
+                     (amsgrad, master_weights), kept)
+
+
+def gather(p: GroupPlan, group, state, hyper: AdamHyper) -> bool:
+    """Whether the plan still describes the group (and the backend it would run on now) and
+    passes the op's checks; if so it holds this step's lists for launch_plan()."""
+    _check_hyper(hyper)
+    return (p.group is group and p.flags == (bool(group["amsgrad"]), bool(group.get("master_weights")))
+            and all(_backend.select(p.device, OP, d, KERNEL_DTYPES) == p.backend for d in p.dtypes)
+            and p.plan.gather(group["params"], state))
+
+
+def plan_scalars(p: GroupPlan, hyper: AdamHyper, grad_mult=None, found_inf=None) -> tuple:
+    """(lr, lr_tensor, grad_mult, found_inf) of a plan's launch, on its device: made before
+    the step's first launch, since a bad one raises."""
+    lr, lr_tensor = (0.0, _one_element("lr", hyper.lr, p.device)) if torch.is_tensor(hyper.lr) else (hyper.lr, None)
+    return lr, lr_tensor, _one_element("grad_mult", grad_mult, p.device), _one_element("found_inf", found_inf,
+                                                                                         p.device)
+
+
+def launch_plan(p: GroupPlan, hyper: AdamHyper, scalars) -> None:
+    """Run a gathered plan's calls with this step's hyper-parameters and plan_scalars()."""
+    lr, lr_tensor, grad_mult, found_inf = scalars
+    if p.backend == "native":
+        p.plan.launch(lr, lr_tensor, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay, hyper.maximize,
+                      hyper.decoupled_weight_decay, grad_mult, found_inf)
+        return
+    from fusedtrain.triton import adam as triton_adam
+    try:
+        for k, (kept, (block, iters), master) in enumerate(p.triton):
+            tables = kept.update(p.plan.addresses(k, triton_adam.COLUMNS))
+            with torch.profiler.record_function("fusedtrain_triton::adam_"):  # the op's kernel, launched directly
+                triton_adam.launch(tables, block, iters, p.plan.refs(k), lr, lr_tensor, hyper.beta1, hyper.beta2,
+                                   hyper.eps, hyper.weight_decay, hyper.amsgrad, master, hyper.maximize,
+                                   hyper.decoupled_weight_decay, grad_mult, found_inf)
+    finally:
+        p.plan.release()
 
 
 def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params=(), *,

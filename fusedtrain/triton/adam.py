@@ -126,6 +126,42 @@ def _bits(x: float) -> int:
 BLOCK = 1024   # elements per loop iteration of a program
 ITERS = 4      # iterations per program: a tile of 4096 elements
 
+# the table's columns as AdamTensors fields (fusedtrain/ops/adam.py): param, grad, exp_avg,
+# exp_avg_sq, max_exp_avg_sq, master, step
+COLUMNS = (0, 1, 2, 3, 4, 6, 5)
+
+
+def tile(max_numel):
+    """(BLOCK, ITERS) of a launch over tensors of at most max_numel elements."""
+    return multi_tensor.tile(max_numel, BLOCK, ITERS)
+
+
+def launch(tables, block, iters, refs, lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, master, maximize,
+           decoupled_weight_decay, grad_mult, found_inf):
+    """One launch of the kernel over the tables (rows, tile_t, tile_off) of a call.
+
+    Args:
+        tables: from multi_tensor.tables() or a KeptTables, with tiles of block * iters.
+        block, iters: from tile().
+        refs: (params[0], exp_avgs[0], steps[0]): the dtypes of the call, and the device.
+        the others: fusedtrain::adam_'s arguments (csrc/ops.cpp); master: whether the table
+            has master params.
+    """
+    tab, tile_t, tile_off = tables
+    p_ref, s_ref, dummy = refs
+    with device_guard(p_ref):
+        _adam_kernel[(tile_t.numel(),)](
+            # per-launch counters (a stream-ordered memset): launches on two streams never share them
+            tab, tile_t, tile_off, torch.zeros(tab.shape[0], dtype=torch.int32, device=p_ref.device), p_ref, s_ref,
+            lr_tensor if lr_tensor is not None else dummy,
+            grad_mult if grad_mult is not None else dummy,
+            found_inf if found_inf is not None else dummy,
+            _bits(lr), _bits(beta1), _bits(beta2), float(eps), _bits(weight_decay),
+            AMSGRAD=bool(amsgrad), MASTER=bool(master), LR_TENSOR=lr_tensor is not None,
+            HAS_MULT=grad_mult is not None, HAS_FI=found_inf is not None, MAXIMIZE=bool(maximize),
+            DECOUPLED=bool(decoupled_weight_decay), BLOCK=block, ITERS=iters)
+
+
 @torch.library.custom_op("fusedtrain_triton::adam_",
                          mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps",
                                        "master_params"))
@@ -138,22 +174,13 @@ def adam_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[
     # torch.compile could not trace
     if not params:
         return
-    block, iters = multi_tensor.tile(max(p.numel() for p in params), BLOCK, ITERS)
-    lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [], master_params, steps]
-    tab, tile_t, tile_off = multi_tensor.tables(lists, block * iters, empty_tiles=True)
-    dummy = steps[0]
-    with device_guard(params[0]):
-        _adam_kernel[(tile_t.numel(),)](
-            # per-launch counters (a stream-ordered memset): launches on two streams never share them
-        tab, tile_t, tile_off, torch.zeros(len(params), dtype=torch.int32, device=params[0].device), params[0],
-        exp_avgs[0],
-            lr_tensor if lr_tensor is not None else dummy,
-            grad_mult if grad_mult is not None else dummy,
-            found_inf if found_inf is not None else dummy,
-            _bits(lr), _bits(beta1), _bits(beta2), float(eps), _bits(weight_decay),
-            AMSGRAD=bool(amsgrad), MASTER=bool(master_params), LR_TENSOR=lr_tensor is not None,
-            HAS_MULT=grad_mult is not None, HAS_FI=found_inf is not None, MAXIMIZE=bool(maximize),
-            DECOUPLED=bool(decoupled_weight_decay), BLOCK=block, ITERS=iters)
+    block, iters = tile(max(p.numel() for p in params))
+    lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params)
+    if not amsgrad:
+        lists = lists[:4] + ([],) + lists[5:]
+    tables = multi_tensor.tables([lists[c] for c in COLUMNS], block * iters, empty_tiles=True)
+    launch(tables, block, iters, (params[0], exp_avgs[0], steps[0]), lr, lr_tensor, beta1, beta2, eps, weight_decay,
+           amsgrad, bool(master_params), maximize, decoupled_weight_decay, grad_mult, found_inf)
 
 
 def _spec(pdt, sdt, amsgrad, master, flags, wd_zero=False):

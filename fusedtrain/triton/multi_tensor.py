@@ -37,6 +37,14 @@ def _to_device(t, device):
     return t.to(device)
 
 
+def _tile_tables(numels, chunk, empty_tiles, device):
+    per = [max(1, -(-m // chunk)) if empty_tiles else -(-m // chunk) for m in numels]
+    tile_t = [t for t in range(len(numels)) for _ in range(per[t])]
+    tile_off = [k * chunk for t in range(len(numels)) for k in range(per[t])]
+    return (_to_device(torch.tensor(tile_t, dtype=torch.int32), device),
+            _to_device(torch.tensor(tile_off, dtype=torch.int64), device))
+
+
 def tables(lists, chunk, empty_tiles):
     """(rows, tile_t, tile_off) on the tensors' device for `lists` (equal-length lists of
     tensors; an empty list gives a column of zeros).
@@ -60,15 +68,38 @@ def tables(lists, chunk, empty_tiles):
             _tables.move_to_end(key)
             return hit
     ncols = len(lists) + 1
-    numels = cols[ncols - 1::ncols]
-    per = [max(1, -(-m // chunk)) if empty_tiles else -(-m // chunk) for m in numels]
-    tile_t = [t for t in range(n) for _ in range(per[t])]
-    tile_off = [k * chunk for t in range(n) for k in range(per[t])]
     entry = (_to_device(torch.tensor(cols, dtype=torch.int64).reshape(n, ncols), device),
-             _to_device(torch.tensor(tile_t, dtype=torch.int32), device),
-             _to_device(torch.tensor(tile_off, dtype=torch.int64), device))
+             *_tile_tables(cols[ncols - 1::ncols], chunk, empty_tiles, device))
     with _lock:
         _tables[key] = entry
         if len(_tables) > _MAX_TABLES:
             _tables.popitem(last=False)
     return entry
+
+
+class KeptTables:
+    """The tables of one call that an owner keeps from launch to launch (an optimizer's
+    plan), instead of the shared cache: the tile tables are built once, since they depend on
+    the sizes only, and the address table is uploaded again only when an address changed (a
+    grad allocated elsewhere). They live as long as the owner, so a CUDA graph captured with
+    them keeps valid tables while the owner lives.
+
+    Args:
+        numels: every tensor's numel.
+        chunk, empty_tiles: as for tables().
+        device: the tensors' device.
+    """
+
+    def __init__(self, numels, chunk, empty_tiles, device):
+        self.device = device
+        self.tile_t, self.tile_off = _tile_tables(list(numels), chunk, empty_tiles, device)
+        self._host = None
+        self.rows = None
+
+    def update(self, rows):
+        """The address table on the device for `rows` (the int64 host table of tables()),
+        uploaded only when it differs from the last one."""
+        if self._host is None or not torch.equal(rows, self._host):
+            self.rows = _to_device(rows, self.device)
+            self._host = rows
+        return self.rows, self.tile_t, self.tile_off
