@@ -183,17 +183,18 @@ def adam_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[
            amsgrad, bool(master_params), maximize, decoupled_weight_decay, grad_mult, found_inf)
 
 
-def _spec(pdt, sdt, amsgrad, master, flags, wd_zero=False):
+def _spec(pdt, sdt, amsgrad, master, flags, wd_zero=False, amp=False):
     # an int argument is i32 when its value fits: lr_bits is _bits(0.0) = 0 with an lr tensor,
     # wd_bits with weight_decay=0 (torch Adam's default)
     sig = {"tab": "*i64", "tile_t": "*i32", "tile_off": "*i64", "counters": "*i32", "p_ref": f"*{pdt}",
            "s_ref": f"*{sdt}", "lr_ptr": "*fp32", "gm_ptr": "*fp32", "fi_ptr": "*fp32",
            "lr_bits": "i32" if flags else "i64", "beta1_bits": "i64", "beta2_bits": "i64", "eps": "fp32",
            "wd_bits": "i32" if wd_zero else "i64"}
-    ce = dict(AMSGRAD=amsgrad, MASTER=master, LR_TENSOR=flags, HAS_MULT=flags, HAS_FI=flags, MAXIMIZE=flags,
-              DECOUPLED=not flags, BLOCK=BLOCK, ITERS=ITERS)
+    ce = dict(AMSGRAD=amsgrad, MASTER=master, LR_TENSOR=flags, HAS_MULT=flags or amp, HAS_FI=flags or amp,
+              MAXIMIZE=flags, DECOUPLED=not flags, BLOCK=BLOCK, ITERS=ITERS)
     name = f"_adam_kernel[{pdt}/{sdt}{',amsgrad' if amsgrad else ''}{',master' if master else ''}" \
-           f"{',lr_t,mult,found_inf,maximize' if flags else ',adamw'}{',wd=0' if wd_zero else ''}]"
+           f"{',lr_t,mult,found_inf,maximize' if flags else ',adamw'}{',amp' if amp else ''}" \
+           f"{',wd=0' if wd_zero else ''}]"
     return AotSpec(_adam_kernel, sig, ce, name=name)
 
 
@@ -205,4 +206,10 @@ AOT_SPECS = [
     _spec("bf16", "fp32", True, True, True),
     _spec("fp16", "fp32", False, True, False),
     _spec("fp32", "fp32", False, False, False, wd_zero=True),
+    # AdamW stepped by a GradScaler: grad_mult and found_inf read in the kernel
+    _spec("fp32", "fp32", False, False, False, amp=True),
+    _spec("bf16", "fp32", False, True, False, amp=True),
+    _spec("fp16", "fp32", False, True, False, amp=True),
+    _spec("bf16", "bf16", False, False, False, amp=True),
+    _spec("fp16", "fp16", False, False, False, amp=True),
 ]

@@ -23,6 +23,12 @@ class AotSpec:
     constexprs: dict               # arg name -> value
     name: str = ""                 # label for reports (default: kernel name + dtypes)
     options: dict = dataclasses.field(default_factory=dict)  # launch options of the call site (num_warps)
+    # pointer arguments 16-byte aligned, as Triton specializes a launch on tensors from torch's
+    # allocator (the vectorized code that runs); False compiles the variant for offset views
+    aligned: bool = True
+    # int arguments a typical launch has as multiples of 16 (specialized alike: with N % 16 == 0
+    # a masked elementwise kernel vectorizes its loads)
+    divisible: tuple = ()
 
     @property
     def label(self):
@@ -53,7 +59,12 @@ def compile_for(spec: AotSpec, cc: int):
     sig = dict(spec.signature)
     for k in spec.constexprs:
         sig[k] = "constexpr"
-    src = ASTSource(fn=spec.kernel, signature=sig, constexprs=dict(spec.constexprs))
+    attrs = {}
+    if spec.aligned:  # what the JIT's specialization gives a 16-byte-aligned pointer ("D")
+        names = spec.kernel.arg_names
+        attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, v in spec.signature.items()
+                 if v.startswith("*") or k in spec.divisible}
+    src = ASTSource(fn=spec.kernel, signature=sig, constexprs=dict(spec.constexprs), attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=dict(spec.options))
 
 

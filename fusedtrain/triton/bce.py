@@ -392,42 +392,60 @@ def bce_with_logits_backward(grad_output: torch.Tensor, input: torch.Tensor, tar
 # ---- ahead-of-time compilation specs (tests/test_gpu_compile.py) -----------------------
 
 def _specs():
+    """The launches of bce_with_logits and its backward (tests/test_aot_specs.py captures the
+    common ones): for each dtype the plain loss (no weights) and the weighted one, flat, reduced
+    and not; broadcast weights and pos_weight of shape (C,) in (R, C) tiles; the generic kinds;
+    the sum. All with N and C multiples of 16 and aligned tensors (the vectorized variant), the
+    plain fp32 ones also for odd sizes and offset views."""
     specs = []
     ints = {n: "i32" for n in ("N", "C", "ws0", "ws1", "pws0", "pws1")}
     floats = {f"{n}_{part}": "fp32" for n in ("keep", "heps", "ign", "a", "b", "c") for part in ("hi", "lo")}
     plain = {"KIND": 0, "GENERIC": False, "HAS_IGNORE": False}
+
+    def fwd(dt, label, aligned=True, **ce):
+        return AotSpec(
+            _bce_fwd_kernel,
+            {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "w_ptr": "*fp32", "pw_ptr": "*fp32", "loss_ptr": "*fp32",
+             "grad_ptr": f"*{dt}", "part_ptr": "*fp32", **ints, "divisor": "i32", **floats},
+            {"GRAD": False, "ACC": tl.float32, "BLOCK": BLOCK, **ce}, name=f"_bce_fwd_kernel[{dt},{label}]",
+            options={"num_warps": NUM_WARPS}, aligned=aligned, divisible=("N", "C") if aligned else ())
+
+    def bwd(dt, label, aligned=True, **ce):
+        return AotSpec(
+            _bce_bwd_kernel,
+            {"go_ptr": "*fp32", "x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "w_ptr": "*fp32", "pw_ptr": "*fp32",
+             "gi_ptr": f"*{dt}", "gt_ptr": f"*{dt}", **ints, "divisor": "i32", **floats},
+            {"ACC": tl.float32, "BLOCK": BLOCK, **ce}, name=f"_bce_bwd_kernel[{dt},{label}]",
+            options={"num_warps": NUM_WARPS}, aligned=aligned, divisible=("N", "C") if aligned else ())
+
     for dt in ("fp32", "fp16", "bf16"):
-        for reduce_, flat in ((False, True), (True, False)):
-            specs.append(AotSpec(
-                _bce_fwd_kernel,
-                {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "w_ptr": "*fp32", "pw_ptr": "*fp32", "loss_ptr": "*fp32",
-                 "grad_ptr": f"*{dt}", "part_ptr": "*fp32", **ints, "divisor": "i32", **floats},
-                {"HAS_W": True, "HAS_PW": True, "FLAT": flat, "REDUCE": reduce_, "GRAD": False, "ACC": tl.float32,
-                 "BLOCK": BLOCK, **plain},
-                name=f"_bce_fwd_kernel[{dt},{'reduce' if reduce_ else 'none'},{'flat' if flat else 'rc'}]"))
-            specs.append(AotSpec(
-                _bce_bwd_kernel,
-                {"go_ptr": "*fp32", "x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "w_ptr": "*fp32", "pw_ptr": "*fp32",
-                 "gi_ptr": f"*{dt}", "gt_ptr": f"*{dt}", **ints, "divisor": "i32", **floats},
-                {"HAS_W": True, "HAS_PW": True, "FLAT": flat, "PER_ELEM": not reduce_, "GI": True, "GT": True,
-                 "ACC": tl.float32, "BLOCK": BLOCK, **plain},
-                name=f"_bce_bwd_kernel[{dt},{'reduce' if reduce_ else 'none'},{'flat' if flat else 'rc'}]"))
+        # ops/bce.py runs same-shape (or absent) weights flat: the usual launch
+        for weighted in (False, True):
+            for reduce_ in (True, False):
+                label = f"{'weighted' if weighted else 'plain'},{'reduce' if reduce_ else 'none'},flat"
+                common = dict(HAS_W=weighted, HAS_PW=weighted, FLAT=True, **plain)
+                specs.append(fwd(dt, label, REDUCE=reduce_, **common))
+                specs.append(bwd(dt, label, PER_ELEM=not reduce_, GI=True, GT=False, **common))
+                if dt == "fp32" and not weighted:
+                    specs.append(fwd(dt, label + ",unaligned", False, REDUCE=reduce_, **common))
+                    specs.append(bwd(dt, label + ",unaligned", False, PER_ELEM=not reduce_, GI=True, GT=False,
+                                     **common))
+        weighted = dict(HAS_W=True, HAS_PW=True, **plain)
+        specs.append(bwd(dt, "weighted,reduce,flat,target grad", FLAT=True, PER_ELEM=False, GI=True, GT=True,
+                         **weighted))
+        specs.append(fwd(dt, "weighted,reduce,rc", FLAT=False, REDUCE=True, **weighted))
+        specs.append(bwd(dt, "weighted,reduce,rc", FLAT=False, PER_ELEM=False, GI=True, GT=False, **weighted))
+        # pos_weight alone, of shape (C,): the common multi-label case
+        pw = dict(HAS_W=False, HAS_PW=True, FLAT=False, **plain)
+        specs.append(fwd(dt, "pos_weight,reduce,rc", REDUCE=True, **pw))
+        specs.append(bwd(dt, "pos_weight,reduce,rc", PER_ELEM=False, GI=True, GT=False, **pw))
         for kind, name in ((0, "bce+smoothing+ignore"), (1, "focal"), (2, "asl")):
-            gen = {"KIND": kind, "GENERIC": True, "HAS_IGNORE": True}
-            specs.append(AotSpec(
-                _bce_fwd_kernel,
-                {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "w_ptr": "*fp32", "pw_ptr": "*fp32", "loss_ptr": "*fp32",
-                 "grad_ptr": f"*{dt}", "part_ptr": "*fp32", **ints, "divisor": "i32", **floats},
-                {"HAS_W": True, "HAS_PW": kind == 0, "FLAT": True, "REDUCE": True, "GRAD": False, "ACC": tl.float32,
-                 "BLOCK": BLOCK, **gen}, name=f"_bce_fwd_kernel[{dt},{name}]"))
-            specs.append(AotSpec(
-                _bce_bwd_kernel,
-                {"go_ptr": "*fp32", "x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "w_ptr": "*fp32", "pw_ptr": "*fp32",
-                 "gi_ptr": f"*{dt}", "gt_ptr": f"*{dt}", **ints, "divisor": "i32", **floats},
-                {"HAS_W": True, "HAS_PW": kind == 0, "FLAT": True, "PER_ELEM": False, "GI": True, "GT": False,
-                 "ACC": tl.float32, "BLOCK": BLOCK, **gen}, name=f"_bce_bwd_kernel[{dt},{name}]"))
+            gen = dict(HAS_W=True, HAS_PW=kind == 0, FLAT=True, KIND=kind, GENERIC=True, HAS_IGNORE=True)
+            specs.append(fwd(dt, name, REDUCE=True, **gen))
+            specs.append(bwd(dt, name, PER_ELEM=False, GI=True, GT=False, **gen))
         specs.append(AotSpec(_bce_sum_kernel, {"part_ptr": "*fp32", "out_ptr": f"*{dt}", "P": "i32",
-                                               "divisor": "i32"}, {"SUM_BLOCK": SUM_BLOCK}))
+                                               "divisor": "i32"}, {"SUM_BLOCK": SUM_BLOCK},
+                             options={"num_warps": NUM_WARPS}))
     return specs
 
 
