@@ -223,7 +223,9 @@ def bce_grad_slack(x, y, weight, pos_weight, reduction, grad_output, compute_eps
     go = (torch.ones(()) if grad_output is None else grad_output.detach().double().cpu()).abs() / max(n, 1)
     e = torch.exp(-xd.abs())
     er = e / (1 + e)
-    lw = (1 + (pw - 1) * yd).abs()
+    # lw = 1 + (pw - 1) y cancels where pw is small and y near 1: its error is bounded by its
+    # terms, not by its value
+    lw = 1 + (pw - 1).abs() * yd.abs()
     pos = xd >= 0
     # the terms of the branch the formulas take (bce_math.h): (1 - y) - lw e r or lw e r - pw y,
     # and (pw - 1) log1p(e) - (x or pw x)

@@ -122,6 +122,20 @@ def test_pos_weight_broadcast(backend_device, pwshape, reduction):
     _check(x, y, torch.rand(5, 1, device=device), pw, reduction, seed=seed)  # with a row weight as well
 
 
+@pytest.mark.parametrize("shape", [(300, 7), (5, 1500), (33, 1029), (2, 1024), (1030, 2)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_broadcast_weights_over_many_tiles(backend_device, shape):
+    """(C,) pos_weight and (R, 1) weight on shapes whose (R, C) layout spans several tiles in
+    each direction and ends mid-tile (the Triton kernels tile such inputs in 2-D)."""
+    _, device = backend_device
+    seed = seed_for("tiles", shape)
+    R, C = shape
+    x = torch.randn(R, C, device=device) * 3
+    y = torch.rand(R, C, device=device)
+    for red in REDUCTIONS:
+        _check(x, y, torch.rand(R, 1, device=device) + 0.25, torch.rand(C, device=device) * 4, red, seed=seed)
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=lambda d: DT_IDS[d])
 def test_weights_low_precision_and_mixed_target(backend_device, dtype):
     _, device = backend_device

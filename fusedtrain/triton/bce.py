@@ -57,18 +57,39 @@ def _log1p_small(e):
 
 
 @triton.jit
-def _tile(pid, N, C, FLAT: tl.constexpr, BLOCK: tl.constexpr):
-    """This program's flat offsets into the (R, C) tensors, their mask, and their row and
-    column (the flat offset for both when FLAT: every weight is then indexed flat)."""
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
+def _tile(pid, N, C, FLAT: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's offsets into the (R, C) tensors, their mask, and their row and column
+    (the flat offset for both when FLAT: every weight is then indexed flat). FLAT: BLOCK
+    consecutive elements. Otherwise a 2-D tile of BLOCK // BLOCK_C rows by BLOCK_C columns
+    (programs in row-major tile order), so no element divides its offset by C. Offsets are
+    int32 unless WIDE (N >= 2^31)."""
+    # one return statement: the compiler types every return of a function alike
     if FLAT:
+        base = pid.to(tl.int64) * BLOCK if WIDE else pid * BLOCK
+        offs = base + tl.arange(0, BLOCK)
+        mask = offs < N
         rows = offs
         cols = offs
     else:
-        rows = offs // C
-        cols = offs - rows * C
+        BLOCK_R: tl.constexpr = BLOCK // BLOCK_C
+        ncol_tiles = tl.cdiv(C, BLOCK_C)
+        r0 = (pid // ncol_tiles) * BLOCK_R
+        c0 = (pid % ncol_tiles) * BLOCK_C
+        rows = (r0.to(tl.int64) if WIDE else r0) + tl.arange(0, BLOCK_R)[:, None]
+        cols = c0 + tl.arange(0, BLOCK_C)[None, :]
+        mask = (rows < N // C) & (cols < C)
+        offs = rows * C + cols
     return offs, mask, rows, cols
+
+
+@triton.jit
+def _total(v, FLAT: tl.constexpr):
+    # the sum of a tile, in a fixed order
+    if FLAT:
+        total = tl.sum(v, axis=0)
+    else:
+        total = tl.sum(tl.sum(v, axis=1), axis=0)
+    return total
 
 
 @triton.jit
@@ -212,10 +233,11 @@ def _bce_fwd_kernel(x_ptr, y_ptr, w_ptr, pw_ptr, loss_ptr, grad_ptr, part_ptr,
                     a_hi, a_lo, b_hi, b_lo, c_hi, c_lo,
                     HAS_W: tl.constexpr, HAS_PW: tl.constexpr, FLAT: tl.constexpr, REDUCE: tl.constexpr,
                     GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
-                    KIND: tl.constexpr, GENERIC: tl.constexpr, HAS_IGNORE: tl.constexpr):
+                    KIND: tl.constexpr, GENERIC: tl.constexpr, HAS_IGNORE: tl.constexpr, WIDE: tl.constexpr,
+                    BLOCK_C: tl.constexpr):
     # the loss; with GRAD, d loss / d input for grad_output = 1 (divided by divisor = N for mean)
     pid = tl.program_id(0)
-    offs, mask, rows, cols = _tile(pid, N, C, FLAT, BLOCK)
+    offs, mask, rows, cols = _tile(pid, N, C, FLAT, WIDE, BLOCK, BLOCK_C)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
     w = _load_weight(w_ptr, offs, rows, cols, ws0, ws1, mask, HAS_W, FLAT, ACC)
@@ -229,7 +251,7 @@ def _bce_fwd_kernel(x_ptr, y_ptr, w_ptr, pw_ptr, loss_ptr, grad_ptr, part_ptr,
         g = _bce_input_grad(x, y, w, pw, HAS_PW) * _div(tl.full((), 1.0, ACC), divisor.to(ACC))
         store_rounded(grad_ptr + offs, g, mask)
     if REDUCE:
-        tl.store(part_ptr + pid, tl.sum(tl.where(mask, loss, 0.0), axis=0))
+        tl.store(part_ptr + pid, _total(tl.where(mask, loss, 0.0), FLAT))
     else:
         store_rounded(loss_ptr + offs, loss, mask)
 
@@ -250,11 +272,12 @@ def _bce_bwd_kernel(go_ptr, x_ptr, y_ptr, w_ptr, pw_ptr, gi_ptr, gt_ptr, N, C, w
                     keep_hi, keep_lo, heps_hi, heps_lo, ign_hi, ign_lo, a_hi, a_lo, b_hi, b_lo, c_hi, c_lo,
                     HAS_W: tl.constexpr, HAS_PW: tl.constexpr, FLAT: tl.constexpr, PER_ELEM: tl.constexpr,
                     GI: tl.constexpr, GT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
-                    KIND: tl.constexpr, GENERIC: tl.constexpr, HAS_IGNORE: tl.constexpr):
+                    KIND: tl.constexpr, GENERIC: tl.constexpr, HAS_IGNORE: tl.constexpr, WIDE: tl.constexpr,
+                    BLOCK_C: tl.constexpr):
     # each gradient: the ACC derivative times grad_output[i] (PER_ELEM) or grad_output / divisor,
     # rounded once at the store
     pid = tl.program_id(0)
-    offs, mask, rows, cols = _tile(pid, N, C, FLAT, BLOCK)
+    offs, mask, rows, cols = _tile(pid, N, C, FLAT, WIDE, BLOCK, BLOCK_C)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     w = _load_weight(w_ptr, offs, rows, cols, ws0, ws1, mask, HAS_W, FLAT, ACC)
     pw = _load_weight(pw_ptr, offs, rows, cols, pws0, pws1, mask, HAS_PW, FLAT, ACC)
@@ -280,7 +303,7 @@ def _bce_bwd_kernel(go_ptr, x_ptr, y_ptr, w_ptr, pw_ptr, gi_ptr, gt_ptr, N, C, w
             store_rounded(gt_ptr + offs, gt, mask)
 
 
-AOT_HELPERS = ("_div", "_log1p_small", "_tile", "_load_weight", "_bce_loss", "_bce_input_grad", "_bce_target_grad",
+AOT_HELPERS = ("_div", "_log1p_small", "_tile", "_total", "_load_weight", "_bce_loss", "_bce_input_grad", "_bce_target_grad",
                "_pow", "_sig_terms", "_safe_ratio", "_f", "_elem")
 
 
@@ -314,6 +337,17 @@ def _spec_constexprs(kind, params):
     return {"KIND": kind, "GENERIC": reference.is_generic(kind, params), "HAS_IGNORE": params[1] != 0}
 
 
+def _grid(R, C):
+    """(programs, layout constexprs) of an (R, C) launch: flat blocks when R == 1 (the weights
+    are then indexed flat), else 2-D tiles as wide as C allows."""
+    N = R * C
+    wide = N >= 2 ** 31 - 2 * BLOCK  # int32 offsets, with a tile's overhang past the end, fit below this
+    if R == 1:
+        return triton.cdiv(N, BLOCK), dict(FLAT=True, WIDE=wide, BLOCK_C=1)
+    block_c = min(triton.next_power_of_2(C), BLOCK)
+    return triton.cdiv(R, BLOCK // block_c) * triton.cdiv(C, block_c), dict(FLAT=False, WIDE=wide, BLOCK_C=block_c)
+
+
 def _opmath(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -341,7 +375,7 @@ def bce_with_logits(input: torch.Tensor, target: torch.Tensor, weight: torch.Ten
         if reduction != 0:
             loss.fill_(float("nan") if reduction == 1 else 0.0)
         return loss, grad
-    nprog = triton.cdiv(N, BLOCK)
+    nprog, layout = _grid(R, C)
     partials = input.new_empty((nprog if reduction != 0 else 1,), dtype=_opmath(input.dtype))
     ws0, ws1 = _strides(weight, R, C)
     pws0, pws1 = _strides(pos_weight, R, C)
@@ -349,9 +383,9 @@ def bce_with_logits(input: torch.Tensor, target: torch.Tensor, weight: torch.Ten
         torch.library.wrap_triton(_bce_fwd_kernel)[(nprog,)](
             input, target, input if weight is None else weight, input if pos_weight is None else pos_weight,
             loss, grad if unit_grad else input, partials, N, C, ws0, ws1, pws0, pws1, N if reduction == 1 else 1,
-            *_spec_args(params), HAS_W=weight is not None, HAS_PW=pos_weight is not None, FLAT=R == 1,
+            *_spec_args(params), HAS_W=weight is not None, HAS_PW=pos_weight is not None,
             REDUCE=reduction != 0, GRAD=unit_grad, ACC=_acc(input.dtype), BLOCK=BLOCK, num_warps=NUM_WARPS,
-            **_spec_constexprs(kind, params))
+            **layout, **_spec_constexprs(kind, params))
         if reduction != 0:
             torch.library.wrap_triton(_bce_sum_kernel)[(1,)](
                 partials, loss, nprog, N if reduction == 1 else 1, SUM_BLOCK=SUM_BLOCK, num_warps=NUM_WARPS)
@@ -378,14 +412,15 @@ def bce_with_logits_backward(grad_output: torch.Tensor, input: torch.Tensor, tar
         return gi, gt
     ws0, ws1 = _strides(weight, R, C)
     pws0, pws1 = _strides(pos_weight, R, C)
+    nprog, layout = _grid(R, C)
     with device_guard(input):
-        torch.library.wrap_triton(_bce_bwd_kernel)[(triton.cdiv(N, BLOCK),)](
+        torch.library.wrap_triton(_bce_bwd_kernel)[(nprog,)](
             grad_output, input, target, input if weight is None else weight, input if pos_weight is None else pos_weight,
             gi if input_grad else input, gt if target_grad else target,
             N, C, ws0, ws1, pws0, pws1, N if reduction == 1 else 1, *_spec_args(params),
-            HAS_W=weight is not None, HAS_PW=pos_weight is not None, FLAT=R == 1, PER_ELEM=reduction == 0,
+            HAS_W=weight is not None, HAS_PW=pos_weight is not None, PER_ELEM=reduction == 0,
             GI=input_grad, GT=target_grad, ACC=_acc(input.dtype), BLOCK=BLOCK, num_warps=NUM_WARPS,
-            **_spec_constexprs(kind, params))
+            **layout, **_spec_constexprs(kind, params))
     return gi, gt
 
 
@@ -420,27 +455,36 @@ def _specs():
 
     for dt in ("fp32", "fp16", "bf16"):
         # ops/bce.py runs same-shape (or absent) weights flat: the usual launch
+        flat = dict(FLAT=True, WIDE=False, BLOCK_C=1)
         for weighted in (False, True):
             for reduce_ in (True, False):
                 label = f"{'weighted' if weighted else 'plain'},{'reduce' if reduce_ else 'none'},flat"
-                common = dict(HAS_W=weighted, HAS_PW=weighted, FLAT=True, **plain)
+                common = dict(HAS_W=weighted, HAS_PW=weighted, **flat, **plain)
                 specs.append(fwd(dt, label, REDUCE=reduce_, **common))
                 specs.append(bwd(dt, label, PER_ELEM=not reduce_, GI=True, GT=False, **common))
                 if dt == "fp32" and not weighted:
                     specs.append(fwd(dt, label + ",unaligned", False, REDUCE=reduce_, **common))
                     specs.append(bwd(dt, label + ",unaligned", False, PER_ELEM=not reduce_, GI=True, GT=False,
                                      **common))
+        if dt == "fp32":  # 2^31 elements or more: 64-bit offsets
+            wide = dict(HAS_W=False, HAS_PW=False, FLAT=True, WIDE=True, BLOCK_C=1, **plain)
+            specs.append(fwd(dt, "plain,reduce,flat,wide", REDUCE=True, **wide))
+            specs.append(bwd(dt, "plain,reduce,flat,wide", PER_ELEM=False, GI=True, GT=False, **wide))
         weighted = dict(HAS_W=True, HAS_PW=True, **plain)
-        specs.append(bwd(dt, "weighted,reduce,flat,target grad", FLAT=True, PER_ELEM=False, GI=True, GT=True,
+        specs.append(bwd(dt, "weighted,reduce,flat,target grad", PER_ELEM=False, GI=True, GT=True, **flat,
                          **weighted))
-        specs.append(fwd(dt, "weighted,reduce,rc", FLAT=False, REDUCE=True, **weighted))
-        specs.append(bwd(dt, "weighted,reduce,rc", FLAT=False, PER_ELEM=False, GI=True, GT=False, **weighted))
-        # pos_weight alone, of shape (C,): the common multi-label case
-        pw = dict(HAS_W=False, HAS_PW=True, FLAT=False, **plain)
-        specs.append(fwd(dt, "pos_weight,reduce,rc", REDUCE=True, **pw))
-        specs.append(bwd(dt, "pos_weight,reduce,rc", PER_ELEM=False, GI=True, GT=False, **pw))
+        # broadcast weights and pos_weight of shape (C,), the common multi-label case: 2-D tiles,
+        # narrow (C <= 64) and as wide as a block
+        for block_c in (64, BLOCK):
+            rc = dict(FLAT=False, WIDE=False, BLOCK_C=block_c)
+            specs.append(fwd(dt, f"weighted,reduce,rc{block_c}", REDUCE=True, **rc, **weighted))
+            specs.append(bwd(dt, f"weighted,reduce,rc{block_c}", PER_ELEM=False, GI=True, GT=False, **rc,
+                             **weighted))
+            pw = dict(HAS_W=False, HAS_PW=True, **rc, **plain)
+            specs.append(fwd(dt, f"pos_weight,reduce,rc{block_c}", REDUCE=True, **pw))
+            specs.append(bwd(dt, f"pos_weight,reduce,rc{block_c}", PER_ELEM=False, GI=True, GT=False, **pw))
         for kind, name in ((0, "bce+smoothing+ignore"), (1, "focal"), (2, "asl")):
-            gen = dict(HAS_W=True, HAS_PW=kind == 0, FLAT=True, KIND=kind, GENERIC=True, HAS_IGNORE=True)
+            gen = dict(HAS_W=True, HAS_PW=kind == 0, **flat, KIND=kind, GENERIC=True, HAS_IGNORE=True)
             specs.append(fwd(dt, name, REDUCE=True, **gen))
             specs.append(bwd(dt, name, PER_ELEM=False, GI=True, GT=False, **gen))
         specs.append(AotSpec(_bce_sum_kernel, {"part_ptr": "*fp32", "out_ptr": f"*{dt}", "P": "i32",
