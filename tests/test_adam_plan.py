@@ -178,29 +178,27 @@ def _dtype_change(device, to):
     _twin_steps(a, b, opt_a, opt_b, gen, 2)
 
 
-def test_a_bad_grad_in_a_later_group_after_planned_steps_changes_nothing(backend_device):
+def _bad_grad(opt, a, device):
+    a[4].grad.data = torch.zeros(3, device=device)  # what only .data can do
+
+
+def _bad_lr(opt, a, device):
+    opt.param_groups[1]["lr"] = torch.tensor([1e-3, 2e-3])
+
+
+@pytest.mark.parametrize("spoil,error,match", [(_bad_grad, RuntimeError, "grad of param .* has shape"),
+                                               (_bad_lr, ValueError, "lr must be a one-element tensor")],
+                         ids=["grad", "lr tensor"])
+def test_a_bad_input_in_a_later_group_after_planned_steps_changes_nothing(backend_device, spoil, error, match):
+    """The second group's bad grad or lr tensor raises before the first group is written."""
     backend, device = backend_device
     a, b, opt, _, gen = _twins(device, 6, groups=2)
     _twin_steps(a, b, opt, _, gen, 2)
     for p in a:
         p.grad = torch.randn(p.shape, generator=gen).to(device)
-    a[4].grad.data = torch.zeros(3, device=device)  # what only .data can do
+    spoil(opt, a, device)
     before = [p.detach().clone() for p in a]
-    with pytest.raises(RuntimeError, match="grad of param .* has shape"):
-        opt.step()
-    assert all(torch.equal(x, p.detach()) for x, p in zip(before, a))
-    assert all(opt.state[p]["step"].item() == 2 for p in a)
-
-
-def test_a_bad_lr_tensor_in_a_later_group_changes_nothing(backend_device):
-    backend, device = backend_device
-    a, b, opt, _, gen = _twins(device, 7, groups=2)
-    _twin_steps(a, b, opt, _, gen, 2)
-    for p in a:
-        p.grad = torch.randn(p.shape, generator=gen).to(device)
-    opt.param_groups[1]["lr"] = torch.tensor([1e-3, 2e-3])
-    before = [p.detach().clone() for p in a]
-    with pytest.raises(ValueError, match="lr must be a one-element tensor"):
+    with pytest.raises(error, match=match):
         opt.step()
     assert all(torch.equal(x, p.detach()) for x, p in zip(before, a))
     assert all(opt.state[p]["step"].item() == 2 for p in a)
