@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "fusedtrain/adam_lists.h"
+#include "fusedtrain/multi_tensor_tables.h"
 
 namespace fusedtrain {
 namespace {
@@ -39,6 +40,7 @@ struct Call {
   at::ScalarType dtype;
   Tensors params, grads;  // this step's (empty between steps)
   Tensors exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params;  // kept
+  mta::KeptTables tables;  // the CUDA kernel's, built at the first launch (multi_tensor_tables.h)
 };
 
 class AdamPlan {
@@ -143,7 +145,8 @@ class AdamPlan {
     // the params require grad: below autograd the op's kernel is called unboxed, as the
     // kernels of torch's own in-place ops are under no_grad
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    for (const Call& c : calls_) {
+    for (Call& c : calls_) {
+      const mta::UseTables use(&c.tables);  // the CUDA kernel reads tables the plan keeps
       op.call(c.params, c.grads, c.exp_avgs, c.exp_avg_sqs, c.max_exp_avg_sqs, c.steps, c.master_params, lr, lr_tensor,
               beta1, beta2, eps, weight_decay, amsgrad_, maximize, decoupled_weight_decay, grad_mult, found_inf);
     }

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "fusedtrain/adam_lists.h"
+#include "fusedtrain/multi_tensor_tables.h"
 
 namespace {
 
@@ -17,6 +18,16 @@ void adam_check_(const Tensors& params, const Tensors& grads, const Tensors& exp
                  const Tensors& max_exp_avg_sqs, const Tensors& steps, const Tensors& master_params, bool amsgrad) {
   fusedtrain::adam::check_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, amsgrad);
 }
+
+#ifdef FUSEDTRAIN_WITH_CUDA
+// The Triton kernels' tables reach the device the way the CUDA kernels' do (a CUDA graph
+// being captured gets them in kernel parameters): fusedtrain/triton/multi_tensor.py.
+at::Tensor upload_words(const at::Tensor& words, const at::Device& device) {
+  TORCH_CHECK(words.device().is_cpu() && words.scalar_type() == at::kLong && words.dim() == 1 && words.is_contiguous(),
+              "upload_words: words must be a contiguous 1-D int64 CPU tensor");
+  return fusedtrain::mta::upload_words(words.data_ptr<int64_t>(), words.numel(), device);
+}
+#endif
 
 }  // namespace
 
@@ -37,5 +48,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("cpu_capability") = "DEFAULT";
 #endif
   m.def("adam_check_", &adam_check_);
+#ifdef FUSEDTRAIN_WITH_CUDA
+  m.def("upload_words", &upload_words);
+#endif
   fusedtrain::bind_adam_plan(m);
 }

@@ -51,28 +51,38 @@ struct AdamOp {
   // found_inf nonzero: write nothing at all
   __device__ __forceinline__ bool skip() const { return h.fi_ptr != nullptr && *h.fi_ptr != 0.f; }
 
-  __device__ __forceinline__ void operator()(const mta::Chunk& ch) const {
-    const int64_t numel = ch.numel;
+  // The elements of the block: a function of its own (not inlined, one call per block), so
+  // that the values its loops keep are not live across make_coef's call of pow (inlined,
+  // the peeled head spilled registers there).
+  __device__ __noinline__ void elements(const mta::Chunk ch, const adam::CoefV<float> c) const {
     P* p = ch.ptr<P>(kP);
     const P* g = ch.ptr<const P>(kG);
     S* m = ch.ptr<S>(kM);
     S* v = ch.ptr<S>(kV);
     S* vm = ch.ptr<S>(kVmax);
     float* w = ch.ptr<float>(kMaster);
-    float* step_ptr = ch.ptr<float>(kStep);
-
-    const float step = *step_ptr + 1.f;  // torch: step_t += 1 (fp32)
-    const double lr = h.lr_ptr != nullptr ? static_cast<double>(*h.lr_ptr) : h.lr;
-    const float mult = h.gm_ptr != nullptr ? *h.gm_ptr : 1.f;
-    const adam::CoefV<float> c(adam::make_coef(lr, h.beta1, h.beta2, h.eps, h.wd, h.decoupled,
-                                               static_cast<double>(step), mult, h.maximize));
-
+    // [lo, hi): this block's elements. When p + lo is off a vector boundary (a view into a
+    // bucket) the elements up to it are a scalar head; vector steps of kIlp follow when every
+    // list is aligned there (lists at different offsets in their buffers are not: all
+    // scalar), then a scalar tail of fewer than kIlp.
     const int64_t lo = ch.lo();
     const int64_t hi = ch.hi();
-    const bool vec = aligned4<P>(p) && aligned4<P>(g) && aligned4<S>(m) && aligned4<S>(v) &&
-                     (!AMS || aligned4<S>(vm)) && (!MASTER || aligned4<float>(w)) && (lo % kIlp) == 0;
+    const int64_t v0 = lo + min(vec_io::head<P, kIlp>(p + lo), hi - lo);
+    const bool vec = aligned4<P>(p + v0) && aligned4<P>(g + v0) && aligned4<S>(m + v0) && aligned4<S>(v + v0) &&
+                     (!AMS || aligned4<S>(vm + v0)) && (!MASTER || aligned4<float>(w + v0));
+    const auto scalar = [&](int64_t i) {
+      float rp = MASTER ? w[i] : static_cast<float>(p[i]);
+      float rm = static_cast<float>(m[i]), rv = static_cast<float>(v[i]);
+      float rx = AMS ? static_cast<float>(vm[i]) : 0.f;
+      adam::update<AMS>(rp, static_cast<float>(g[i]), rm, rv, rx, c);
+      if (MASTER) w[i] = rp;
+      p[i] = static_cast<P>(rp);
+      m[i] = static_cast<S>(rm);
+      v[i] = static_cast<S>(rv);
+      if (AMS) vm[i] = static_cast<S>(rx);
+    };
     if (vec) {
-      for (int64_t i = lo + static_cast<int64_t>(threadIdx.x) * kIlp; i + kIlp <= hi;
+      for (int64_t i = v0 + static_cast<int64_t>(threadIdx.x) * kIlp; i + kIlp <= hi;
            i += static_cast<int64_t>(kThreads) * kIlp) {
         float rp[kIlp], rg[kIlp], rm[kIlp], rv[kIlp], rx[kIlp];
         if (MASTER) vec_io::load_vec(w + i, rp); else vec_io::load_vec(p + i, rp);
@@ -88,20 +98,26 @@ struct AdamOp {
         vec_io::store_vec(v + i, rv);
         if (AMS) vec_io::store_vec(vm + i, rx);
       }
+      // the head [lo, v0) and the tail [tail, hi), fewer than kIlp elements each: threads
+      // 0..kIlp-1 take the head, kIlp..2kIlp-1 the tail
+      const int64_t tail = v0 + ((hi - v0) / kIlp) * kIlp;
+      const int k = static_cast<int>(threadIdx.x);
+      const int64_t i = k < kIlp ? lo + k : tail + (k - kIlp);
+      if (k < 2 * kIlp && i < (k < kIlp ? v0 : hi)) scalar(i);
+    } else {
+      for (int64_t i = lo + threadIdx.x; i < hi; i += kThreads) scalar(i);
     }
-    // scalar path: the whole range when unaligned, else the tail of fewer than kIlp elements
-    const int64_t tail = vec ? lo + ((hi - lo) / kIlp) * kIlp : lo;
-    for (int64_t i = tail + threadIdx.x; i < hi; i += kThreads) {
-      float rp = MASTER ? w[i] : static_cast<float>(p[i]);
-      float rm = static_cast<float>(m[i]), rv = static_cast<float>(v[i]);
-      float rx = AMS ? static_cast<float>(vm[i]) : 0.f;
-      adam::update<AMS>(rp, static_cast<float>(g[i]), rm, rv, rx, c);
-      if (MASTER) w[i] = rp;
-      p[i] = static_cast<P>(rp);
-      m[i] = static_cast<S>(rm);
-      v[i] = static_cast<S>(rv);
-      if (AMS) vm[i] = static_cast<S>(rx);
-    }
+  }
+
+  __device__ __forceinline__ void operator()(const mta::Chunk& ch) const {
+    const int64_t numel = ch.numel;
+    float* step_ptr = ch.ptr<float>(kStep);
+    const float step = *step_ptr + 1.f;  // torch: step_t += 1 (fp32)
+    const double lr = h.lr_ptr != nullptr ? static_cast<double>(*h.lr_ptr) : h.lr;
+    const float mult = h.gm_ptr != nullptr ? *h.gm_ptr : 1.f;
+    const adam::CoefV<float> c(adam::make_coef(lr, h.beta1, h.beta2, h.eps, h.wd, h.decoupled,
+                                               static_cast<double>(step), mult, h.maximize));
+    elements(ch, c);
 
     // every thread of this block has read the step; the last block of the tensor writes it
     __syncthreads();
@@ -165,7 +181,8 @@ void adam_cuda(at::TensorList params_in, at::TensorList grads_in, at::TensorList
   const at::TensorList none;
   const std::vector<at::TensorList> lists{params, grads, exp_avgs, exp_avg_sqs,
                                           amsgrad ? max_exp_avg_sqs : none, master ? master_params : none, steps};
-  const mta::Tables tab = mta::tables_for(lists, mta::Layout{kChunk, /*empty_block=*/true}, dev);
+  const mta::DeviceTables tables = mta::tables_of(lists, mta::Layout{kChunk, /*empty_block=*/true}, dev);
+  const mta::Tables& tab = tables.tables;
   // per-launch counters (a stream-ordered memset): launches on two streams never share them
   const at::Tensor counter_buf = at::zeros({static_cast<int64_t>(n)}, at::TensorOptions().dtype(at::kInt).device(dev));
   int32_t* counters = counter_buf.data_ptr<int32_t>();

@@ -10,12 +10,9 @@
 //                                      tensor owns ceil(numel / chunk) blocks, an empty one
 //                                      a block of its own only with Layout::empty_block
 //
-// build_tables uploads the tables of one call (a caller that keeps its tensors can build
-// them once and launch with them every step). tables_for finds them in a small cache keyed
-// by their contents, since they hold only addresses and sizes: a step over the same tensors
-// launches the kernel and nothing else (no copy, no allocation), which also keeps a
-// warmed-up step capturable in a CUDA graph. A miss copies them from pinned host memory
-// (non_blocking, stream-ordered).
+// Who owns the tables, and why a captured graph builds its own: multi_tensor_tables.h.
+// tables_of() gives a call the current owner's kept tables (rebuilt only when an address or
+// size changed), or tables of its own.
 //
 // An op is a functor with `__device__ void operator()(const mta::Chunk&) const`, run by every
 // thread of the block that owns the chunk, and `__device__ bool skip() const`, asked first:
@@ -26,30 +23,16 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <ATen/cuda/CUDAGraphsUtils.cuh>
+#include <c10/cuda/CUDACachingAllocator.h>
+
 #include <cstdint>
-#include <cstring>
-#include <list>
-#include <mutex>
 #include <vector>
+
+#include "fusedtrain/multi_tensor_tables.h"
 
 namespace fusedtrain {
 namespace mta {
-
-// How tensors are cut into blocks: `chunk` elements per block; empty_block gives an empty
-// tensor one block (an op that writes something per tensor, e.g. Adam's step).
-struct Layout {
-  int64_t chunk;
-  bool empty_block;
-};
-
-struct Tables {
-  const int64_t* rows;
-  const int32_t* blocks;
-  int32_t ncols;    // nlists + 1
-  int32_t nlists;
-  int64_t nblocks;  // the grid
-  int64_t chunk;    // elements per block
-};
 
 // What the CUDA block running it owns: elements [lo(), hi()) of tensor `tensor`. (lo and hi
 // are computed where they are used: fewer values live across an op's own calls.)
@@ -87,12 +70,6 @@ void launch(const Tables& tab, const Op& op, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Tables on the device and the memory they point into.
-struct DeviceTables {
-  at::Tensor storage;  // int64: rows, then the blocks table (int32 pairs) packed
-  Tables tables;
-};
-
 namespace detail {
 
 inline int64_t blocks_of(int64_t numel, const Layout& layout) {
@@ -120,15 +97,14 @@ inline std::vector<int64_t> rows_of(const std::vector<at::TensorList>& lists, co
   return rows;
 }
 
+// The rows, then every block's (tensor, chunk) as two int32 in one int64 word, uploaded.
 inline DeviceTables upload(const std::vector<int64_t>& rows, int32_t nlists, int64_t nblocks, const Layout& layout,
                            const at::Device& device) {
   const int32_t ncols = nlists + 1;
   const int64_t n = static_cast<int64_t>(rows.size()) / ncols;
-  const int64_t words = n * ncols + nblocks;  // a block's two int32 fit one int64 word
-  at::Tensor host = at::empty({words}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  int64_t* h = host.data_ptr<int64_t>();
-  std::memcpy(h, rows.data(), rows.size() * sizeof(int64_t));
-  int32_t* hb = reinterpret_cast<int32_t*>(h + n * ncols);
+  std::vector<int64_t> words(static_cast<size_t>(n * ncols + nblocks));
+  std::copy(rows.begin(), rows.end(), words.begin());
+  int32_t* hb = reinterpret_cast<int32_t*>(words.data() + n * ncols);
   int64_t b = 0;
   for (int64_t t = 0; t < n; ++t) {
     const int64_t nb = blocks_of(rows[t * ncols + nlists], layout);
@@ -137,58 +113,41 @@ inline DeviceTables upload(const std::vector<int64_t>& rows, int32_t nlists, int
       hb[2 * b + 1] = static_cast<int32_t>(k);
     }
   }
-  at::Tensor dev = host.to(device, /*non_blocking=*/true);
+  at::Tensor dev = upload_words(words.data(), static_cast<int64_t>(words.size()), device);
   const int64_t* d = dev.data_ptr<int64_t>();
   return {dev, Tables{d, reinterpret_cast<const int32_t*>(d + n * ncols), ncols, nlists, nblocks, layout.chunk}};
 }
 
-struct Entry {
-  int device;
-  Layout layout;
-  int32_t nlists;
-  std::vector<int64_t> key;  // rows, as on the device
-  DeviceTables tables;
-};
-inline std::mutex& cache_mutex() {
-  static std::mutex m;
-  return m;
-}
-inline std::list<Entry>& cache() {
-  static std::list<Entry> c;
-  return c;
-}
-constexpr size_t kMaxEntries = 32;
-
 }  // namespace detail
 
-// lists[l][t]: tensor t of list l; a list may be empty (its column holds 0). All tensors on
-// `device`. The tables stay valid as long as the returned storage is held.
-inline DeviceTables build_tables(const std::vector<at::TensorList>& lists, const Layout& layout,
-                                 const at::Device& device) {
+// The tables of one call: lists[l][t] is tensor t of list l; a list may be empty (its column
+// holds 0). All tensors on `device`, the current device. The current owner's kept tables
+// when there is one and the stream is not capturing, else tables of this call's own. Hold
+// the result until the launch is queued.
+inline DeviceTables tables_of(const std::vector<at::TensorList>& lists, const Layout& layout,
+                              const at::Device& device) {
   int64_t nblocks = 0;
-  const std::vector<int64_t> rows = detail::rows_of(lists, layout, nblocks);
-  return detail::upload(rows, static_cast<int32_t>(lists.size()), nblocks, layout, device);
-}
-
-// build_tables through the cache. The returned pointers stay valid until the cache evicts
-// the entry (32 distinct tensor sets later).
-inline Tables tables_for(const std::vector<at::TensorList>& lists, const Layout& layout, const at::Device& device) {
+  std::vector<int64_t> rows = detail::rows_of(lists, layout, nblocks);
   const int32_t nlists = static_cast<int32_t>(lists.size());
-  int64_t nblocks = 0;
-  std::vector<int64_t> key = detail::rows_of(lists, layout, nblocks);
-  std::lock_guard<std::mutex> lock(detail::cache_mutex());
-  auto& c = detail::cache();
-  for (auto it = c.begin(); it != c.end(); ++it) {
-    if (it->device == device.index() && it->layout.chunk == layout.chunk &&
-        it->layout.empty_block == layout.empty_block && it->nlists == nlists && it->key == key) {
-      c.splice(c.begin(), c, it);  // most recently used first
-      return c.front().tables.tables;
-    }
+  KeptTables* owner = current_owner();
+  if (owner == nullptr || at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None)
+    return detail::upload(rows, nlists, nblocks, layout, device);
+  const c10::Stream stream = at::cuda::getCurrentCUDAStream();
+  if (owner->kept.storage.defined() && owner->rows == rows && owner->chunk == layout.chunk && owner->empty_block == layout.empty_block &&
+      owner->kept.storage.device() == device) {
+    // kept tables read on another stream than the one they were allocated on: their memory
+    // must not be reused before that stream's work is done when the owner replaces them
+    if (stream != *owner->stream)
+      c10::cuda::CUDACachingAllocator::recordStream(owner->kept.storage.storage().data_ptr(),
+                                                    at::cuda::CUDAStream(at::cuda::CUDAStream::UNCHECKED, stream));
+    return owner->kept;
   }
-  DeviceTables dt = detail::upload(key, nlists, nblocks, layout, device);
-  c.push_front(detail::Entry{static_cast<int>(device.index()), layout, nlists, std::move(key), std::move(dt)});
-  if (c.size() > detail::kMaxEntries) c.pop_back();
-  return c.front().tables.tables;
+  owner->kept = detail::upload(rows, nlists, nblocks, layout, device);
+  owner->rows = std::move(rows);
+  owner->chunk = layout.chunk;
+  owner->empty_block = layout.empty_block;
+  owner->stream = stream;
+  return owner->kept;
 }
 
 }  // namespace mta

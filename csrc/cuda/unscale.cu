@@ -4,13 +4,13 @@
 // One launch of the multi-tensor engine per call, whatever the number of tensors
 // (multi_tensor_apply.cuh: every tensor cut into chunks of kChunk elements, one block per
 // chunk, empty tensors none) with UnscaleOp as its functor. Block b handles chunk b: it
-// reads each element once (16-byte vector loads when aligned, vec_io.cuh), checks it,
-// writes x * inv_scale back when WRITE (one write), and sums squares when NORM. found_inf
-// is set with a plain store of 1.0f by any block that saw an inf/NaN (all writers store the
-// same value, nothing reads it on the host). With NORM each block stores its partial sum;
-// the last block to finish (atomic counter, zeroed per call) adds the partials in chunk
-// order, in double, and stores the fp32 total: a deterministic result from the same single
-// launch.
+// reads each element once (16-byte vector loads after a scalar head up to the first 16-byte
+// boundary, vec_io.cuh), checks it, writes x * inv_scale back when WRITE (one write), and
+// sums squares when NORM. found_inf is set with a plain store of 1.0f by any block that saw
+// an inf/NaN (all writers store the same value, nothing reads it on the host). With NORM each
+// block stores its partial sum; the last block to finish (atomic counter, zeroed per call)
+// adds the partials in chunk order, in double, and stores the fp32 total: a deterministic
+// result from the same single launch.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -80,22 +80,23 @@ struct UnscaleOp : UnscaleArgs {
     const float inv = *inv_scale;
     float sq = 0.f, pr = 0.f;
 
-    int64_t done = 0;
-    if (vec_io::aligned<scalar_t, N>(p)) {
-      const int64_t n_packs = n / N;
-      for (int64_t i = threadIdx.x; i < n_packs; i += kThreads) {
-        P pk = vec_io::load_pack<N>(p + i * N);
+    // a scalar head up to the first 16-byte boundary (a view into a bucket), vector steps,
+    // a scalar tail
+    const int64_t h = min(vec_io::head<scalar_t, N>(p), n);
+    const int64_t n_packs = (n - h) / N;
+    for (int64_t i = threadIdx.x; i < n_packs; i += kThreads) {
+      P pk = vec_io::load_pack<N>(p + h + i * N);
 #pragma unroll
-        for (int k = 0; k < N; ++k) visit<scalar_t, WRITE, NORM>(pk.v[k], inv, sq, pr);
-        if (WRITE) vec_io::store_pack<N>(p + i * N, pk);
-      }
-      done = n_packs * N;
+      for (int k = 0; k < N; ++k) visit<scalar_t, WRITE, NORM>(pk.v[k], inv, sq, pr);
+      if (WRITE) vec_io::store_pack<N>(p + h + i * N, pk);
     }
-    for (int64_t i = done + threadIdx.x; i < n; i += kThreads) {
+    const auto scalar = [&](int64_t i) {
       scalar_t e = p[i];
       visit<scalar_t, WRITE, NORM>(e, inv, sq, pr);
       if (WRITE) p[i] = e;
-    }
+    };
+    for (int64_t i = threadIdx.x; i < h; i += kThreads) scalar(i);
+    for (int64_t i = h + n_packs * N + threadIdx.x; i < n; i += kThreads) scalar(i);
 
     if (__syncthreads_or(unscale::probe_found(pr)) && threadIdx.x == 0) *found_inf = 1.f;
 
@@ -143,7 +144,8 @@ at::Tensor unscale_and_check_cuda(at::TensorList tensors, const at::Tensor& inv_
   if (total == 0) {  // no chunk at all
     return compute_norm ? at::zeros({}, fopts) : at::empty({0}, fopts);
   }
-  const mta::Tables tab = mta::tables_for({tensors}, mta::Layout{kChunk, /*empty_block=*/false}, inv_scale.device());
+  const mta::DeviceTables tables = mta::tables_of({tensors}, mta::Layout{kChunk, /*empty_block=*/false}, inv_scale.device());
+  const mta::Tables& tab = tables.tables;
   const int64_t n_chunks = tab.nblocks;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   UnscaleArgs a{inv_scale.data_ptr<float>(), found_inf.data_ptr<float>(), nullptr, nullptr, nullptr};

@@ -1,8 +1,8 @@
 #pragma once
 // Vector loads and stores of the CUDA kernels (adam.cu, unscale.cu, bce.cu): N elements of
 // type T moved as one aligned Pack of N * sizeof(T) bytes (16 bytes: one LDG.128 / STG.128;
-// a 32-byte Pack is two). A kernel checks alignment (aligned<T, N>) and keeps a scalar path
-// for what is not aligned.
+// a 32-byte Pack is two). A kernel checks alignment (aligned<T, N>, head<T, N>) and keeps a
+// scalar path for what is not aligned.
 #include <cstdint>
 
 namespace fusedtrain {
@@ -17,6 +17,15 @@ struct alignas(sizeof(T) * N) Pack {
 template <typename T, int N>
 __host__ __device__ __forceinline__ bool aligned(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % (sizeof(T) * N) == 0;
+}
+
+// Elements from p to the next address aligned<T, N> (0 when p is): a kernel peels them off
+// as scalars and moves the rest as Packs (a view that starts inside a buffer, e.g. a grad of
+// DDP's gradient_as_bucket_view, still gets vector accesses).
+template <typename T, int N>
+__host__ __device__ __forceinline__ int64_t head(const void* p) {
+  constexpr uintptr_t bytes = sizeof(T) * N;
+  return static_cast<int64_t>(((bytes - reinterpret_cast<uintptr_t>(p) % bytes) % bytes) / sizeof(T));
 }
 
 template <int N, typename T>

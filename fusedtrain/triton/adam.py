@@ -21,6 +21,45 @@ from fusedtrain.triton.aot import AotSpec
 from fusedtrain.triton.rounding import store_rounded
 
 
+@triton.jit
+def _adam_elements(offs, mask, pp, gp, mp, vp, xp, wp, gscale, wd, decay, l2, lerp_low, w1, omw1, b2, omb2,
+                   bc2_sqrt, eps, step_size, AMSGRAD: tl.constexpr, MASTER: tl.constexpr, DECOUPLED: tl.constexpr):
+    """The update of the elements at offs (where mask) of one tensor: adam_math.h's order."""
+    if MASTER:
+        p = tl.load(wp + offs, mask=mask, other=0.0)
+    else:
+        p = tl.load(pp + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(gp + offs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(mp + offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(vp + offs, mask=mask, other=0.0).to(tl.float32)
+    g = g * gscale
+    if DECOUPLED:
+        if wd != 0.0:
+            p = p * decay
+    else:
+        if wd != 0.0:
+            g = g + l2 * p
+    if lerp_low:
+        m = m + w1 * (g - m)
+    else:
+        m = g - (g - m) * omw1
+    v = v * b2 + omb2 * g * g
+    if AMSGRAD:
+        x = tl.load(xp + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.where((x != x) | (x > v), x, v)  # torch.maximum: NaN propagates
+        denom = tl.math.div_rn(tl.sqrt_rn(x), bc2_sqrt) + eps
+        store_rounded(xp + offs, x, mask)
+    else:
+        denom = tl.math.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+    # IEEE division as in adam_math.h (Triton's fp32 `/` is the approximate div.full)
+    p = p - tl.math.div_rn(step_size * m, denom)
+    if MASTER:
+        tl.store(wp + offs, p, mask=mask)
+    store_rounded(pp + offs, p, mask)
+    store_rounded(mp + offs, m, mask)
+    store_rounded(vp + offs, v, mask)
+
+
 # the hyper-parameters vary during training (an LR schedule): no specialization on their
 # values, or every new value could compile a new kernel
 @triton.jit(do_not_specialize=["lr_bits", "beta1_bits", "beta2_bits", "eps", "wd_bits"])
@@ -28,8 +67,8 @@ def _adam_kernel(tab, tile_t, tile_off, counters, p_ref, s_ref, lr_ptr, gm_ptr, 
                  lr_bits, beta1_bits, beta2_bits, eps, wd_bits,
                  AMSGRAD: tl.constexpr, MASTER: tl.constexpr, LR_TENSOR: tl.constexpr,
                  HAS_MULT: tl.constexpr, HAS_FI: tl.constexpr, MAXIMIZE: tl.constexpr,
-                 DECOUPLED: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
-    CHUNK = BLOCK * ITERS
+                 DECOUPLED: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, ALIGNED: tl.constexpr):
+    CHUNK: tl.constexpr = BLOCK * ITERS
     pid = tl.program_id(0)
     t = tl.load(tile_t + pid).to(tl.int64)
     off0 = tl.load(tile_off + pid)
@@ -73,43 +112,28 @@ def _adam_kernel(tab, tile_t, tile_off, counters, p_ref, s_ref, lr_ptr, gm_ptr, 
     vp = tl.load(row + 3).to(s_ref.dtype)
     xp = tl.load(row + 4).to(s_ref.dtype)
     wp = tl.load(row + 5).to(tl.pointer_type(tl.float32))
+    if ALIGNED:  # the host checked every address (multi_tensor.py): 128-bit accesses
+        off0 = tl.multiple_of(off0, BLOCK * ITERS)
+        pp = tl.multiple_of(pp, 16)
+        gp = tl.multiple_of(gp, 16)
+        mp = tl.multiple_of(mp, 16)
+        vp = tl.multiple_of(vp, 16)
+        xp = tl.multiple_of(xp, 16)
+        wp = tl.multiple_of(wp, 16)
     lim = tl.where(go, numel, 0)  # found_inf: every load and store masked off
+    if ALIGNED:
+        lim16 = lim // 16 * 16  # the loop's mask is constant over 16 elements (a vector of any dtype)
+    else:
+        lim16 = lim
     for k in tl.range(0, CHUNK, BLOCK):
         offs = off0 + k + tl.arange(0, BLOCK)
-        mask = offs < lim
-        if MASTER:
-            p = tl.load(wp + offs, mask=mask, other=0.0)
-        else:
-            p = tl.load(pp + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(gp + offs, mask=mask, other=0.0).to(tl.float32)
-        m = tl.load(mp + offs, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(vp + offs, mask=mask, other=0.0).to(tl.float32)
-        g = g * gscale
-        if DECOUPLED:
-            if wd != 0.0:
-                p = p * decay
-        else:
-            if wd != 0.0:
-                g = g + l2 * p
-        if lerp_low:
-            m = m + w1 * (g - m)
-        else:
-            m = g - (g - m) * omw1
-        v = v * b2 + omb2 * g * g
-        if AMSGRAD:
-            x = tl.load(xp + offs, mask=mask, other=0.0).to(tl.float32)
-            x = tl.where((x != x) | (x > v), x, v)  # torch.maximum: NaN propagates
-            denom = tl.math.div_rn(tl.sqrt_rn(x), bc2_sqrt) + eps
-            store_rounded(xp + offs, x, mask)
-        else:
-            denom = tl.math.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
-        # IEEE division as in adam_math.h (Triton's fp32 `/` is the approximate div.full)
-        p = p - tl.math.div_rn(step_size * m, denom)
-        if MASTER:
-            tl.store(wp + offs, p, mask=mask)
-        store_rounded(pp + offs, p, mask)
-        store_rounded(mp + offs, m, mask)
-        store_rounded(vp + offs, v, mask)
+        _adam_elements(offs, offs < lim16, pp, gp, mp, vp, xp, wp, gscale, wd, decay, l2, lerp_low, w1, omw1, b2,
+                       omb2, bc2_sqrt, eps, step_size, AMSGRAD, MASTER, DECOUPLED)
+    if ALIGNED:  # the last (fewer than 16) elements of the tensor, scalar, by the tile that holds them
+        toffs = lim16 + tl.arange(0, 16)
+        tmask = (toffs < lim) & (lim16 >= off0) & (lim16 < off0 + CHUNK)
+        _adam_elements(toffs, tmask, pp, gp, mp, vp, xp, wp, gscale, wd, decay, l2, lerp_low, w1, omw1, b2,
+                       omb2, bc2_sqrt, eps, step_size, AMSGRAD, MASTER, DECOUPLED)
 
     # the step increment: the last program of this tensor (all others have read the step)
     ntiles = tl.maximum((numel + CHUNK - 1) // CHUNK, 1)  # an empty tensor has one tile
@@ -141,25 +165,26 @@ def launch(tables, block, iters, refs, lr, lr_tensor, beta1, beta2, eps, weight_
     """One launch of the kernel over the tables (rows, tile_t, tile_off) of a call.
 
     Args:
-        tables: from multi_tensor.tables() or a KeptTables, with tiles of block * iters.
+        tables: the launches from multi_tensor.tables() or a KeptTables, with tiles of
+            block * iters.
         block, iters: from tile().
         refs: (params[0], exp_avgs[0], steps[0]): the dtypes of the call, and the device.
         the others: fusedtrain::adam_'s arguments (csrc/ops.cpp); master: whether the table
             has master params.
     """
-    tab, tile_t, tile_off = tables
     p_ref, s_ref, dummy = refs
-    with device_guard(p_ref):
-        _adam_kernel[(tile_t.numel(),)](
-            # per-launch counters (a stream-ordered memset): launches on two streams never share them
-            tab, tile_t, tile_off, torch.zeros(tab.shape[0], dtype=torch.int32, device=p_ref.device), p_ref, s_ref,
-            lr_tensor if lr_tensor is not None else dummy,
-            grad_mult if grad_mult is not None else dummy,
-            found_inf if found_inf is not None else dummy,
-            _bits(lr), _bits(beta1), _bits(beta2), float(eps), _bits(weight_decay),
-            AMSGRAD=bool(amsgrad), MASTER=bool(master), LR_TENSOR=lr_tensor is not None,
-            HAS_MULT=grad_mult is not None, HAS_FI=found_inf is not None, MAXIMIZE=bool(maximize),
-            DECOUPLED=bool(decoupled_weight_decay), BLOCK=block, ITERS=iters)
+    for tab, tile_t, tile_off, aligned in tables:
+        with device_guard(p_ref):
+            _adam_kernel[(tile_t.numel(),)](
+                # per-launch counters (a stream-ordered memset): launches on two streams never share them
+                tab, tile_t, tile_off, torch.zeros(tab.shape[0], dtype=torch.int32, device=p_ref.device), p_ref,
+                s_ref, lr_tensor if lr_tensor is not None else dummy,
+                grad_mult if grad_mult is not None else dummy,
+                found_inf if found_inf is not None else dummy,
+                _bits(lr), _bits(beta1), _bits(beta2), float(eps), _bits(weight_decay),
+                AMSGRAD=bool(amsgrad), MASTER=bool(master), LR_TENSOR=lr_tensor is not None,
+                HAS_MULT=grad_mult is not None, HAS_FI=found_inf is not None, MAXIMIZE=bool(maximize),
+                DECOUPLED=bool(decoupled_weight_decay), BLOCK=block, ITERS=iters, ALIGNED=aligned)
 
 
 @torch.library.custom_op("fusedtrain_triton::adam_",
@@ -183,20 +208,22 @@ def adam_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[
            amsgrad, bool(master_params), maximize, decoupled_weight_decay, grad_mult, found_inf)
 
 
-def _spec(pdt, sdt, amsgrad, master, flags, wd_zero=False, amp=False):
+def _spec(pdt, sdt, amsgrad, master, flags, wd_zero=False, amp=False, aligned=True):
     # an int argument is i32 when its value fits: lr_bits is _bits(0.0) = 0 with an lr tensor,
     # wd_bits with weight_decay=0 (torch Adam's default)
-    sig = {"tab": "*i64", "tile_t": "*i32", "tile_off": "*i64", "counters": "*i32", "p_ref": f"*{pdt}",
+    sig = {"tab": "*i64", "tile_t": "*i64", "tile_off": "*i64", "counters": "*i32", "p_ref": f"*{pdt}",
            "s_ref": f"*{sdt}", "lr_ptr": "*fp32", "gm_ptr": "*fp32", "fi_ptr": "*fp32",
            "lr_bits": "i32" if flags else "i64", "beta1_bits": "i64", "beta2_bits": "i64", "eps": "fp32",
            "wd_bits": "i32" if wd_zero else "i64"}
     ce = dict(AMSGRAD=amsgrad, MASTER=master, LR_TENSOR=flags, HAS_MULT=flags or amp, HAS_FI=flags or amp,
-              MAXIMIZE=flags, DECOUPLED=not flags, BLOCK=BLOCK, ITERS=ITERS)
+              MAXIMIZE=flags, DECOUPLED=not flags, BLOCK=BLOCK, ITERS=ITERS, ALIGNED=aligned)
     name = f"_adam_kernel[{pdt}/{sdt}{',amsgrad' if amsgrad else ''}{',master' if master else ''}" \
            f"{',lr_t,mult,found_inf,maximize' if flags else ',adamw'}{',amp' if amp else ''}" \
-           f"{',wd=0' if wd_zero else ''}]"
+           f"{',wd=0' if wd_zero else ''}{'' if aligned else ',unaligned'}]"
     return AotSpec(_adam_kernel, sig, ce, name=name)
 
+
+AOT_HELPERS = ("_adam_elements",)  # inlined into _adam_kernel
 
 AOT_SPECS = [
     _spec("fp32", "fp32", False, False, False),
@@ -212,4 +239,8 @@ AOT_SPECS = [
     _spec("fp16", "fp32", False, True, False, amp=True),
     _spec("bf16", "bf16", False, False, False, amp=True),
     _spec("fp16", "fp16", False, False, False, amp=True),
+    # tensors off a 16-byte boundary (views into a buffer): scalar accesses
+    _spec("fp32", "fp32", False, False, False, aligned=False),
+    _spec("bf16", "fp32", False, True, False, amp=True, aligned=False),
+    _spec("fp16", "fp16", False, False, False, amp=True, aligned=False),
 ]

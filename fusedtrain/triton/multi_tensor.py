@@ -4,21 +4,25 @@ Kernel arguments cannot carry a thousand addresses, device tables can:
     rows[t, l]        address of tensor t of list l (0 for an empty list)
     rows[t, -1]       numel of tensor t
     tile_t[k], tile_off[k]   tensor and first element of program k's tile (CHUNK elements)
-The tables depend only on addresses and sizes, so they are kept per device (a step over the
-same tensors finds them and launches the kernel and nothing else).
+A call's tables are a list of launches (rows, tile_t, tile_off, aligned): one when every
+address is a multiple of 16 bytes (then the kernel is told so and moves 128 bits per access;
+Triton cannot see the alignment of an address it reads from a table), else the tensors with an
+address off a 16-byte boundary (views into a buffer, such as DDP's gradient_as_bucket_view)
+in a second launch of scalar accesses.
+Who owns them, as for the CUDA kernels (csrc/include/fusedtrain/multi_tensor_tables.h): a
+call builds its own (tables()), or its owner keeps them from launch to launch (KeptTables, an
+optimizer's plan: nothing copied to the device in a steady-state step, nothing evicted from
+under a CUDA graph). While a CUDA graph is being captured, every call builds its own tables
+inside the graph (upload()).
 """
-import collections
 import os
-import threading
 
 import torch
 import triton
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_MAX_TABLES = 64
+from fusedtrain import _ext
 
-_lock = threading.Lock()
-_tables = collections.OrderedDict()  # key -> (rows, tile_t, tile_off), least recently used first
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def tile(max_numel, block, iters):
@@ -30,76 +34,96 @@ def tile(max_numel, block, iters):
     return min(1 << 16, max(16, triton.next_power_of_2(max(int(max_numel), 1)))), 1
 
 
-def _to_device(t, device):
-    # from pinned memory and stream-ordered: a pageable host-to-device copy would block the host
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+def upload(words, device):
+    """The int64 host tensor `words` on `device`, on the current stream, as the CUDA kernels'
+    tables go (csrc/cuda/multi_tensor_apply.cu): from pinned memory; while a CUDA graph is
+    being captured, in kernel parameters into the graph's own memory (a copy from host memory
+    would be replayed from a buffer that by then holds something else)."""
+    if device.type != "cuda":
+        return words.to(device)
+    if _ext._C is not None and _ext._C.built_with_cuda:
+        return _ext._C.upload_words(words, device)
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("fusedtrain: a Triton multi-tensor kernel cannot build its tables during CUDA graph "
+                           "capture without the compiled extension's CUDA kernels (fusedtrain check says why they "
+                           "are missing); use the native backend, or reinstall with nvcc")
+    return words.pin_memory().to(device, non_blocking=True)
 
 
-def _tile_tables(numels, chunk, empty_tiles, device):
+def _upload_tables(rows, chunk, empty_tiles, device):
+    """(rows, tile_t, tile_off) on `device` from the host rows table: one upload."""
+    numels = rows[:, -1].tolist()
     per = [max(1, -(-m // chunk)) if empty_tiles else -(-m // chunk) for m in numels]
     tile_t = [t for t in range(len(numels)) for _ in range(per[t])]
     tile_off = [k * chunk for t in range(len(numels)) for k in range(per[t])]
-    return (_to_device(torch.tensor(tile_t, dtype=torch.int32), device),
-            _to_device(torch.tensor(tile_off, dtype=torch.int64), device))
+    n, k = rows.numel(), len(tile_t)
+    words = torch.cat([rows.reshape(-1), torch.tensor(tile_t + tile_off, dtype=torch.int64)])
+    dev = upload(words, device)
+    return dev[:n].view(rows.shape), dev[n:n + k], dev[n + k:]
 
 
-def tables(lists, chunk, empty_tiles):
-    """(rows, tile_t, tile_off) on the tensors' device for `lists` (equal-length lists of
-    tensors; an empty list gives a column of zeros).
+def _build(rows, chunk, empty_tiles, device):
+    """The launches of a call (module docstring) from its host rows table."""
+    aligned = (rows[:, :-1] % 16 == 0).all(dim=1)
+    if bool(aligned.all()):
+        return [(*_upload_tables(rows, chunk, empty_tiles, device), True)]
+    return [(*_upload_tables(rows[sel], chunk, empty_tiles, device), a)
+            for sel, a in ((aligned, True), (~aligned, False)) if bool(sel.any())]
 
-    Args:
-        lists: the kernel's tensor lists; list 0 gives the device and every tensor's numel.
-        chunk: elements per tile.
-        empty_tiles: whether an empty tensor gets one tile (Adam bumps its step) or none.
-    """
+
+def addresses(lists):
+    """The int64 host rows table of `lists` (equal-length lists of tensors; an empty list
+    gives a column of zeros; list 0 gives every tensor's numel)."""
     first = lists[0]
-    n = len(first)
     cols = []
     for i, t in enumerate(first):
         cols += [lst[i].data_ptr() if lst else 0 for lst in lists]
         cols.append(t.numel())
-    device = first[0].device
-    key = (str(device), chunk, empty_tiles, tuple(cols))
-    with _lock:
-        hit = _tables.get(key)
-        if hit is not None:
-            _tables.move_to_end(key)
-            return hit
-    ncols = len(lists) + 1
-    entry = (_to_device(torch.tensor(cols, dtype=torch.int64).reshape(n, ncols), device),
-             *_tile_tables(cols[ncols - 1::ncols], chunk, empty_tiles, device))
-    with _lock:
-        _tables[key] = entry
-        if len(_tables) > _MAX_TABLES:
-            _tables.popitem(last=False)
-    return entry
+    return torch.tensor(cols, dtype=torch.int64).reshape(len(first), len(lists) + 1)
+
+
+def tables(lists, chunk, empty_tiles):
+    """The launches [(rows, tile_t, tile_off, aligned)] of one call on the tensors' device,
+    for this call only.
+
+    Args:
+        lists: the kernel's tensor lists (addresses()).
+        chunk: elements per tile.
+        empty_tiles: whether an empty tensor gets one tile (Adam bumps its step) or none.
+    """
+    return _build(addresses(lists), chunk, empty_tiles, lists[0][0].device)
 
 
 class KeptTables:
     """The tables of one call that an owner keeps from launch to launch (an optimizer's
-    plan), instead of the shared cache: the tile tables are built once, since they depend on
-    the sizes only, and the address table is uploaded again only when an address changed (a
-    grad allocated elsewhere). They live as long as the owner, so a CUDA graph captured with
-    them keeps valid tables while the owner lives.
+    plan): uploaded again only when an address changed (a grad allocated elsewhere), freed
+    with the owner. While a CUDA graph is being captured the call gets tables of its own
+    instead, built inside the graph, which then depends on nothing the owner may free.
 
     Args:
-        numels: every tensor's numel.
         chunk, empty_tiles: as for tables().
         device: the tensors' device.
     """
 
-    def __init__(self, numels, chunk, empty_tiles, device):
-        self.device = device
-        self.tile_t, self.tile_off = _tile_tables(list(numels), chunk, empty_tiles, device)
+    def __init__(self, chunk, empty_tiles, device):
+        self.chunk, self.empty_tiles, self.device = chunk, empty_tiles, device
         self._host = None
-        self.rows = None
+        self._kept = None
+        self._stream = None  # the stream the kept tables were allocated on
 
     def update(self, rows):
-        """The address table on the device for `rows` (the int64 host table of tables()),
-        uploaded only when it differs from the last one."""
+        """The launches [(rows, tile_t, tile_off, aligned)] on the device for the host rows
+        table `rows` (addresses())."""
+        cuda = self.device.type == "cuda"
+        if cuda and torch.cuda.is_current_stream_capturing():
+            return _build(rows, self.chunk, self.empty_tiles, self.device)
         if self._host is None or not torch.equal(rows, self._host):
-            self.rows = _to_device(rows, self.device)
+            self._kept = _build(rows, self.chunk, self.empty_tiles, self.device)
             self._host = rows
-        return self.rows, self.tile_t, self.tile_off
+            self._stream = torch.cuda.current_stream(self.device) if cuda else None
+        elif cuda:
+            stream = torch.cuda.current_stream(self.device)
+            if stream != self._stream:  # read on another stream: not reused before it is done
+                for launch in self._kept:
+                    launch[0].record_stream(stream)
+        return self._kept

@@ -26,20 +26,25 @@ _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat1
 @triton.jit
 def unscale_kernel(rows, tile_t, tile_off, n_tiles, inv_scale_ptr, found_inf_ptr, partial_ptr, out_ptr, ticket_ptr,
                    DTYPE: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, RBLOCK: tl.constexpr,
-                   WRITE: tl.constexpr, NORM: tl.constexpr):
+                   WRITE: tl.constexpr, NORM: tl.constexpr, ALIGNED: tl.constexpr):
     c = tl.program_id(0)
     t = tl.load(tile_t + c).to(tl.int64)
     off0 = tl.load(tile_off + c)
+    base = tl.load(rows + 2 * t).to(tl.pointer_type(DTYPE))
+    if ALIGNED:  # the host checked every address (multi_tensor.py): 128-bit accesses
+        off0 = tl.multiple_of(off0, BLOCK * ITERS)
+        base = tl.multiple_of(base, 16)
     # the tile's own base and length: 32-bit offsets inside it (64-bit ones cost registers)
-    base = tl.load(rows + 2 * t).to(tl.pointer_type(DTYPE)) + off0
+    base = base + off0
     n = tl.minimum(tl.load(rows + 2 * t + 1) - off0, BLOCK * ITERS).to(tl.int32)
+    n16 = n // 16 * 16  # the loop's mask is constant over 16 elements (a vector of any dtype)
     inv = tl.load(inv_scale_ptr)
     offs = tl.arange(0, BLOCK)
     sq = tl.full([BLOCK], 0.0, tl.float32)
     pr = tl.full([BLOCK], 0.0, tl.float32)
     for it in tl.range(ITERS):
         idx = it * BLOCK + offs
-        m = idx < n
+        m = idx < n16
         x = tl.load(base + idx, mask=m, other=0.0).to(tl.float32)
         pr = pr + x * 0.0                       # probe: NaN iff x is inf or NaN
         y = x * inv                             # the unscaled value
@@ -47,11 +52,19 @@ def unscale_kernel(rows, tile_t, tile_off, n_tiles, inv_scale_ptr, found_inf_ptr
             sq = sq + y * y
         if WRITE:
             store_rounded(base + idx, y, m)
+    # the last (fewer than 16) elements, scalar
+    tidx = n16 + tl.arange(0, 16)
+    tm = tidx < n
+    x = tl.load(base + tidx, mask=tm, other=0.0).to(tl.float32)
+    y = x * inv
+    if WRITE:
+        store_rounded(base + tidx, y, tm)
     # found_inf = 1.0 from every lane whose probe is NaN (all store the same value; no
     # reduction needed, and almost always no lane stores)
     tl.store(found_inf_ptr + offs * 0, tl.full([BLOCK], 1.0, tl.float32), mask=pr != pr)
+    tl.store(found_inf_ptr + tidx * 0, tl.full([16], 1.0, tl.float32), mask=(x * 0.0) != (x * 0.0))
     if NORM:
-        tl.store(partial_ptr + c, tl.sum(sq, axis=0))
+        tl.store(partial_ptr + c, tl.sum(sq, axis=0) + tl.sum(y * y, axis=0))
         # whichever thread stored the partial, it is ordered before the (release) ticket
         tl.debug_barrier()
         ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
@@ -75,36 +88,40 @@ def unscale_and_check_(tensors: list[torch.Tensor], inv_scale: torch.Tensor, fou
     if not tensors:
         return empty
     block, iters = multi_tensor.tile(max(t.numel() for t in tensors), BLOCK, ITERS)
-    rows, tile_t, tile_off = multi_tensor.tables([tensors], block * iters, empty_tiles=False)
-    n_tiles = tile_t.numel()
-    if n_tiles == 0:
-        return empty
-    if compute_norm:
-        partials = torch.empty((n_tiles,), dtype=torch.float32, device=dev)
-        ticket = torch.zeros((1,), dtype=torch.int32, device=dev)
-        out = torch.empty((), dtype=torch.float32, device=dev)
-    else:
-        partials = ticket = out = empty
-    with device_guard(inv_scale):
-        unscale_kernel[(n_tiles,)](
-            rows, tile_t, tile_off, n_tiles, inv_scale, found_inf, partials, out, ticket,
-            DTYPE=_TL_DTYPE[tensors[0].dtype], BLOCK=block, ITERS=iters, RBLOCK=RBLOCK,
-            WRITE=write, NORM=compute_norm, num_warps=NUM_WARPS)
-    return out
+    total = None
+    # one launch, or two where some tensors start off a 16-byte boundary (multi_tensor.tables)
+    for rows, tile_t, tile_off, aligned in multi_tensor.tables([tensors], block * iters, empty_tiles=False):
+        n_tiles = tile_t.numel()
+        if n_tiles == 0:
+            continue
+        if compute_norm:
+            partials = torch.empty((n_tiles,), dtype=torch.float32, device=dev)
+            ticket = torch.zeros((1,), dtype=torch.int32, device=dev)
+            out = torch.empty((), dtype=torch.float32, device=dev)
+        else:
+            partials = ticket = out = empty
+        with device_guard(inv_scale):
+            unscale_kernel[(n_tiles,)](
+                rows, tile_t, tile_off, n_tiles, inv_scale, found_inf, partials, out, ticket,
+                DTYPE=_TL_DTYPE[tensors[0].dtype], BLOCK=block, ITERS=iters, RBLOCK=RBLOCK,
+                WRITE=write, NORM=compute_norm, ALIGNED=aligned, num_warps=NUM_WARPS)
+        total = out if total is None or not compute_norm else total + out
+    return empty if total is None else total
 
 
-def _spec(dtype, write, norm):
+def _spec(dtype, write, norm, aligned=True):
     from fusedtrain.triton.aot import AotSpec
 
     return AotSpec(
         kernel=unscale_kernel,
-        signature={"rows": "*i64", "tile_t": "*i32", "tile_off": "*i64", "n_tiles": "i32", "inv_scale_ptr": "*fp32",
+        signature={"rows": "*i64", "tile_t": "*i64", "tile_off": "*i64", "n_tiles": "i32", "inv_scale_ptr": "*fp32",
                    "found_inf_ptr": "*fp32", "partial_ptr": "*fp32", "out_ptr": "*fp32", "ticket_ptr": "*i32"},
-        constexprs={"DTYPE": dtype, "BLOCK": BLOCK, "ITERS": ITERS, "RBLOCK": RBLOCK, "WRITE": write, "NORM": norm},
-        name=f"unscale_kernel[{dtype.name},write={int(write)},norm={int(norm)}]",
+        constexprs={"DTYPE": dtype, "BLOCK": BLOCK, "ITERS": ITERS, "RBLOCK": RBLOCK, "WRITE": write, "NORM": norm,
+                    "ALIGNED": aligned},
+        name=f"unscale_kernel[{dtype.name},write={int(write)},norm={int(norm)}{'' if aligned else ',unaligned'}]",
         options={"num_warps": NUM_WARPS},
     )
 
 
-AOT_SPECS = [_spec(d, w, nm) for d in (tl.float32, tl.float16, tl.bfloat16)
-             for w, nm in ((True, False), (True, True), (False, True), (False, False))]
+AOT_SPECS = [_spec(d, w, nm, a) for d in (tl.float32, tl.float16, tl.bfloat16)
+             for w, nm in ((True, False), (True, True), (False, True), (False, False)) for a in (True, False)]

@@ -1,0 +1,252 @@
+"""The multi-tensor kernels' address tables (csrc/include/fusedtrain/multi_tensor_tables.h,
+fusedtrain/triton/multi_tensor.py): who owns them, CUDA-graph capture, and tensors that start
+inside a buffer (misaligned views).
+
+Here (CPU, Triton interpreter): the tables an optimizer's plan keeps are uploaded once for any
+number of groups, again only for a group whose addresses changed; Adam and unscale on views at
+every element offset match torch in float64. With a GPU: a captured step replays correctly
+after other pinned allocations and other optimizers' steps, and a steady-state step copies
+nothing from the host.
+"""
+import pytest
+import torch
+
+import fusedtrain
+from fusedtrain import reference
+from fusedtrain.ops.adam import adam_
+from helpers import INTERPRET, assert_close, seed_for
+
+HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, amsgrad=False, maximize=False,
+             decoupled_weight_decay=True)
+
+
+def _groups(n_groups, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    sizes = [1, 7, 300, 4097]
+    return [[(torch.randn(sizes[(k + j) % 4], generator=g)).to(device).requires_grad_() for j in range(2)]
+            for k in range(n_groups)]
+
+
+def _torch_twin(groups):
+    params = [[p.detach().double().requires_grad_() for p in ps] for ps in groups]
+    opt = torch.optim.AdamW([{"params": ps} for ps in params], lr=HYPER["lr"], betas=(0.9, 0.99),
+                            weight_decay=0.1, foreach=False)
+    return params, opt
+
+
+@pytest.mark.parametrize("n_groups", [3, 70])  # 70: more than any cache of earlier versions held
+def test_plan_tables_uploaded_once_for_any_number_of_groups(backend_device, n_groups, monkeypatch):
+    backend, device = backend_device
+    if backend != "triton":
+        pytest.skip("the Triton kernels' tables are counted here; the CUDA ones by the GPU test below")
+    from fusedtrain.triton import multi_tensor
+
+    uploads = []
+    real = multi_tensor.upload
+    monkeypatch.setattr(multi_tensor, "upload", lambda words, dev: uploads.append(words.numel()) or real(words, dev))
+    groups = _groups(n_groups, device, seed_for("tables", n_groups))
+    theirs, topt = _torch_twin(groups)
+    opt = fusedtrain.FusedAdamW([{"params": ps} for ps in groups], lr=HYPER["lr"], betas=(0.9, 0.99),
+                                weight_decay=0.1)
+    g = torch.Generator().manual_seed(1)
+    per_step = []
+    for step in range(6):
+        for ps, qs in zip(groups, theirs):
+            for p, q in zip(ps, qs):
+                grad = torch.randn(p.shape, generator=g)
+                if step != 4 and p.grad is not None:
+                    p.grad.copy_(grad.to(device))  # same addresses
+                else:
+                    p.grad = grad.to(device)  # step 4 (and 0): every grad at a new address
+                q.grad = grad.double()
+        if step == 5:  # one group's grad elsewhere: that group's table only
+            groups[1][0].grad = groups[1][0].grad.clone()
+        before = len(uploads)
+        opt.step()
+        topt.step()
+        per_step.append(len(uploads) - before)
+    assert per_step[0] == n_groups, "one upload per group at the first step"
+    assert per_step[1:4] == [0, 0, 0], f"a steady-state step uploaded tables: {per_step}"
+    assert per_step[4] == n_groups and per_step[5] == 1, per_step
+    for ps, qs in zip(groups, theirs):
+        for p, q in zip(ps, qs):
+            assert_close(p.detach(), q.detach(), torch.float32, what="param")
+
+
+def _views(sizes, offsets, dtype, device, seed):
+    """Tensors of `sizes` that start `offsets` elements into buffers of their own (a bucket's
+    views): filled with randn."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n, off in zip(sizes, offsets):
+        buf = torch.empty(n + off + 3, dtype=dtype, device=device)
+        v = buf[off:off + n]
+        v.copy_(torch.randn(n, generator=g).to(dtype))
+        out.append(v)
+    return out
+
+
+SIZES = [5, 4099, 20000, 1]  # 20000: more than one CUDA block (16384) and Triton tile
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("grad_offset", [0, 1, 3], ids=lambda o: f"grads+{o}")
+@pytest.mark.parametrize("offset", [1, 2, 7], ids=lambda o: f"all+{o}")
+def test_adam_on_views_at_any_offset(backend_device, dtype, offset, grad_offset):
+    """Every list at `offset` elements into its buffer (a head to peel before vector steps),
+    the grads `grad_offset` further (lists misaligned with each other: scalar code)."""
+    _, device = backend_device
+    seed = seed_for("adam views", dtype, offset, grad_offset)
+    n = len(SIZES)
+    params = _views(SIZES, [offset] * n, dtype, device, seed)
+    grads = _views(SIZES, [offset + grad_offset] * n, dtype, device, seed + 1)
+    m = _views(SIZES, [offset] * n, dtype, device, seed + 2)
+    v = [t.abs_() for t in _views(SIZES, [offset] * n, dtype, device, seed + 3)]
+    steps = [torch.full((), 3.0, device=device) for _ in SIZES]
+    ref_p = [t.double().requires_grad_() for t in params]
+    topt = torch.optim.AdamW(ref_p, lr=HYPER["lr"], betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, foreach=False)
+    for p, g, a, b in zip(ref_p, grads, m, v):
+        p.grad = g.double()
+        topt.state[p] = {"step": torch.tensor(3.0), "exp_avg": a.double(), "exp_avg_sq": b.double()}
+    adam_(params, grads, m, v, [], steps, **HYPER)
+    topt.step()
+    for p, q, a, b in zip(params, ref_p, m, v):
+        assert_close(p, q.detach(), dtype, what=f"param (offset {offset}, grads +{grad_offset})")
+        assert_close(a, topt.state[q]["exp_avg"], dtype, what="exp_avg")
+        assert_close(b, topt.state[q]["exp_avg_sq"], dtype, what="exp_avg_sq")
+    assert all(s.item() == 4.0 for s in steps)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf * 0, the interpreter's probe
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_unscale_on_views_at_every_offset(backend_device, dtype):
+    _, device = backend_device
+    offsets = list(range(9))  # 0..8 elements: every position in a 16-byte vector of any dtype
+    ts = _views([20000 + k for k in offsets], offsets, dtype, device, seed_for("unscale views", dtype))
+    before = [t.clone() for t in ts]
+    inv = torch.tensor(1 / 3000.0, device=device)
+    found = torch.zeros((), device=device)
+    expect, bad, norm64 = reference.unscale_and_check_float64(before, inv)
+    norm = fusedtrain.unscale_and_check_(ts, inv, found, compute_norm=True)
+    assert found.item() == 0.0 and not bad
+    for t, e in zip(ts, expect):
+        assert_close(t, e, dtype, what="unscaled")
+    assert_close(norm, torch.tensor(norm64, dtype=torch.float64), rtol=1e-5, atol=0, what="norm")
+    ts[4][5] = float("inf")  # in the scalar head of the view that starts 4 elements in
+    fusedtrain.unscale_and_check_(ts, inv, found, write=False)
+    assert found.item() == 1.0, "an inf in a view's head"
+
+
+def test_triton_launches_split_by_alignment():
+    """The Triton kernels are told their addresses are 16-byte aligned (128-bit accesses; a
+    misaligned one would fault on a GPU, and the interpreter cannot tell): only rows whose
+    every address is go to the aligned launch, each tensor to exactly one launch."""
+    pytest.importorskip("triton")
+    from fusedtrain.triton import multi_tensor
+
+    offsets = [0, 1, 2, 4, 0, 3]
+    a = _views([100] * 6, offsets, torch.float32, "cpu", 0)
+    b = _views([100] * 6, [0, 0, 2, 4, 1, 3], torch.float32, "cpu", 1)  # a second list, offsets of its own
+    launches = multi_tensor.tables([a, b], 64, empty_tiles=False)
+    assert sorted(flag for *_, flag in launches) == [False, True]
+    seen = []
+    for rows, tile_t, tile_off, aligned in launches:
+        for addr_a, addr_b, _ in rows.tolist():
+            assert (addr_a % 16 == 0 and addr_b % 16 == 0) == aligned
+            seen.append(addr_a)
+        assert tile_t.max().item() == rows.shape[0] - 1  # the tiles index their own rows
+    assert sorted(seen) == sorted(t.data_ptr() for t in a)
+    fresh = [torch.randn(100) for _ in range(3)]
+    assert [flag for *_, flag in multi_tensor.tables([fresh], 64, empty_tiles=False)] == [True]
+
+
+# ---- with a GPU --------------------------------------------------------------------------------
+
+def _gpu_backend(backend):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    ok, why = fusedtrain._backend.availability(backend, torch.device("cuda"))
+    if not ok:
+        pytest.skip(f"{backend}: {why}")
+
+
+def _one_read_step(model, opt, scaler, x, y):
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    scaler.scale(loss).backward()
+    scaler.step(opt, max_norm=1.0)  # the one-read clipped step: a norm pass, then Adam
+    scaler.update()
+
+
+def _model(seed):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(20)]).cuda()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_captured_step_replays_after_other_work(backend):
+    """A graph reads only tables that live as long as it does: after capture, 100 pinned
+    allocations and eager steps of other optimizers (which build and free tables of their
+    own) must not change what a replay computes. Compared bit for bit with an eager twin."""
+    _gpu_backend(backend)
+    with fusedtrain.use_backend(backend):
+        models = [_model(0), _model(0)]
+        opts = [fusedtrain.FusedAdamW([{"params": [p]} for p in m.parameters()], lr=1e-3, capturable=True)
+                for m in models]  # a group per param: 40 groups
+        scalers = [fusedtrain.GradScaler("cuda") for _ in models]
+        x, y = torch.randn(32, 64, device="cuda"), torch.randn(32, 64, device="cuda")
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (torch.cuda.graphs' recipe), both twins alike
+            for _ in range(3):
+                for m, o, s in zip(models, opts, scalers):
+                    o.zero_grad(set_to_none=False)
+                    _one_read_step(m, o, s, x, y)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        opts[0].zero_grad(set_to_none=False)
+        with torch.cuda.graph(graph):
+            _one_read_step(models[0], opts[0], scalers[0], x, y)
+        # other work: pinned buffers and other optimizers' steps reuse what the capture freed
+        pinned = [torch.randn(4096).pin_memory() for _ in range(100)]
+        other = _model(1)
+        oopt = fusedtrain.FusedAdamW([{"params": [p]} for p in other.parameters()], lr=1e-3)
+        oscaler = fusedtrain.GradScaler("cuda")
+        for _ in range(5):
+            oopt.zero_grad()
+            _one_read_step(other, oopt, oscaler, x, y)
+        del pinned
+        for r in range(10):
+            x.copy_(torch.randn(32, 64) * (1 + r))
+            y.copy_(torch.randn(32, 64))
+            graph.replay()
+            opts[1].zero_grad(set_to_none=False)
+            _one_read_step(models[1], opts[1], scalers[1], x, y)
+        torch.cuda.synchronize()
+        for a, b in zip(models[0].parameters(), models[1].parameters()):
+            assert torch.equal(a, b), "a replay differs from the eager step"
+        assert torch.equal(scalers[0].get_scale(), scalers[1].get_scale())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_steady_state_step_copies_nothing_from_the_host(backend):
+    """70 param groups (more than the table caches of earlier versions held): after the first
+    step, a step makes no host-to-device copy."""
+    _gpu_backend(backend)
+    from torch.profiler import ProfilerActivity, profile
+
+    with fusedtrain.use_backend(backend):
+        params = [torch.randn(1000 + k, device="cuda", requires_grad=True) for k in range(140)]
+        opt = fusedtrain.FusedAdamW([{"params": params[k:k + 2]} for k in range(0, 140, 2)], lr=1e-3)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        opt.step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                opt.step()
+            torch.cuda.synchronize()
+    copies = [e.name for e in prof.events() if "HtoD" in e.name]
+    assert not copies, f"{len(copies)} host-to-device copies in 3 steady-state steps: {copies[:3]}"
