@@ -161,16 +161,14 @@ class AdamPlan {
     TORCH_CHECK(!c.params.empty() && c.grads.size() == c.params.size(), "AdamPlan.addresses without gather");
     const Tensors* lists[] = {&c.params, &c.grads, &c.exp_avgs, &c.exp_avg_sqs, &c.max_exp_avg_sqs, &c.steps,
                               &c.master_params};
-    const int64_t n = static_cast<int64_t>(c.params.size()), ncols = static_cast<int64_t>(columns.size()) + 1;
-    at::Tensor rows = at::empty({n, ncols}, at::kLong);
-    int64_t* r = rows.data_ptr<int64_t>();
-    for (int64_t j = 0; j + 1 < ncols; ++j) {
-      TORCH_CHECK(columns[j] >= 0 && columns[j] < 7, "AdamPlan.addresses: no list ", columns[j]);
-      const Tensors& l = *lists[columns[j]];
-      for (int64_t t = 0; t < n; ++t) r[t * ncols + j] = l.empty() ? 0 : reinterpret_cast<int64_t>(l[t].data_ptr());
+    std::vector<at::TensorList> cols;
+    for (int l : columns) {
+      TORCH_CHECK(l >= 0 && l < 7, "AdamPlan.addresses: no list ", l);
+      cols.emplace_back(*lists[l]);
     }
-    for (int64_t t = 0; t < n; ++t) r[t * ncols + ncols - 1] = c.params[t].numel();
-    return rows;
+    std::vector<int64_t> rows = mta::rows_of(cols);
+    const int64_t n = static_cast<int64_t>(c.params.size()), ncols = static_cast<int64_t>(columns.size()) + 1;
+    return at::tensor(rows, at::kLong).view({n, ncols});
   }
 
   // (params[0], exp_avgs[0], steps[0]) of call `k`: its dtypes and device for a launch that

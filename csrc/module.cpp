@@ -19,6 +19,22 @@ void adam_check_(const Tensors& params, const Tensors& grads, const Tensors& exp
   fusedtrain::adam::check_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, amsgrad);
 }
 
+// The rows table of lists (multi_tensor_tables.h) as an (n, len(lists) + 1) int64 tensor: the
+// Triton kernels' (fusedtrain/triton/multi_tensor.py), without a Python call per tensor.
+at::Tensor addresses(const std::vector<Tensors>& lists) {
+  TORCH_CHECK(!lists.empty() && !lists[0].empty(), "addresses: no tensors");
+  const std::vector<at::TensorList> views(lists.begin(), lists.end());
+  const int64_t n = static_cast<int64_t>(lists[0].size()), ncols = static_cast<int64_t>(lists.size()) + 1;
+  return at::tensor(fusedtrain::mta::rows_of(views), at::kLong).view({n, ncols});
+}
+
+// fusedtrain._C.TableOwner: Python code's owner of CUDA kernels' tables (fusedtrain/_tables.py):
+// the calls made between __enter__ and __exit__ use tables it keeps (multi_tensor_tables.h).
+struct TableOwner {
+  fusedtrain::mta::KeptTables tables;
+  std::vector<fusedtrain::mta::KeptTables*> previous;
+};
+
 #ifdef FUSEDTRAIN_WITH_CUDA
 // The Triton kernels' tables reach the device the way the CUDA kernels' do (a CUDA graph
 // being captured gets them in kernel parameters): fusedtrain/triton/multi_tensor.py.
@@ -48,8 +64,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("cpu_capability") = "DEFAULT";
 #endif
   m.def("adam_check_", &adam_check_);
+  m.def("addresses", &addresses);
 #ifdef FUSEDTRAIN_WITH_CUDA
   m.def("upload_words", &upload_words);
 #endif
   fusedtrain::bind_adam_plan(m);
+  pybind11::class_<TableOwner>(m, "TableOwner")
+      .def(pybind11::init<>())
+      .def("__enter__",
+           [](TableOwner& o) {
+             o.previous.push_back(fusedtrain::mta::current_owner());
+             fusedtrain::mta::current_owner() = &o.tables;
+           })
+      .def("__exit__", [](TableOwner& o, const pybind11::args&) {
+        TORCH_CHECK(!o.previous.empty(), "TableOwner.__exit__ without __enter__");
+        fusedtrain::mta::current_owner() = o.previous.back();
+        o.previous.pop_back();
+      });
 }

@@ -5,12 +5,13 @@ The scaler hands the scale to fusedtrain's optimizers instead of unscaling the g
 (they unscale as they read), checks for inf/NaN in one read-only pass per (device, dtype),
 and never syncs the host; how each method works: docs/design.md §7.
 """
+import functools
 from collections import defaultdict
 
 import torch
 from torch.amp.grad_scaler import OptState
 
-from fusedtrain import _dtensor
+from fusedtrain import _dtensor, _tables
 from fusedtrain.ops.unscale import combine_norm, unscale_sumsq_
 
 __all__ = ["GradScaler", "OptState", "clipped_step_"]
@@ -56,7 +57,8 @@ def clipped_step_(optimizer, max_norm, *, inv_scale=None, found_inf=None):
         device = inv_scale.device if inv_scale is not None else (grads[0].device if grads else torch.device("cpu"))
         found_inf = torch.zeros((), dtype=torch.float32, device=device)
     mult = inv_scale if inv_scale is not None else torch.ones((), dtype=torch.float32, device=found_inf.device)
-    sums = unscale_sumsq_(grads, mult, found_inf, compute_norm=True, write=False)
+    sums = unscale_sumsq_(grads, mult, found_inf, compute_norm=True, write=False,
+                          owner_of=functools.partial(_tables.grad_owner, optimizer))
     if sharded:  # FSDP2: the flag and the norm over every rank's shard
         sums = {d: s.clone() for d, s in sums.items()}
         _dtensor.reduce_across_shards_(sharded, [found_inf], list(sums.values()))
@@ -149,7 +151,8 @@ class GradScaler(torch.amp.GradScaler):
                 continue
             if dev not in inv_cache:
                 inv_cache[dev] = inv_scale if inv_scale.device == dev else inv_scale.to(dev, non_blocking=True)
-            s = unscale_sumsq_(grads, inv_cache[dev], f, compute_norm=compute_norm, write=write)
+            s = unscale_sumsq_(grads, inv_cache[dev], f, compute_norm=compute_norm, write=write,
+                               owner_of=functools.partial(_tables.grad_owner, optimizer))
             sums.update(s)
         if sharded:  # FSDP2: every rank must see an inf on any rank's shard, and the whole norm
             _dtensor.reduce_across_shards_(sharded, list(found_per_device.values()), list(sums.values()))

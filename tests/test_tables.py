@@ -73,6 +73,44 @@ def test_plan_tables_uploaded_once_for_any_number_of_groups(backend_device, n_gr
             assert_close(p.detach(), q.detach(), torch.float32, what="param")
 
 
+@pytest.mark.parametrize("clip", ["one-read", "clip_grad_norm_"])
+def test_scaler_passes_use_tables_kept_on_the_optimizer(backend_device, clip, monkeypatch):
+    """The GradScaler's passes over an optimizer's grads (the norm pass of the one-read step,
+    the check and scaling passes of clip_grad_norm_) keep their tables on the optimizer too:
+    nothing uploaded in a steady-state step."""
+    backend, device = backend_device
+    if backend != "triton":
+        pytest.skip("the Triton kernels' tables are counted here; the CUDA ones by the GPU test below")
+    from fusedtrain.triton import multi_tensor
+
+    uploads = []
+    real = multi_tensor.upload
+    monkeypatch.setattr(multi_tensor, "upload", lambda words, dev: uploads.append(words.numel()) or real(words, dev))
+    groups = _groups(40, device, seed_for("scaler tables", clip))
+    opt = fusedtrain.FusedAdamW([{"params": ps} for ps in groups], lr=1e-3)
+    scaler = fusedtrain.GradScaler(device, init_scale=1024.0)
+    per_step = []
+    for step in range(4):
+        for ps in groups:
+            for p in ps:
+                grad = torch.randn(p.shape) * 1024.0
+                if p.grad is None:
+                    p.grad = grad.to(device)
+                else:
+                    p.grad.copy_(grad)
+        scaler.scale(torch.ones((), device=device))
+        before = len(uploads)
+        if clip == "one-read":
+            scaler.step(opt, max_norm=1.0)
+        else:
+            scaler.clip_grad_norm_(opt, 1.0)
+            scaler.step(opt)
+        scaler.update()
+        per_step.append(len(uploads) - before)
+    assert per_step[0] > 40 and per_step[1:] == [0, 0, 0], per_step
+    assert all(torch.isfinite(p).all() for ps in groups for p in ps)
+
+
 def _views(sizes, offsets, dtype, device, seed):
     """Tensors of `sizes` that start `offsets` elements into buffers of their own (a bucket's
     views): filled with randn."""
@@ -89,31 +127,47 @@ def _views(sizes, offsets, dtype, device, seed):
 SIZES = [5, 4099, 20000, 1]  # 20000: more than one CUDA block (16384) and Triton tile
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype,variant", [(torch.float32, "plain"), (torch.bfloat16, "plain"),
+                                           (torch.float32, "amsgrad"), (torch.bfloat16, "master")],
+                         ids=["fp32", "bf16", "fp32-amsgrad", "bf16-master"])
 @pytest.mark.parametrize("grad_offset", [0, 1, 3], ids=lambda o: f"grads+{o}")
-@pytest.mark.parametrize("offset", [1, 2, 7], ids=lambda o: f"all+{o}")
-def test_adam_on_views_at_any_offset(backend_device, dtype, offset, grad_offset):
+@pytest.mark.parametrize("offset", [0, 1, 2, 7], ids=lambda o: f"all+{o}")
+def test_adam_on_views_at_any_offset(backend_device, dtype, variant, offset, grad_offset):
     """Every list at `offset` elements into its buffer (a head to peel before vector steps),
-    the grads `grad_offset` further (lists misaligned with each other: scalar code)."""
+    the grads `grad_offset` further (a grad in a bucket at another offset than its param:
+    element by element). "master": bf16 params with fp32 states and master params."""
     _, device = backend_device
-    seed = seed_for("adam views", dtype, offset, grad_offset)
+    seed = seed_for("adam views", dtype, variant, offset, grad_offset)
     n = len(SIZES)
+    sdt = torch.float32 if variant == "master" else dtype
     params = _views(SIZES, [offset] * n, dtype, device, seed)
     grads = _views(SIZES, [offset + grad_offset] * n, dtype, device, seed + 1)
-    m = _views(SIZES, [offset] * n, dtype, device, seed + 2)
-    v = [t.abs_() for t in _views(SIZES, [offset] * n, dtype, device, seed + 3)]
+    m = _views(SIZES, [offset] * n, sdt, device, seed + 2)
+    v = [t.abs_() for t in _views(SIZES, [offset] * n, sdt, device, seed + 3)]
+    vmax = [t.abs_() * 1.5 for t in _views(SIZES, [offset] * n, sdt, device, seed + 4)] if variant == "amsgrad" else []
+    masters = _views(SIZES, [offset] * n, torch.float32, device, seed + 5) if variant == "master" else []
+    vmax = [_views([t.numel()], [offset], sdt, device, 0)[0].copy_(t) for t in vmax]  # views again
     steps = [torch.full((), 3.0, device=device) for _ in SIZES]
-    ref_p = [t.double().requires_grad_() for t in params]
-    topt = torch.optim.AdamW(ref_p, lr=HYPER["lr"], betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, foreach=False)
-    for p, g, a, b in zip(ref_p, grads, m, v):
+    start = masters if masters else params
+    ref_p = [t.double().requires_grad_() for t in start]
+    topt = torch.optim.AdamW(ref_p, lr=HYPER["lr"], betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1,
+                             amsgrad=variant == "amsgrad", foreach=False)
+    for k, (p, g, a, b) in enumerate(zip(ref_p, grads, m, v)):
         p.grad = g.double()
         topt.state[p] = {"step": torch.tensor(3.0), "exp_avg": a.double(), "exp_avg_sq": b.double()}
-    adam_(params, grads, m, v, [], steps, **HYPER)
+        if vmax:
+            topt.state[p]["max_exp_avg_sq"] = vmax[k].double()
+    adam_(params, grads, m, v, vmax, steps, masters, **{**HYPER, "amsgrad": variant == "amsgrad"})
     topt.step()
-    for p, q, a, b in zip(params, ref_p, m, v):
-        assert_close(p, q.detach(), dtype, what=f"param (offset {offset}, grads +{grad_offset})")
-        assert_close(a, topt.state[q]["exp_avg"], dtype, what="exp_avg")
-        assert_close(b, topt.state[q]["exp_avg_sq"], dtype, what="exp_avg_sq")
+    what = f"(offset {offset}, grads +{grad_offset})"
+    for k, (p, q, a, b) in enumerate(zip(params, ref_p, m, v)):
+        assert_close(p, q.detach(), dtype, what=f"param {what}")
+        if masters:
+            assert_close(masters[k], q.detach(), torch.float32, what=f"master {what}")
+        assert_close(a, topt.state[q]["exp_avg"], sdt, what=f"exp_avg {what}")
+        assert_close(b, topt.state[q]["exp_avg_sq"], sdt, what=f"exp_avg_sq {what}")
+        if vmax:
+            assert_close(vmax[k], topt.state[q]["max_exp_avg_sq"], sdt, what=f"max_exp_avg_sq {what}")
     assert all(s.item() == 4.0 for s in steps)
 
 
@@ -132,7 +186,7 @@ def test_unscale_on_views_at_every_offset(backend_device, dtype):
     for t, e in zip(ts, expect):
         assert_close(t, e, dtype, what="unscaled")
     assert_close(norm, torch.tensor(norm64, dtype=torch.float64), rtol=1e-5, atol=0, what="norm")
-    ts[4][5] = float("inf")  # in the scalar head of the view that starts 4 elements in
+    ts[1][1] = float("inf")  # in the scalar head of the view that starts 1 element in (any dtype)
     fusedtrain.unscale_and_check_(ts, inv, found, write=False)
     assert found.item() == 1.0, "an inf in a view's head"
 
@@ -200,11 +254,11 @@ def test_captured_step_replays_after_other_work(backend):
         with torch.cuda.stream(side):  # warm-up (torch.cuda.graphs' recipe), both twins alike
             for _ in range(3):
                 for m, o, s in zip(models, opts, scalers):
-                    o.zero_grad(set_to_none=False)
+                    o.zero_grad(set_to_none=True)
                     _one_read_step(m, o, s, x, y)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        opts[0].zero_grad(set_to_none=False)
+        opts[0].zero_grad(set_to_none=True)  # the captured backward allocates the grads (torch's recipe)
         with torch.cuda.graph(graph):
             _one_read_step(models[0], opts[0], scalers[0], x, y)
         # other work: pinned buffers and other optimizers' steps reuse what the capture freed
@@ -220,33 +274,47 @@ def test_captured_step_replays_after_other_work(backend):
             x.copy_(torch.randn(32, 64) * (1 + r))
             y.copy_(torch.randn(32, 64))
             graph.replay()
-            opts[1].zero_grad(set_to_none=False)
+            opts[1].zero_grad(set_to_none=True)
             _one_read_step(models[1], opts[1], scalers[1], x, y)
         torch.cuda.synchronize()
         for a, b in zip(models[0].parameters(), models[1].parameters()):
             assert torch.equal(a, b), "a replay differs from the eager step"
-        assert torch.equal(scalers[0].get_scale(), scalers[1].get_scale())
+        assert torch.equal(scalers[0]._scale, scalers[1]._scale)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("how", ["step", "one-read"])
 @pytest.mark.parametrize("backend", ["native", "triton"])
-def test_steady_state_step_copies_nothing_from_the_host(backend):
+def test_steady_state_step_copies_nothing_from_the_host(backend, how):
     """70 param groups (more than the table caches of earlier versions held): after the first
-    step, a step makes no host-to-device copy."""
+    steps, a step (opt.step(), or the GradScaler's one-read clipped step with its norm pass)
+    makes no host-to-device copy."""
     _gpu_backend(backend)
     from torch.profiler import ProfilerActivity, profile
 
     with fusedtrain.use_backend(backend):
         params = [torch.randn(1000 + k, device="cuda", requires_grad=True) for k in range(140)]
         opt = fusedtrain.FusedAdamW([{"params": params[k:k + 2]} for k in range(0, 140, 2)], lr=1e-3)
+        scaler = fusedtrain.GradScaler("cuda")
         for p in params:
             p.grad = torch.randn_like(p)
-        opt.step()
-        opt.step()
+
+        def step():
+            if how == "step":
+                opt.step()
+            else:
+                scaler.scale(torch.ones((), device="cuda"))
+                scaler.step(opt, max_norm=1.0)
+                scaler.update()
+
+        step()
+        step()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
-                opt.step()
+                step()
             torch.cuda.synchronize()
-    copies = [e.name for e in prof.events() if "HtoD" in e.name]
+    names = [e.name for e in prof.events()]
+    assert any("adam" in n.lower() for n in names), "the profiler recorded no Adam kernel: the count means nothing"
+    copies = [n for n in names if "HtoD" in n]
     assert not copies, f"{len(copies)} host-to-device copies in 3 steady-state steps: {copies[:3]}"

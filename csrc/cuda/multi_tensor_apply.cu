@@ -47,11 +47,11 @@ at::Tensor upload_words(const int64_t* words, int64_t n, const at::Device& devic
   }
   at::Tensor dev = at::empty({n}, at::TensorOptions().dtype(at::kLong).device(device));
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  Words piece;
-  for (int64_t at = 0; at < n; at += kFillWords) {
-    const int k = static_cast<int>(std::min<int64_t>(kFillWords, n - at));
-    std::memcpy(piece.w, words + at, static_cast<size_t>(k) * sizeof(int64_t));
-    fill_words<<<1, 256, 0, stream>>>(dev.data_ptr<int64_t>() + at, piece, k);
+  Words piece{};  // zeros past the words (the graph keeps all of it)
+  for (int64_t start = 0; start < n; start += kFillWords) {
+    const int k = static_cast<int>(std::min<int64_t>(kFillWords, n - start));
+    std::memcpy(piece.w, words + start, static_cast<size_t>(k) * sizeof(int64_t));
+    fill_words<<<1, 256, 0, stream>>>(dev.data_ptr<int64_t>() + start, piece, k);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return dev;

@@ -77,22 +77,13 @@ inline int64_t blocks_of(int64_t numel, const Layout& layout) {
   return nb > 0 ? nb : (layout.empty_block ? 1 : 0);
 }
 
-// The rows table on the host; nblocks: the blocks of all tensors.
+// The rows table on the host (multi_tensor_tables.h); nblocks: the blocks of all tensors.
 inline std::vector<int64_t> rows_of(const std::vector<at::TensorList>& lists, const Layout& layout,
                                     int64_t& nblocks) {
-  const int32_t nlists = static_cast<int32_t>(lists.size());
-  const int32_t ncols = nlists + 1;
-  const int64_t n = static_cast<int64_t>(lists[0].size());
-  TORCH_CHECK(n < (int64_t(1) << 31), "multi-tensor apply: too many tensors");
-  std::vector<int64_t> rows(static_cast<size_t>(n * ncols));
+  std::vector<int64_t> rows = mta::rows_of(lists);
+  const size_t ncols = lists.size() + 1;
   nblocks = 0;
-  for (int64_t t = 0; t < n; ++t) {
-    for (int32_t l = 0; l < nlists; ++l)
-      rows[t * ncols + l] = lists[l].empty() ? 0 : reinterpret_cast<int64_t>(lists[l][t].data_ptr());
-    const int64_t numel = lists[0][t].numel();
-    rows[t * ncols + nlists] = numel;
-    nblocks += blocks_of(numel, layout);
-  }
+  for (size_t r = ncols - 1; r < rows.size(); r += ncols) nblocks += blocks_of(rows[r], layout);
   TORCH_CHECK(nblocks < (int64_t(1) << 31), "multi-tensor apply: too many blocks");
   return rows;
 }
@@ -133,8 +124,8 @@ inline DeviceTables tables_of(const std::vector<at::TensorList>& lists, const La
   if (owner == nullptr || at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None)
     return detail::upload(rows, nlists, nblocks, layout, device);
   const c10::Stream stream = at::cuda::getCurrentCUDAStream();
-  if (owner->kept.storage.defined() && owner->rows == rows && owner->chunk == layout.chunk && owner->empty_block == layout.empty_block &&
-      owner->kept.storage.device() == device) {
+  if (owner->kept.storage.defined() && owner->kept.tables.nlists == nlists && owner->rows == rows &&
+      owner->chunk == layout.chunk && owner->empty_block == layout.empty_block && owner->kept.storage.device() == device) {
     // kept tables read on another stream than the one they were allocated on: their memory
     // must not be reused before that stream's work is done when the owner replaces them
     if (stream != *owner->stream)

@@ -5,6 +5,7 @@ Validation, grouping by (device, dtype) and dispatch live here, the numerics in 
 backend is a registered op with the contract in csrc/ops.cpp: fusedtrain:: (native),
 fusedtrain_triton:: and fusedtrain_ref::unscale_and_check_.
 """
+import contextlib
 
 import torch
 
@@ -80,10 +81,12 @@ def _prepare(group, compute_norm):
     return runs, copies
 
 
-def unscale_sumsq_(tensors, inv_scale, found_inf, *, compute_norm=False, write=True):
+def unscale_sumsq_(tensors, inv_scale, found_inf, *, compute_norm=False, write=True, owner_of=None):
     """The pass itself; returns {device: fp32 0-d sum of squares on that device} (empty dict
     unless compute_norm). found_inf may live on another device than some tensors: such
-    groups get a local flag that is OR-ed into found_inf with device ops (no host sync)."""
+    groups get a local flag that is OR-ed into found_inf with device ops (no host sync).
+    owner_of: (device, dtype) -> the TableOwner (fusedtrain/_tables.py) whose tables that
+    group's launch uses, or None (each call builds its own)."""
     _check_scalar("inv_scale", inv_scale)
     _check_scalar("found_inf", found_inf)
     if isinstance(tensors, torch.Tensor):
@@ -118,7 +121,9 @@ def unscale_sumsq_(tensors, inv_scale, found_inf, *, compute_norm=False, write=T
                 flag_cache[device] = torch.zeros((), dtype=torch.float32, device=device)
                 local_flags.append(flag_cache[device])
             flag = flag_cache[device]
-        s = op(runs, inv, flag, compute_norm, write)
+        owner = owner_of(device, dtype) if owner_of is not None else None
+        with owner if owner is not None else contextlib.nullcontext():
+            s = op(runs, inv, flag, compute_norm, write)
         if write:
             for t, c in copies:
                 t.copy_(c)

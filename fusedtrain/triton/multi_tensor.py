@@ -20,7 +20,7 @@ import os
 import torch
 import triton
 
-from fusedtrain import _ext
+from fusedtrain import _ext, _tables
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -34,6 +34,12 @@ def tile(max_numel, block, iters):
     return min(1 << 16, max(16, triton.next_power_of_2(max(int(max_numel), 1)))), 1
 
 
+def _capturing(device):
+    """Whether the current stream of `device` (not of the current device) is capturing."""
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
+
+
 def upload(words, device):
     """The int64 host tensor `words` on `device`, on the current stream, as the CUDA kernels'
     tables go (csrc/cuda/multi_tensor_apply.cu): from pinned memory; while a CUDA graph is
@@ -43,7 +49,7 @@ def upload(words, device):
         return words.to(device)
     if _ext._C is not None and _ext._C.built_with_cuda:
         return _ext._C.upload_words(words, device)
-    if torch.cuda.is_current_stream_capturing():
+    if _capturing(device):
         raise RuntimeError("fusedtrain: a Triton multi-tensor kernel cannot build its tables during CUDA graph "
                            "capture without the compiled extension's CUDA kernels (fusedtrain check says why they "
                            "are missing); use the native backend, or reinstall with nvcc")
@@ -51,29 +57,34 @@ def upload(words, device):
 
 
 def _upload_tables(rows, chunk, empty_tiles, device):
-    """(rows, tile_t, tile_off) on `device` from the host rows table: one upload."""
-    numels = rows[:, -1].tolist()
-    per = [max(1, -(-m // chunk)) if empty_tiles else -(-m // chunk) for m in numels]
-    tile_t = [t for t in range(len(numels)) for _ in range(per[t])]
-    tile_off = [k * chunk for t in range(len(numels)) for k in range(per[t])]
+    """(rows, tile_t, tile_off) on `device` from the host rows table: one upload. (Tensor ops
+    on the host: no Python loop per tile, and no host read that a test of the AMP step's
+    syncs would flag.)"""
+    per = (rows[:, -1] + chunk - 1) // chunk  # tiles per tensor
+    if empty_tiles:
+        per = per.clamp(min=1)
+    tile_t = torch.repeat_interleave(torch.arange(len(per)), per)
+    first = torch.cumsum(per, 0) - per  # each tensor's first tile
+    tile_off = (torch.arange(len(tile_t)) - first[tile_t]) * chunk
+    dev = upload(torch.cat([rows.reshape(-1), tile_t, tile_off]), device)
     n, k = rows.numel(), len(tile_t)
-    words = torch.cat([rows.reshape(-1), torch.tensor(tile_t + tile_off, dtype=torch.int64)])
-    dev = upload(words, device)
     return dev[:n].view(rows.shape), dev[n:n + k], dev[n + k:]
 
 
 def _build(rows, chunk, empty_tiles, device):
     """The launches of a call (module docstring) from its host rows table."""
     aligned = (rows[:, :-1] % 16 == 0).all(dim=1)
-    if bool(aligned.all()):
+    if torch.equal(aligned, torch.ones_like(aligned)):
         return [(*_upload_tables(rows, chunk, empty_tiles, device), True)]
     return [(*_upload_tables(rows[sel], chunk, empty_tiles, device), a)
-            for sel, a in ((aligned, True), (~aligned, False)) if bool(sel.any())]
+            for sel, a in ((aligned, True), (~aligned, False)) if not torch.equal(sel, torch.zeros_like(sel))]
 
 
 def addresses(lists):
     """The int64 host rows table of `lists` (equal-length lists of tensors; an empty list
     gives a column of zeros; list 0 gives every tensor's numel)."""
+    if _ext._C is not None:
+        return _ext._C.addresses(lists)  # no Python call per tensor
     first = lists[0]
     cols = []
     for i, t in enumerate(first):
@@ -83,15 +94,22 @@ def addresses(lists):
 
 
 def tables(lists, chunk, empty_tiles):
-    """The launches [(rows, tile_t, tile_off, aligned)] of one call on the tensors' device,
-    for this call only.
+    """The launches [(rows, tile_t, tile_off, aligned)] of one call on the tensors' device:
+    the current owner's (fusedtrain/_tables.py), or this call's own.
 
     Args:
         lists: the kernel's tensor lists (addresses()).
         chunk: elements per tile.
         empty_tiles: whether an empty tensor gets one tile (Adam bumps its step) or none.
     """
-    return _build(addresses(lists), chunk, empty_tiles, lists[0][0].device)
+    device = lists[0][0].device
+    owner = _tables.current()
+    if owner is None:
+        return _build(addresses(lists), chunk, empty_tiles, device)
+    key = (chunk, empty_tiles, device)
+    if key not in owner.triton:
+        owner.triton[key] = KeptTables(chunk, empty_tiles, device)
+    return owner.triton[key].update(addresses(lists))
 
 
 class KeptTables:
@@ -115,7 +133,7 @@ class KeptTables:
         """The launches [(rows, tile_t, tile_off, aligned)] on the device for the host rows
         table `rows` (addresses())."""
         cuda = self.device.type == "cuda"
-        if cuda and torch.cuda.is_current_stream_capturing():
+        if cuda and _capturing(self.device):
             return _build(rows, self.chunk, self.empty_tiles, self.device)
         if self._host is None or not torch.equal(rows, self._host):
             self._kept = _build(rows, self.chunk, self.empty_tiles, self.device)

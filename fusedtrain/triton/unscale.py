@@ -6,7 +6,10 @@ Programs take tiles of the tables of fusedtrain/triton/multi_tensor.py. Per elem
 csrc/include/fusedtrain/unscale_math.h: y = x * inv_scale in fp32, rounded once at the
 store; the probe x * 0 is NaN exactly for an inf/NaN x; the squares of y are summed for the
 norm. With NORM every program stores its partial sum and the last one to finish (atomic
-ticket) adds the partials in tile order: deterministic, and still one launch.
+ticket) adds the partials in tile order: deterministic, and still one launch. ALIGNED: the
+host checked that every address of the launch is 16-byte aligned (multi_tensor.py), and the
+kernel moves 128 bits per access; tensors that are not go to a second launch, whose norm is
+added to the first's.
 """
 import torch
 import triton

@@ -12,6 +12,7 @@
 //   in kernel parameters (upload_words), the memory comes from the graph's pool. The graph
 //   then owns them, and nothing it reads lives on the host or with an owner that may die first.
 #include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 #include <c10/core/Stream.h>
 
 #include <cstdint>
@@ -43,6 +44,25 @@ struct DeviceTables {
   at::Tensor storage;  // int64: rows, then the blocks table (int32 pairs) packed
   Tables tables;
 };
+
+// The rows table of lists[l][t] (tensor t of list l; an empty list gives a column of zeros):
+// rows[t * (nlists + 1) + l] the address of tensor t of list l, then its numel (of list 0).
+// What an owner compares from call to call; the Triton kernels' rows too
+// (fusedtrain/triton/multi_tensor.py, through fusedtrain._C.addresses).
+inline std::vector<int64_t> rows_of(const std::vector<at::TensorList>& lists) {
+  const size_t nlists = lists.size(), ncols = nlists + 1;
+  const size_t n = lists[0].size();
+  TORCH_CHECK(n < (size_t(1) << 31), "multi-tensor apply: too many tensors");
+  for (size_t l = 1; l < nlists; ++l)
+    TORCH_CHECK(lists[l].empty() || lists[l].size() == n, "multi-tensor apply: lists of different lengths");
+  std::vector<int64_t> rows(n * ncols);
+  for (size_t t = 0; t < n; ++t) {
+    for (size_t l = 0; l < nlists; ++l)
+      rows[t * ncols + l] = lists[l].empty() ? 0 : reinterpret_cast<int64_t>(lists[l][t].data_ptr());
+    rows[t * ncols + nlists] = lists[0][t].numel();
+  }
+  return rows;
+}
 
 // One call's tables as their owner keeps them.
 struct KeptTables {
