@@ -23,6 +23,7 @@
 
 #include "fusedtrain/adam_lists.h"
 #include "fusedtrain/multi_tensor_tables.h"
+#include "fusedtrain/versions.h"
 
 namespace fusedtrain {
 namespace {
@@ -179,6 +180,14 @@ class AdamPlan {
     return {c.params[0], c.exp_avgs[0], c.steps[0]};
   }
 
+  // Bump the version counters of what the calls wrote (fusedtrain/versions.h), for a launch
+  // that did not go through the op (the Triton one). Valid after gather().
+  void bump_versions() const {
+    for (const Call& c : calls_)
+      for (const Tensors* l : {&c.params, &c.exp_avgs, &c.exp_avg_sqs, &c.max_exp_avg_sqs, &c.steps, &c.master_params})
+        fusedtrain::bump_versions(*l);
+  }
+
   // Drop this step's params and grads.
   void release() {
     for (Call& c : calls_) {
@@ -305,6 +314,7 @@ void bind_adam_plan(py::module_& m) {
       .def("launch", &AdamPlan::launch)
       .def("addresses", &AdamPlan::addresses)
       .def("refs", &AdamPlan::refs)
+      .def("bump_versions", &AdamPlan::bump_versions)
       .def("release", &AdamPlan::release);
 }
 

@@ -629,3 +629,65 @@ def test_two_optimizers_on_two_streams_count_their_own_steps(backend):
     torch.cuda.synchronize()
     for ps, opt in opts:
         assert [opt.state[p]["step"].item() for p in ps] == [100.0] * len(ps)
+
+
+@pytest.mark.parametrize("master", [False, True], ids=["plain", "master"])
+def test_step_bumps_version_counters_as_torch(backend_device, master):
+    """torch's AdamW writes params and states with in-place ops, whose version counters make
+    autograd refuse a backward through a graph that saved a param before the step. The fused
+    step, planned (second step) or not (first), must too: a silent backward with the new
+    values would be a wrong gradient."""
+    _, device = backend_device
+    dtype = torch.bfloat16 if master else torch.float32
+    p = torch.randn(10, device=device, dtype=dtype, requires_grad=True)
+    opt = FusedAdamW([p], lr=0.1, master_weights=master)
+    for step in range(3):
+        p.grad = torch.randn(10, device=device, dtype=dtype)
+        y = (p * p).sum()  # saves p
+        before = p._version
+        states = {k: v._version for k, v in opt.state[p].items()} if step else {}
+        opt.step()
+        assert p._version > before, f"step {step}: the param's version did not move"
+        for k, v in states.items():
+            assert opt.state[p][k]._version > v, f"step {step}: state {k}'s version did not move"
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.backward()
+
+
+def test_unscale_bumps_version_counters(backend_device):
+    _, device = backend_device
+    g = torch.randn(10, device=device, requires_grad=True)
+    t = g * 1.0
+    y = (t * t).sum()  # saves t
+    found = torch.zeros((), device=device)
+    before = t._version, found._version
+    with torch.no_grad():
+        fusedtrain.unscale_and_check_([t], torch.full((), 0.5, device=device), found)
+    assert t._version > before[0] and found._version > before[1]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
+@pytest.mark.parametrize("bad", ["short grads", "non-contiguous param"])
+def test_op_called_directly_checks_its_lists(backend_device, bad):
+    """Each backend's registered op checks its lists itself (a direct call, torch.compile's
+    graph), raising before it writes anything."""
+    backend, device = backend_device
+    n = 3
+    params = [torch.randn(6, 4, device=device) for _ in range(n)]
+    grads = [torch.randn(6, 4, device=device) for _ in range(n)]
+    ms, vs = [torch.zeros(6, 4, device=device) for _ in range(n)], [torch.zeros(6, 4, device=device) for _ in range(n)]
+    steps = [torch.zeros((), device=device) for _ in range(n)]
+    if bad == "short grads":
+        grads = grads[:-1]
+        match = "differ in length"
+    else:
+        params[1] = torch.randn(4, 6, device=device).t()
+        match = "contiguous"
+    before = [t.clone() for t in params + ms + vs + steps]
+    op = adam_ops._OPS[backend]
+    if bad == "non-contiguous param" and backend != "triton":
+        pytest.skip("the native and reference ops take non-contiguous tensors (they stage them)")
+    with pytest.raises((ValueError, RuntimeError, TypeError), match=match):
+        op(params, grads, ms, vs, [], steps, [], 1e-3, None, 0.9, 0.999, 1e-8, 0.0, False, False, True, None, None)
+    assert all(torch.equal(a, b) for a, b in zip(before, params + ms + vs + steps))

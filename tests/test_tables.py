@@ -34,16 +34,22 @@ def _torch_twin(groups):
     return params, opt
 
 
-@pytest.mark.parametrize("n_groups", [3, 70])  # 70: more than any cache of earlier versions held
-def test_plan_tables_uploaded_once_for_any_number_of_groups(backend_device, n_groups, monkeypatch):
-    backend, device = backend_device
-    if backend != "triton":
+@pytest.fixture
+def uploads(backend_device, monkeypatch):
+    """The Triton tables' uploads (their sizes in words) while the test runs."""
+    if backend_device[0] != "triton":
         pytest.skip("the Triton kernels' tables are counted here; the CUDA ones by the GPU test below")
     from fusedtrain.triton import multi_tensor
 
-    uploads = []
+    seen = []
     real = multi_tensor.upload
-    monkeypatch.setattr(multi_tensor, "upload", lambda words, dev: uploads.append(words.numel()) or real(words, dev))
+    monkeypatch.setattr(multi_tensor, "upload", lambda words, dev: seen.append(words.numel()) or real(words, dev))
+    return seen
+
+
+@pytest.mark.parametrize("n_groups", [3, 70])  # 70: more than any cache of earlier versions held
+def test_plan_tables_uploaded_once_for_any_number_of_groups(backend_device, n_groups, uploads):
+    _, device = backend_device
     groups = _groups(n_groups, device, seed_for("tables", n_groups))
     theirs, topt = _torch_twin(groups)
     opt = fusedtrain.FusedAdamW([{"params": ps} for ps in groups], lr=HYPER["lr"], betas=(0.9, 0.99),
@@ -74,18 +80,11 @@ def test_plan_tables_uploaded_once_for_any_number_of_groups(backend_device, n_gr
 
 
 @pytest.mark.parametrize("clip", ["one-read", "clip_grad_norm_"])
-def test_scaler_passes_use_tables_kept_on_the_optimizer(backend_device, clip, monkeypatch):
+def test_scaler_passes_use_tables_kept_on_the_optimizer(backend_device, clip, uploads):
     """The GradScaler's passes over an optimizer's grads (the norm pass of the one-read step,
     the check and scaling passes of clip_grad_norm_) keep their tables on the optimizer too:
     nothing uploaded in a steady-state step."""
-    backend, device = backend_device
-    if backend != "triton":
-        pytest.skip("the Triton kernels' tables are counted here; the CUDA ones by the GPU test below")
-    from fusedtrain.triton import multi_tensor
-
-    uploads = []
-    real = multi_tensor.upload
-    monkeypatch.setattr(multi_tensor, "upload", lambda words, dev: uploads.append(words.numel()) or real(words, dev))
+    _, device = backend_device
     groups = _groups(40, device, seed_for("scaler tables", clip))
     opt = fusedtrain.FusedAdamW([{"params": ps} for ps in groups], lr=1e-3)
     scaler = fusedtrain.GradScaler(device, init_scale=1024.0)

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "fusedtrain/unscale_math.h"
+#include "fusedtrain/versions.h"
 #include "multi_tensor.h"
 #include "vec_io.h"
 
@@ -150,6 +151,8 @@ at::Tensor unscale_and_check_cpu(at::TensorList tensors, const at::Tensor& inv_s
     sumsq += static_cast<double>(r.sumsq);
   }
   if (found) found_inf.data_ptr<float>()[0] = 1.f;
+  if (write) bump_versions(tensors);
+  bump_versions(found_inf);
   if (!compute_norm) return at::empty({0}, inv_scale.options());
   return at::scalar_tensor(static_cast<float>(sumsq), inv_scale.options());
 }

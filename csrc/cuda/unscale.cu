@@ -20,6 +20,7 @@
 #include <torch/library.h>
 
 #include "fusedtrain/unscale_math.h"
+#include "fusedtrain/versions.h"
 #include "multi_tensor_apply.cuh"
 #include "vec_io.cuh"
 
@@ -167,6 +168,8 @@ at::Tensor unscale_and_check_cuda(at::TensorList tensors, const at::Tensor& inv_
     case at::kBFloat16: dispatch<at::BFloat16>(write, compute_norm, tab, a, stream); break;
     default: TORCH_CHECK(false, "fusedtrain::unscale_and_check_: unsupported dtype ", tensors[0].scalar_type());
   }
+  if (write) bump_versions(tensors);
+  bump_versions(found_inf);
   return out;
 }
 

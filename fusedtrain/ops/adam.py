@@ -73,6 +73,8 @@ def _reference_op(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg
                   beta2: float, eps: float, weight_decay: float, amsgrad: bool, maximize: bool,
                   decoupled_weight_decay: bool, grad_mult: Optional[torch.Tensor],
                   found_inf: Optional[torch.Tensor]) -> None:
+    # a direct call: the lengths at least (the reference takes any dtype, float64 included)
+    _check_lengths(AdamTensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params), amsgrad)
     reference.adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params,
                     lr=lr_tensor if lr_tensor is not None else lr, beta1=beta1, beta2=beta2, eps=eps,
                     weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
@@ -375,6 +377,7 @@ def launch_plan(p: GroupPlan, hyper: AdamHyper, scalars) -> None:
                 triton_adam.launch(tables, block, iters, p.plan.refs(k), lr, lr_tensor, hyper.beta1, hyper.beta2,
                                    hyper.eps, hyper.weight_decay, hyper.amsgrad, master, hyper.maximize,
                                    hyper.decoupled_weight_decay, grad_mult, found_inf)
+        p.plan.bump_versions()  # as the op would (csrc/include/fusedtrain/versions.h)
     finally:
         p.plan.release()
 

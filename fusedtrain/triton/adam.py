@@ -201,6 +201,7 @@ def adam_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[
     # torch.compile could not trace
     if not params:
         return
+    _check(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, amsgrad)
     block, iters = tile(max(p.numel() for p in params))
     lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params)
     if not amsgrad:
@@ -208,6 +209,22 @@ def adam_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[
     tables = multi_tensor.tables([lists[c] for c in COLUMNS], block * iters, empty_tiles=True)
     launch(tables, block, iters, (params[0], exp_avgs[0], steps[0]), lr, lr_tensor, beta1, beta2, eps, weight_decay,
            amsgrad, bool(master_params), maximize, decoupled_weight_decay, grad_mult, found_inf)
+
+
+def _check(*lists_and_amsgrad):
+    """fusedtrain::adam_'s list checks (fusedtrain/ops/adam.py), and contiguity, which the
+    kernel's tables assume: a direct call with bad lists raises instead of reading past a
+    tensor."""
+    from fusedtrain.ops.adam import AdamTensors, _check as check_lists
+
+    *lists, amsgrad = lists_and_amsgrad
+    t = AdamTensors(*lists)
+    check_lists(t, amsgrad)
+    for name, lst in zip(AdamTensors._fields, t):
+        if not all(map(torch.Tensor.is_contiguous, lst)):
+            i = next(i for i, x in enumerate(lst) if not x.is_contiguous())
+            raise ValueError(f"fusedtrain_triton::adam_: {name}[{i}] is not contiguous (the kernel reads "
+                             "contiguous tensors; fusedtrain.ops.adam stages others)")
 
 
 def _spec(pdt, sdt, amsgrad, master, flags, wd_zero=False, amp=False, aligned=True):
