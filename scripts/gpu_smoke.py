@@ -14,7 +14,7 @@ def main():
             continue
         with fusedtrain.use_backend(backend):
             model = torch.nn.Linear(257, 129, device=dev)
-            opt = FusedAdamW(model.parameters(), lr=1e-3)
+            opt = FusedAdamW(model.parameters(), lr=1e-3, capturable=True)
             scaler = GradScaler(dev)
             crit = fusedtrain.FusedBCEWithLogits(pos_weight=torch.rand(129, device=dev, generator=g) + 0.5)
             for _ in range(3):
@@ -26,9 +26,20 @@ def main():
                 scaler.step(opt, max_norm=1.0)
                 scaler.update()
                 opt.zero_grad(set_to_none=True)
-            ts = [torch.randn(n, device=dev, generator=g) for n in (1, 4097, 70001)]
+            # views that start off a 16-byte boundary: the kernels' scalar heads
+            buf = torch.randn(80000, device=dev, generator=g)
+            ts = [buf[k:k + n] for k, n in ((1, 1), (3, 4097), (6, 70001))]
             fusedtrain.unscale_and_check_(ts, torch.full((), 0.5, device=dev), torch.zeros((), device=dev),
                                           compute_norm=True)
+            # a step captured in a CUDA graph (its tables built inside the graph), replayed
+            x = torch.randn(64, 257, device=dev, generator=g)
+            y = torch.rand(64, 129, device=dev, generator=g)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                scaler.scale(crit(model(x), y)).backward()
+                scaler.step(opt, max_norm=1.0)
+            for _ in range(2):
+                graph.replay()
     torch.cuda.synchronize()
     print("gpu smoke: ok")
 
