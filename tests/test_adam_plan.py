@@ -308,3 +308,32 @@ def test_a_plan_holds_no_grad_after_the_step(backend_device):
     opt.zero_grad(set_to_none=True)
     gc.collect()
     assert all(r() is None for r in refs), "a grad outlived zero_grad"
+
+
+class _Logged(torch.nn.Parameter):
+    """A param subclass with a __torch_function__ of its own, which records the ops it sees."""
+
+    seen = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.seen.append(getattr(func, "__name__", str(func)))
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_a_param_subclass_with_torch_function_sees_every_step(backend_device):
+    """A planned step calls the op from C++, past __torch_function__: params whose class has
+    its own are never planned, so the op call reaches it at every step, as it does with
+    torch.ops from the Python path."""
+    backend, device = backend_device
+    ours, ref, gen = _pair(device, 5)
+    ours = [_Logged(p.detach()) for p in ours]
+    opt = FusedAdamW(ours, **HYPER)
+    topt = torch.optim.AdamW(ref, foreach=False, **HYPER)
+    for step in range(3):
+        _Logged.seen.clear()
+        _grads(ours, ref, gen)
+        opt.step()
+        topt.step()
+        assert any("adam_" in name for name in _Logged.seen), f"step {step}: the op call did not reach it"
+    _compare(opt, topt, ours, ref, "after 3 steps")

@@ -312,7 +312,8 @@ def plan_group(group, state, calls) -> Optional[GroupPlan]:
     for this step; or None where the group is not one a plan can keep: calls on the reference
     backend, on several devices or backends, tensors staged in copies, or tensors that are
     not the group's own params (complex params update their real views, DTensor params their
-    local shards); a state that is not exactly a dict; or under torch.compile."""
+    local shards); a state that is not exactly a dict; params with a __torch_function__ of
+    their own; or under torch.compile."""
     plan_type = getattr(_ext._C, "AdamPlan", None)
     if (plan_type is None or not calls or _tracing() or type(group["params"]) is not list
             or not (type(state) is dict or type(state) is collections.defaultdict)):
@@ -327,6 +328,10 @@ def plan_group(group, state, calls) -> Optional[GroupPlan]:
     except KeyError:
         return None
     if any(type(state[group["params"][i]]) is not dict for idx in index for i in idx):
+        return None
+    # a param subclass with its own __torch_function__ (nn.Parameter's is disabled) sees the
+    # Python path's op call; a plan calls from C++, past it
+    if torch.overrides.has_torch_function(tuple(p for c in calls for p in c.tensors.params)):
         return None
     amsgrad, master_weights = bool(group["amsgrad"]), bool(group.get("master_weights"))
     triton = backend == "triton"
