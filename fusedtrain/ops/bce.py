@@ -36,9 +36,10 @@ def _is_host_one(t):
             and not torch.compiler.is_compiling() and t.item() == 1.0)
 
 
-def _make_autograd(backward_op):
+def _make_autograd(forward_op, backward_op):
     def setup_context(ctx, inputs, output):
         input, target, weight, pos_weight, reduction, out_dtype, unit_grad, kind, params = inputs
+        ctx.out_dtype, ctx.had_unit_grad = out_dtype, unit_grad
         ctx.mark_non_differentiable(output[1])
         ctx.set_materialize_grads(False)  # no input-sized zeros for the non-differentiable output
         ctx.reduction, ctx.kind, ctx.params = reduction, kind, params
@@ -67,8 +68,14 @@ def _make_autograd(backward_op):
             gt = None if dy is None else (dy * grad_loss).to(target.dtype)
             return gi, gt, *nones
         gi = None
-        if want_x and unit_grad is not None and ctx.reduction != 0 and _is_host_one(grad_loss):
-            gi, want_x = unit_grad, False  # loss.backward() of an unscaled loss: computed in the forward
+        if want_x and ctx.had_unit_grad and ctx.reduction != 0 and _is_host_one(grad_loss):
+            # loss.backward() of an unscaled loss: computed in the forward; a second backward
+            # through the same graph asks the forward's kernel again, whose bits are the first
+            # one's (the backward kernel's may differ in the last bit: FMA contraction)
+            if unit_grad is None:
+                unit_grad = forward_op(input, target, weight, pos_weight, ctx.reduction, ctx.out_dtype, True,
+                                       ctx.kind, ctx.params)[1]
+            gi, want_x = unit_grad, False
         unit_grad = None  # freed before the backward allocates its own gradient
         if want_x or want_y:
             go = grad_loss.to(_opmath(input))
@@ -87,7 +94,7 @@ def _register(fwd_pkt, bwd_pkt, *, fake=True):
     if fake:
         torch.library.register_fake(fwd_op)(_fake_forward)
         torch.library.register_fake(bwd_op)(_fake_backward)
-    setup_context, backward = _make_autograd(bwd_op)
+    setup_context, backward = _make_autograd(fwd_op, bwd_op)
     torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
 
 
@@ -224,7 +231,6 @@ def _fused_loss(fn, input, target, weight, pos_weight, reduction, kind, label_sm
     params = [float(label_smoothing), 0.0 if ignore_index is None else 1.0,
               0.0 if ignore_index is None else float(ignore_index), *(float(v) for v in abc)]
     params += [0.0] * (6 - len(params))
-    generic = reference.is_generic(kind, params)
     # mean over the known elements only: the kernels sum, the division is an op autograd sees
     count = None
     if ignore_index is not None and red == 1:
@@ -246,10 +252,11 @@ def _fused_loss(fn, input, target, weight, pos_weight, reduction, kind, label_sm
     pw = _weight_view(pos_weight, shape, R, C, flat, op_dtype)
 
     # the unit gradient only where a grad_output of 1 can be recognized for free (CPU, eager),
-    # for mean/sum ('none' is backpropagated with a tensor), and not under fp16 autocast, whose
-    # loss is scaled by a GradScaler (the forward's gradient would be thrown away)
+    # for mean/sum ('none' is backpropagated with a tensor; a mean over the known elements is
+    # a sum divided by an op), and not under fp16 autocast, whose loss is scaled by a
+    # GradScaler (the forward's gradient would be thrown away)
     unit_grad = (input.requires_grad and torch.is_grad_enabled() and red != 0 and device.type == "cpu"
-                 and not generic and not torch.compiler.is_compiling()
+                 and count is None and not torch.compiler.is_compiling()
                  and not (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.float16))
     fwd_op, _ = _OPS[_backend.select(device, OP)]
     loss, _ = fwd_op(x, t, w, pw, red, kernel_out, unit_grad, kind, params)

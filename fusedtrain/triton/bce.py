@@ -243,13 +243,14 @@ def _bce_fwd_kernel(x_ptr, y_ptr, w_ptr, pw_ptr, loss_ptr, grad_ptr, part_ptr,
     w = _load_weight(w_ptr, offs, rows, cols, ws0, ws1, mask, HAS_W, FLAT, ACC)
     pw = _load_weight(pw_ptr, offs, rows, cols, pws0, pws1, mask, HAS_PW, FLAT, ACC)
     if GENERIC:
-        loss, _dx, _dy = _elem(x, y, w, pw, keep_hi, keep_lo, heps_hi, heps_lo, ign_hi, ign_lo, a_hi, a_lo,
-                               b_hi, b_lo, c_hi, c_lo, KIND, HAS_PW, HAS_IGNORE)
+        loss, gx, _dy = _elem(x, y, w, pw, keep_hi, keep_lo, heps_hi, heps_lo, ign_hi, ign_lo, a_hi, a_lo,
+                              b_hi, b_lo, c_hi, c_lo, KIND, HAS_PW, HAS_IGNORE)
     else:
         loss = _bce_loss(x, y, w, pw, HAS_PW)
+        if GRAD:
+            gx = _bce_input_grad(x, y, w, pw, HAS_PW)
     if GRAD:
-        g = _bce_input_grad(x, y, w, pw, HAS_PW) * _div(tl.full((), 1.0, ACC), divisor.to(ACC))
-        store_rounded(grad_ptr + offs, g, mask)
+        store_rounded(grad_ptr + offs, gx * _div(tl.full((), 1.0, ACC), divisor.to(ACC)), mask)
     if REDUCE:
         tl.store(part_ptr + pid, _total(tl.where(mask, loss, 0.0), FLAT))
     else:
