@@ -691,3 +691,20 @@ def test_op_called_directly_checks_its_lists(backend_device, bad):
     with pytest.raises((ValueError, RuntimeError, TypeError), match=match):
         op(params, grads, ms, vs, [], steps, [], 1e-3, None, 0.9, 0.999, 1e-8, 0.0, False, False, True, None, None)
     assert all(torch.equal(a, b) for a, b in zip(before, params + ms + vs + steps))
+
+
+def test_step_inside_inference_mode_bumps_versions(backend_device):
+    """torch's in-place ops bump a normal tensor's version inside inference_mode too (only
+    inference tensors track none): a backward through a graph saved before such a step raises."""
+    _, device = backend_device
+    w = torch.nn.Parameter(torch.randn(3, device=device))
+    x = torch.randn(3, device=device, requires_grad=True)
+    loss = (w * x).sum()  # saves w
+    opt = FusedAdamW([w], lr=0.1)
+    w.grad = torch.ones(3, device=device)
+    before = w._version
+    with torch.inference_mode():
+        opt.step()
+    assert w._version > before
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

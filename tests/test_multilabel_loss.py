@@ -321,3 +321,34 @@ def test_deterministic_sum():
     finally:
         torch.set_num_threads(old)
     assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+def test_forward_gradient_is_dropped_once_it_goes_unused(backend_device, monkeypatch):
+    """On CPU the forward also writes the input gradient for a backward of exactly 1; a loop
+    that backpropagates something else (loss / k) stops computing it from its next step, and
+    a plain loss.backward() brings it back. Gradients right throughout (float64 oracle)."""
+    from fusedtrain.ops import bce as bce_ops
+
+    backend, device = backend_device
+    if device != "cpu":
+        pytest.skip("the forward's gradient is a CPU path")
+    x0 = torch.randn(64, 33, dtype=torch.float64) * 3
+    y = (torch.rand(64, 33) < 0.3).to(torch.float32).to(device)
+    ref_x = x0.clone().requires_grad_()
+    p = torch.sigmoid(ref_x)
+    ce = torch.nn.functional.binary_cross_entropy_with_logits(ref_x, y.double(), reduction="none")
+    p_t = p * y.double() + (1 - p) * (1 - y.double())
+    a_t = 0.25 * y.double() + 0.75 * (1 - y.double())
+    (a_t * ce * (1 - p_t) ** 2).mean().backward()
+    expect = ref_x.grad
+    asked = []  # the forward op's unit_grad argument, call by call
+    fwd, bwd = bce_ops._OPS[backend]
+    monkeypatch.setitem(bce_ops._OPS, backend, (lambda *a: asked.append(a[6]) or fwd(*a), bwd))
+    monkeypatch.setitem(bce_ops._UNIT_GRAD_USED, True, True)
+    for scale in (0.5, 0.5, 1.0, 1.0):
+        x = x0.float().to(device).requires_grad_()
+        loss = sigmoid_focal_loss(x, y, reduction="mean")
+        (loss * scale).backward() if scale != 1.0 else loss.backward()
+        assert_close(x.grad / scale, expect, torch.float32, what=f"grad (scale {scale})")
+    # asked at first, then not after a backward of 0.5, then again after one of 1
+    assert asked == [True, False, False, True], asked

@@ -36,6 +36,13 @@ def _is_host_one(t):
             and not torch.compiler.is_compiling() and t.item() == 1.0)
 
 
+# Whether the forward's unit gradient was used by the last CPU backward that could have used
+# it, for plain BCE (False) and the loss family (True): a loop that backpropagates something
+# else than loss (loss / k of gradient accumulation, a weighted sum of losses) stops paying
+# for a gradient it throws away (the family's costs half a forward) from its second step on.
+_UNIT_GRAD_USED = {False: True, True: True}
+
+
 def _make_autograd(forward_op, backward_op):
     def setup_context(ctx, inputs, output):
         input, target, weight, pos_weight, reduction, out_dtype, unit_grad, kind, params = inputs
@@ -68,7 +75,10 @@ def _make_autograd(forward_op, backward_op):
             gt = None if dy is None else (dy * grad_loss).to(target.dtype)
             return gi, gt, *nones
         gi = None
-        if want_x and ctx.had_unit_grad and ctx.reduction != 0 and _is_host_one(grad_loss):
+        one = want_x and ctx.reduction != 0 and input.device.type == "cpu" and _is_host_one(grad_loss)
+        if want_x and ctx.reduction != 0 and input.device.type == "cpu" and not torch.compiler.is_compiling():
+            _UNIT_GRAD_USED[reference.is_generic(ctx.kind, ctx.params)] = one
+        if one and ctx.had_unit_grad:
             # loss.backward() of an unscaled loss: computed in the forward; a second backward
             # through the same graph asks the forward's kernel again, whose bits are the first
             # one's (the backward kernel's may differ in the last bit: FMA contraction)
@@ -256,7 +266,8 @@ def _fused_loss(fn, input, target, weight, pos_weight, reduction, kind, label_sm
     # a sum divided by an op), and not under fp16 autocast, whose loss is scaled by a
     # GradScaler (the forward's gradient would be thrown away)
     unit_grad = (input.requires_grad and torch.is_grad_enabled() and red != 0 and device.type == "cpu"
-                 and count is None and not torch.compiler.is_compiling()
+                 and count is None and _UNIT_GRAD_USED[reference.is_generic(kind, params)]
+                 and not torch.compiler.is_compiling()
                  and not (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.float16))
     fwd_op, _ = _OPS[_backend.select(device, OP)]
     loss, _ = fwd_op(x, t, w, pw, red, kernel_out, unit_grad, kind, params)

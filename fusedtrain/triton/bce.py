@@ -242,6 +242,7 @@ def _bce_fwd_kernel(x_ptr, y_ptr, w_ptr, pw_ptr, loss_ptr, grad_ptr, part_ptr,
     y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
     w = _load_weight(w_ptr, offs, rows, cols, ws0, ws1, mask, HAS_W, FLAT, ACC)
     pw = _load_weight(pw_ptr, offs, rows, cols, pws0, pws1, mask, HAS_PW, FLAT, ACC)
+    # GRAD (the forward's unit gradient) is asked on CPU only: under the interpreter
     if GENERIC:
         loss, gx, _dy = _elem(x, y, w, pw, keep_hi, keep_lo, heps_hi, heps_lo, ign_hi, ign_lo, a_hi, a_lo,
                               b_hi, b_lo, c_hi, c_lo, KIND, HAS_PW, HAS_IGNORE)

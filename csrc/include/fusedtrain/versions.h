@@ -5,12 +5,12 @@
 // new params). The ops' C++ bodies call this for every tensor they mutate: they are
 // registered without an ADInplaceOrView kernel, and an AdamPlan calls them below it.
 #include <ATen/core/Tensor.h>
-#include <c10/core/InferenceMode.h>
 
 namespace fusedtrain {
 
 inline void bump_versions(at::TensorList tensors) {
-  if (c10::InferenceMode::is_enabled()) return;  // as torch's in-place ops: nothing tracked
+  // inference tensors track no version (torch's in-place ops skip them too); a normal tensor
+  // written inside inference_mode is bumped, as torch's in-place ops do
   for (const at::Tensor& t : tensors)
     if (t.defined() && !t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
 }
