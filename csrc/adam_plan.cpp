@@ -23,7 +23,6 @@
 
 #include "fusedtrain/adam_lists.h"
 #include "fusedtrain/multi_tensor_tables.h"
-#include "fusedtrain/versions.h"
 
 namespace fusedtrain {
 namespace {
@@ -167,9 +166,7 @@ class AdamPlan {
       TORCH_CHECK(l >= 0 && l < 7, "AdamPlan.addresses: no list ", l);
       cols.emplace_back(*lists[l]);
     }
-    std::vector<int64_t> rows = mta::rows_of(cols);
-    const int64_t n = static_cast<int64_t>(c.params.size()), ncols = static_cast<int64_t>(columns.size()) + 1;
-    return at::tensor(rows, at::kLong).view({n, ncols});
+    return mta::rows_tensor(cols);
   }
 
   // (params[0], exp_avgs[0], steps[0]) of call `k`: its dtypes and device for a launch that
@@ -184,8 +181,7 @@ class AdamPlan {
   // that did not go through the op (the Triton one). Valid after gather().
   void bump_versions() const {
     for (const Call& c : calls_)
-      for (const Tensors* l : {&c.params, &c.exp_avgs, &c.exp_avg_sqs, &c.max_exp_avg_sqs, &c.steps, &c.master_params})
-        fusedtrain::bump_versions(*l);
+      adam::bump_written(c.params, c.exp_avgs, c.exp_avg_sqs, c.max_exp_avg_sqs, c.steps, c.master_params);
   }
 
   // Drop this step's params and grads.

@@ -23,9 +23,7 @@ void adam_check_(const Tensors& params, const Tensors& grads, const Tensors& exp
 // Triton kernels' (fusedtrain/triton/multi_tensor.py), without a Python call per tensor.
 at::Tensor addresses(const std::vector<Tensors>& lists) {
   TORCH_CHECK(!lists.empty() && !lists[0].empty(), "addresses: no tensors");
-  const std::vector<at::TensorList> views(lists.begin(), lists.end());
-  const int64_t n = static_cast<int64_t>(lists[0].size()), ncols = static_cast<int64_t>(lists.size()) + 1;
-  return at::tensor(fusedtrain::mta::rows_of(views), at::kLong).view({n, ncols});
+  return fusedtrain::mta::rows_tensor(std::vector<at::TensorList>(lists.begin(), lists.end()));
 }
 
 // fusedtrain._C.TableOwner: Python code's owner of CUDA kernels' tables (fusedtrain/_tables.py):

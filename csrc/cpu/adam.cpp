@@ -16,7 +16,6 @@
 #define FT_ADAM_WITH_ATEN_VEC 1
 #include "fusedtrain/adam_lists.h"
 #include "fusedtrain/adam_math.h"
-#include "fusedtrain/versions.h"
 #include "multi_tensor.h"
 #include "vec_io.h"
 
@@ -193,8 +192,7 @@ void adam_cpu(at::TensorList params_in, at::TensorList grads_in, at::TensorList 
   }
   contiguous.write_back();  // before the steps: a failing copy leaves every count as it was
   for (size_t i = 0; i < n; ++i) *steps[i].data_ptr<float>() = new_steps[i];
-  for (at::TensorList l : {params_in, exp_avgs_in, exp_avg_sqs_in, max_exp_avg_sqs_in, steps, master_params_in})
-    bump_versions(l);
+  adam::bump_written(params_in, exp_avgs_in, exp_avg_sqs_in, max_exp_avg_sqs_in, steps, master_params_in);
 }
 
 }  // namespace

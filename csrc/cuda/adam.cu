@@ -16,7 +16,6 @@
 
 #include "fusedtrain/adam_lists.h"
 #include "fusedtrain/adam_math.h"
-#include "fusedtrain/versions.h"
 #include "multi_tensor_apply.cuh"
 #include "vec_io.cuh"
 
@@ -196,8 +195,7 @@ void adam_cuda(at::TensorList params_in, at::TensorList grads_in, at::TensorList
     default: TORCH_CHECK(false, "adam_: unsupported param dtype ", pdt);
   }
   contiguous.write_back();
-  for (at::TensorList l : {params_in, exp_avgs_in, exp_avg_sqs_in, max_exp_avg_sqs_in, steps, master_params_in})
-    bump_versions(l);
+  adam::bump_written(params_in, exp_avgs_in, exp_avg_sqs_in, max_exp_avg_sqs_in, steps, master_params_in);
 }
 
 }  // namespace

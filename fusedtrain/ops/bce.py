@@ -75,8 +75,9 @@ def _make_autograd(forward_op, backward_op):
             gt = None if dy is None else (dy * grad_loss).to(target.dtype)
             return gi, gt, *nones
         gi = None
-        one = want_x and ctx.reduction != 0 and input.device.type == "cpu" and _is_host_one(grad_loss)
-        if want_x and ctx.reduction != 0 and input.device.type == "cpu" and not torch.compiler.is_compiling():
+        could = want_x and ctx.reduction != 0 and input.device.type == "cpu" and not torch.compiler.is_compiling()
+        one = could and _is_host_one(grad_loss)
+        if could:
             _UNIT_GRAD_USED[reference.is_generic(ctx.kind, ctx.params)] = one
         if one and ctx.had_unit_grad:
             # loss.backward() of an unscaled loss: computed in the forward; a second backward

@@ -115,7 +115,7 @@ def _adam_kernel(tab, tile_t, tile_off, counters, p_ref, s_ref, lr_ptr, gm_ptr, 
     xp = tl.load(row + 4).to(s_ref.dtype)
     wp = tl.load(row + 5).to(tl.pointer_type(tl.float32))
     if ALIGNED:  # the host checked every address (multi_tensor.py): 128-bit accesses
-        off0 = tl.multiple_of(off0, BLOCK * ITERS)
+        off0 = tl.multiple_of(off0, CHUNK)
         pp = tl.multiple_of(pp, 16)
         gp = tl.multiple_of(gp, 16)
         mp = tl.multiple_of(mp, 16)
@@ -201,7 +201,7 @@ def adam_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[
     # torch.compile could not trace
     if not params:
         return
-    _check(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, amsgrad)
+    _check(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, amsgrad=amsgrad)
     block, iters = tile(max(p.numel() for p in params))
     lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params)
     if not amsgrad:
@@ -211,13 +211,16 @@ def adam_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[
            amsgrad, bool(master_params), maximize, decoupled_weight_decay, grad_mult, found_inf)
 
 
-def _check(*lists_and_amsgrad):
+def _check(*lists, amsgrad):
     """fusedtrain::adam_'s list checks (fusedtrain/ops/adam.py), and contiguity, which the
-    kernel's tables assume: a direct call with bad lists raises instead of reading past a
-    tensor."""
+    kernel's tables assume: a call with bad lists raises instead of reading past a tensor.
+
+    Args:
+        lists: the op's seven tensor lists, in its order (AdamTensors).
+        amsgrad: the op's flag.
+    """
     from fusedtrain.ops.adam import AdamTensors, _check as check_lists
 
-    *lists, amsgrad = lists_and_amsgrad
     t = AdamTensors(*lists)
     check_lists(t, amsgrad)
     for name, lst in zip(AdamTensors._fields, t):

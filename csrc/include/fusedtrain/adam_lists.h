@@ -8,9 +8,12 @@
 #include <ATen/core/grad_mode.h>
 #include <c10/util/Exception.h>
 
+#include <initializer_list>
 #include <optional>
 #include <utility>
 #include <vector>
+
+#include "fusedtrain/versions.h"
 
 #define FT_ADAM_CHECK(cond, ...) TORCH_CHECK(cond, "fusedtrain adam: ", __VA_ARGS__)
 
@@ -100,6 +103,12 @@ class Contiguous {
   std::vector<std::vector<at::Tensor>> owned_;
   std::vector<std::pair<at::Tensor, at::Tensor>> back_;
 };
+
+// After a step: the version counters of what it wrote (versions.h), the op's mutated lists.
+inline void bump_written(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                         at::TensorList max_exp_avg_sqs, at::TensorList steps, at::TensorList master_params) {
+  for (at::TensorList l : {params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params}) bump_versions(l);
+}
 
 }  // namespace adam
 }  // namespace fusedtrain

@@ -12,6 +12,7 @@
 //   in kernel parameters (upload_words), the memory comes from the graph's pool. The graph
 //   then owns them, and nothing it reads lives on the host or with an owner that may die first.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/tensor.h>
 #include <c10/util/Exception.h>
 #include <c10/core/Stream.h>
 
@@ -62,6 +63,12 @@ inline std::vector<int64_t> rows_of(const std::vector<at::TensorList>& lists) {
     rows[t * ncols + nlists] = lists[0][t].numel();
   }
   return rows;
+}
+
+// rows_of(lists) as an (n, len(lists) + 1) int64 CPU tensor.
+inline at::Tensor rows_tensor(const std::vector<at::TensorList>& lists) {
+  const int64_t n = static_cast<int64_t>(lists[0].size()), ncols = static_cast<int64_t>(lists.size()) + 1;
+  return at::tensor(rows_of(lists), at::kLong).view({n, ncols});
 }
 
 // One call's tables as their owner keeps them.
