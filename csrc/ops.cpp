@@ -58,4 +58,17 @@ TORCH_LIBRARY(fusedtrain, m) {
   // chunking, fixed-order combine; nonfinite when some x is), else an empty tensor.
   m.def("unscale_and_check_(Tensor(a!)[] tensors, Tensor inv_scale, Tensor(b!) found_inf, "
         "bool compute_norm, bool write) -> Tensor");
+
+  // ---- head (fusedtrain/ops/head.py) ----
+  // The loss epilogue of one chunk of the many-label head (linear + BCE with logits).
+  // logits: contiguous (R, C) float32/float16/bfloat16, the chunk's h @ W.T without bias.
+  // target: (R, C) with unit column stride (a slice of the user's B x L target), float32,
+  // float16 or bfloat16. bias, pos_weight, label_weight: contiguous float32 (C,) or None.
+  // unknown: bool (R, C) with unit column stride or None; true marks an unknown label (no
+  // loss, no gradient). Per element, on z = logit + bias in fp32, the BCE formulas (bce_math.h) with
+  // label_weight as weight. With write_grad, logits is overwritten by d loss / d z (a sum
+  // reduction with grad_output 1, rounded once to logits' dtype). Returns the loss summed per
+  // row, float32 (R,), each row in a fixed order (deterministic).
+  m.def("linear_bce_epilogue_(Tensor(a!) logits, Tensor? bias, Tensor target, Tensor? pos_weight, "
+        "Tensor? label_weight, Tensor? unknown, bool write_grad) -> Tensor");
 }

@@ -5,7 +5,7 @@
 from fusedtrain import functional
 from fusedtrain._backend import BackendError, backends, use_backend
 from fusedtrain.amp import GradScaler, clipped_step_
-from fusedtrain.nn import FusedAsymmetricLoss, FusedBCEWithLogits, FusedSigmoidFocalLoss
+from fusedtrain.nn import FusedAsymmetricLoss, FusedBCEWithLogits, FusedLinearBCEWithLogits, FusedSigmoidFocalLoss
 from fusedtrain.ops.unscale import unscale_and_check_
 from fusedtrain.optim import FusedAdam, FusedAdamW
 
@@ -17,6 +17,7 @@ __all__ = [
     "FusedAdamW",
     "FusedAsymmetricLoss",
     "FusedBCEWithLogits",
+    "FusedLinearBCEWithLogits",
     "FusedSigmoidFocalLoss",
     "GradScaler",
     "backends",

@@ -2,6 +2,7 @@
 import torch
 
 from fusedtrain.ops import bce as _bce
+from fusedtrain.ops import head as _head
 
 
 def _check_reduction(cls, reduction):
@@ -87,4 +88,45 @@ class FusedAsymmetricLoss(torch.nn.Module):
 
     def extra_repr(self):
         return (f"gamma_neg={self.gamma_neg}, gamma_pos={self.gamma_pos}, clip={self.clip}, "
+                f"reduction={self.reduction!r}")
+
+
+class FusedLinearBCEWithLogits(torch.nn.Module):
+    """The many-label head: nn.Linear(in_features, num_labels) followed by BCE with logits, fused
+    and chunked so that the (batch x num_labels) logits, their gradient and a dense target never
+    exist (fusedtrain.functional.linear_binary_cross_entropy_with_logits). weight and bias are
+    nn.Linear's (same shapes, initialization and state_dict keys: a trained nn.Linear head loads
+    into it); pos_weight and label_weight are non-persistent buffers (loss settings, so that the
+    state_dict stays nn.Linear's).
+
+    Call: head(h, target, unknown_mask=None) -> the loss, with target dense (..., num_labels)
+    or sparse positives (torch.sparse_csr, or a pair (row offsets, label indices)).
+    """
+
+    def __init__(self, in_features, num_labels, bias=True, *, pos_weight=None, label_weight=None, reduction="mean",
+                 chunk_size=None, device=None, dtype=None):
+        super().__init__()
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"FusedLinearBCEWithLogits: reduction must be 'mean' or 'sum', got {reduction!r}"
+                             + ("; for per-element losses use FusedBCEWithLogits(reduction='none') on the logits"
+                                if reduction == "none" else ""))
+        linear = torch.nn.Linear(in_features, num_labels, bias=bias, device=device, dtype=dtype)
+        self.in_features, self.num_labels = in_features, num_labels
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.register_buffer("pos_weight", pos_weight, persistent=False)
+        self.register_buffer("label_weight", label_weight, persistent=False)
+        self.reduction, self.chunk_size = reduction, chunk_size
+
+    def forward(self, h, target, unknown_mask=None):
+        return _head.linear_binary_cross_entropy_with_logits(
+            h, self.weight, self.bias, target, pos_weight=self.pos_weight, label_weight=self.label_weight,
+            reduction=self.reduction, unknown_mask=unknown_mask, chunk_size=self.chunk_size)
+
+    def logits(self, h):
+        """h @ weight.T + bias, for inference (materializes the logits)."""
+        return torch.nn.functional.linear(h, self.weight, self.bias)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, num_labels={self.num_labels}, bias={self.bias is not None}, "
                 f"reduction={self.reduction!r}")
