@@ -110,13 +110,19 @@ class FusedLinearBCEWithLogits(torch.nn.Module):
             raise ValueError(f"FusedLinearBCEWithLogits: reduction must be 'mean' or 'sum', got {reduction!r}"
                              + ("; for per-element losses use FusedBCEWithLogits(reduction='none') on the logits"
                                 if reduction == "none" else ""))
-        linear = torch.nn.Linear(in_features, num_labels, bias=bias, device=device, dtype=dtype)
+        factory = {"device": device, "dtype": dtype}
         self.in_features, self.num_labels = in_features, num_labels
-        self.weight = linear.weight
-        self.bias = linear.bias
+        self.weight = torch.nn.Parameter(torch.empty((num_labels, in_features), **factory))
+        if bias:
+            self.bias = torch.nn.Parameter(torch.empty(num_labels, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
         self.register_buffer("pos_weight", pos_weight, persistent=False)
         self.register_buffer("label_weight", label_weight, persistent=False)
         self.reduction, self.chunk_size = reduction, chunk_size
+
+    reset_parameters = torch.nn.Linear.reset_parameters  # nn.Linear's initialization, for meta-device/FSDP init
 
     def forward(self, h, target, unknown_mask=None):
         return _head.linear_binary_cross_entropy_with_logits(

@@ -30,6 +30,8 @@ class Row:
         ours_ms: fusedtrain's median time in milliseconds.
         bytes_moved: bytes our kernel(s) must read and write per call (for GB/s; 0: none).
         note: free text for the table's reader.
+        baseline_peak_mib, ours_peak_mib: peak memory beyond what every method must hold (the
+            head suite: beyond the gradients), in MiB; 0 when not measured.
     """
 
     suite: str             # "bce", "adam", "amp"
@@ -41,6 +43,8 @@ class Row:
     ours_ms: float
     bytes_moved: int = 0   # bytes our kernel(s) must read+write per call (for GB/s)
     note: str = ""
+    baseline_peak_mib: float = 0.0
+    ours_peak_mib: float = 0.0
 
     @property
     def ratio(self) -> float:
@@ -95,6 +99,10 @@ def format_table(rows) -> str:
     head = ("suite", "case", "dtype", "baseline", "base ms", "ours", "ours ms", "ratio", "GB/s")
     body = [(r.suite, r.case, r.dtype, r.baseline, f"{r.baseline_ms:.3f}", r.ours, f"{r.ours_ms:.3f}",
              f"{r.ratio:.2f}x", f"{r.gbps:.1f}" if r.gbps else "-") for r in rows]
+    if any(r.ours_peak_mib for r in rows):  # the head suite's memory column
+        head += ("peak MiB base/ours",)
+        body = [b + (f"{r.baseline_peak_mib:.0f}/{r.ours_peak_mib:.0f}" if r.ours_peak_mib else "-",)
+                for b, r in zip(body, rows)]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])

@@ -15,7 +15,7 @@ import torch
 from .. import _plot
 from . import harness
 
-SUITES = ("bce", "adam", "amp")
+SUITES = ("bce", "adam", "amp", "head")
 
 
 def copy_bandwidth_gbps(device: str) -> float:

@@ -15,6 +15,8 @@ CPU, cuBLAS on CUDA) then the epilogue op fusedtrain::linear_bce_epilogue_ in pl
 one kernel with the matmul and the epilogue (fusedtrain/triton/head.py); reference — torch ops
 on the BCE formulas of fusedtrain/reference.py.
 """
+import math
+
 import torch
 
 from fusedtrain import _backend, _ext, reference
@@ -27,6 +29,7 @@ _TARGET_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the epil
 # reach of the epilogue that follows.
 CHUNK_ELEMENTS = 1 << 22
 _MIN_LABELS = 256
+_MIN_ROWS = 64
 
 
 def chunk_shape(B, L, chunk_size=None, budget=None):
@@ -35,7 +38,8 @@ def chunk_shape(B, L, chunk_size=None, budget=None):
     budget = CHUNK_ELEMENTS if budget is None else budget
     labels = chunk_size if chunk_size is not None else max(_MIN_LABELS, budget // max(B, 1))
     labels = max(1, min(labels, L))
-    rows = max(1, min(B, budget // labels))
+    # at least 64 rows: a chunk_size beyond the budget must not fall back to rank-1 products
+    rows = max(1, min(B, max(_MIN_ROWS, budget // labels)))
     return rows, labels
 
 
@@ -69,6 +73,11 @@ def _triton_chunk(*args):
 
 
 _CHUNK = {"reference": _reference_chunk, "native": _native_chunk, "triton": _triton_chunk}
+
+if _ext._C is not None:
+    @torch.library.register_fake("fusedtrain::linear_bce_epilogue_")
+    def _(logits, bias, target, pos_weight, label_weight, unknown, write_grad):
+        return logits.new_empty((logits.shape[0],), dtype=torch.float32)
 
 
 def _mm_into(out, a, b, accumulate):
@@ -106,8 +115,11 @@ class _SparseRows:
         y = torch.zeros((r1 - r0, l1 - l0), dtype=torch.float32, device=self.cols.device)
         rows, cols = self.rows[lo:hi], self.cols[lo:hi]
         keep = (rows >= r0) & (rows < r1)
-        vals = torch.ones((), dtype=torch.float32, device=y.device) if self.values is None else self.values[lo:hi][keep]
-        y[rows[keep] - r0, cols[keep] - l0] = vals
+        idx = (rows[keep] - r0, cols[keep] - l0)
+        if self.values is None:  # positives: a repeated index is still one positive
+            y[idx] = 1.0
+        else:  # CSR values: repeated entries add up, as in to_dense()
+            y.index_put_(idx, self.values[lo:hi][keep], accumulate=True)
         return y
 
 
@@ -206,6 +218,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*(v for t, v in zip(is_tensor, inputs) if t))
     ctx.dtypes = [None if t is None else t.dtype for t in inputs[:3]]  # h, weight, bias
     ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # no zeros of W's size for the gradient outputs' gradients
     # the gradients are handed out once (scaled in place, then owned by autograd); a second
     # backward through the same graph computes them again
     ctx.grads = output[1:]
@@ -216,6 +229,11 @@ def _backward(ctx, grad_loss, *_):
     nones = (None,) * 14
     if grad_loss is None:
         return (None,) * 3 + nones
+    if torch.is_grad_enabled():
+        # the gradients are constants of the op: a gradient penalty through them would be
+        # silently wrong
+        raise NotImplementedError("linear_binary_cross_entropy_with_logits: backward(create_graph=True) (double "
+                                  "backward) is not supported; use F.linear + FusedBCEWithLogits for that loss")
     if grads is None:
         saved = iter(ctx.saved_tensors)
         grads = _head_op(*(next(saved) if t else v for t, v in zip(ctx.is_tensor, ctx.others)))[1:]
@@ -269,10 +287,12 @@ def _sparse_target(target, B, L, device):
         if target.shape != (B, L):
             raise ValueError(f"{_FN}: sparse target must have shape ({B}, {L}), got {tuple(target.shape)}")
         crow, col, values = target.crow_indices(), target.col_indices(), target.values()
-        if values.is_complex() or values.dtype == torch.bool:
-            values = values.to(torch.float32)
+        if values.is_complex() or not (values.is_floating_point() or values.dtype == torch.bool):
+            raise TypeError(f"{_FN}: sparse target values must be real floating (or bool), got {values.dtype}")
+        _check_no_grad("target", target)
     else:
-        if len(target) != 2 or not all(isinstance(t, torch.Tensor) for t in target):
+        if not isinstance(target, (tuple, list)) or len(target) != 2 or \
+                not all(isinstance(t, torch.Tensor) for t in target):
             raise TypeError(f"{_FN}: target must be a dense tensor, a sparse CSR tensor or a pair (row offsets, "
                             f"label indices) of tensors")
         crow, col = target
@@ -355,8 +375,8 @@ def linear_binary_cross_entropy_with_logits(h, weight, bias, target, *, pos_weig
     out_dtype = torch.float32 if autocast else compute_dtype
 
     lead = h.shape[:-1]
-    h2 = h.reshape(-1, H)
-    B = h2.shape[0]
+    B = math.prod(lead)
+    h2 = h.reshape(B, H)
     crow = col = values = dense = None
     dense_shape = (*lead, L)
     if isinstance(target, torch.Tensor) and target.layout == torch.strided:

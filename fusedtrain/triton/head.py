@@ -5,7 +5,7 @@ Program (m, n) computes the tile rows [m*BM, (m+1)*BM) x labels [n*BN, (n+1)*BN)
 z = h @ W.T (fp32 accumulation over K by tl.dot; operands in the compute dtype, fp32 with IEEE
 products), adds the bias, and evaluates the BCE formulas of fusedtrain/triton/bce.py (those of
 bce_math.h) in fp32: it writes d loss / d z rounded once to the compute dtype (the operand of the
-two gradient matmuls that follow) and the tile's loss sum to partials[m, n], which the caller
+two gradient matmuls that follow) and the tile's loss sum to partials[program], which the caller
 sums in a fixed order (deterministic).
 """
 import torch
@@ -27,8 +27,11 @@ def _linear_bce_kernel(h_ptr, w_ptr, b_ptr, y_ptr, pw_ptr, lw_ptr, u_ptr, g_ptr,
                        HAS_B: tl.constexpr, HAS_PW: tl.constexpr, HAS_LW: tl.constexpr, HAS_U: tl.constexpr,
                        GRAD: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # a 1-D grid (CUDA caps gridDim.y at 65535; a chunk may have more label tiles than that)
+    n_tiles = tl.cdiv(C, BN)
+    pid = tl.program_id(0)
+    pid_m = pid // n_tiles
+    pid_n = pid % n_tiles
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_n * BN + tl.arange(0, BN)
     rin = rows < R
@@ -67,7 +70,7 @@ def _linear_bce_kernel(h_ptr, w_ptr, b_ptr, y_ptr, pw_ptr, lw_ptr, u_ptr, g_ptr,
     if GRAD:
         g = tl.where(known, _bce_input_grad(acc, y, w, pw, HAS_PW), 0.0)
         store_rounded(g_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], g, inb)
-    tl.store(part_ptr + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(loss, axis=1), axis=0))
+    tl.store(part_ptr + pid, tl.sum(tl.sum(loss, axis=1), axis=0))
 
 
 def linear_bce_chunk(h, w, bias, target, pos_weight, label_weight, unknown, write_grad):
@@ -82,7 +85,7 @@ def linear_bce_chunk(h, w, bias, target, pos_weight, label_weight, unknown, writ
     grad = torch.empty((R, C), dtype=h.dtype, device=h.device) if write_grad else None
     if R == 0 or C == 0:
         return torch.zeros((), dtype=torch.float64, device=h.device), grad
-    grid = (triton.cdiv(R, BM), triton.cdiv(C, BN))
+    grid = (triton.cdiv(R, BM) * triton.cdiv(C, BN),)
     partials = torch.empty(grid, dtype=torch.float32, device=h.device)
     dummy = partials
     u = unknown.view(torch.uint8) if unknown is not None else None
