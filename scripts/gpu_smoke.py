@@ -40,6 +40,13 @@ def main():
                 scaler.step(opt, max_norm=1.0)
             for _ in range(2):
                 graph.replay()
+            # the many-label head: chunks that do not divide L, an unknown mask, sparse positives
+            head = fusedtrain.FusedLinearBCEWithLogits(257, 3000, chunk_size=1000, device=dev)
+            h = torch.randn(70, 257, device=dev, generator=g, requires_grad=True)
+            yh = (torch.rand(70, 3000, device=dev, generator=g) < 0.01).float()
+            with torch.autocast(dev, dtype=torch.bfloat16):
+                head(h, yh, unknown_mask=torch.rand(70, 3000, device=dev, generator=g) < 0.1).backward()
+                head(h, yh.to_sparse_csr()).backward()
     torch.cuda.synchronize()
     print("gpu smoke: ok")
 

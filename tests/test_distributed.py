@@ -130,3 +130,69 @@ def test_fsdp2_shards_skip_together_and_checkpoint(tmp_path):
     s0 = torch.load(tmp_path / "fsdp_rank0.pt")["scales"]
     s1 = torch.load(tmp_path / "fsdp_rank1.pt")["scales"]
     assert s0 == s1, "ranks disagree on the loss scale"
+
+
+# ---- the many-label head under DDP and FSDP2 ---------------------------------------------------
+
+class _Tagger(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(16, 32), nn.Tanh())
+        self.head = fusedtrain.FusedLinearBCEWithLogits(32, 300, chunk_size=64)
+
+    def forward(self, x, y):
+        return self.head(self.body(x), y)
+
+
+def _tagger_data():
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(BATCH, 16, generator=g), (torch.rand(BATCH, 300, generator=g) > 0.95).float()
+
+
+def _train_tagger(model, x, y, steps=10):
+    opt = fusedtrain.FusedAdamW(model.parameters(), lr=1e-2)
+    scaler = fusedtrain.GradScaler("cpu", init_scale=2.0 ** 10)
+    for _ in range(steps):
+        loss = model(x, y)  # fp32: Adam's sign-like first steps would amplify bf16's rounding
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+
+def _head_worker(rank, world, out, kind):
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = _Tagger()
+    x, y = _tagger_data()
+    half = BATCH // world
+    if kind == "ddp":
+        wrapped = DDP(model)
+    else:
+        fully_shard(model.head)
+        fully_shard(model)
+        assert isinstance(model.head.weight, DTensor)
+        with pytest.raises(TypeError, match="weight is a DTensor"):  # the sharded weight, called directly
+            fusedtrain.functional.linear_binary_cross_entropy_with_logits(
+                torch.randn(2, 32), model.head.weight, None, torch.zeros(2, 300))
+        wrapped = model
+    _train_tagger(wrapped, x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half])
+    params = [p.full_tensor() if isinstance(p, DTensor) else p for p in model.parameters()]
+    torch.save([p.detach() for p in params], os.path.join(out, f"head_rank{rank}.pt"))
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
+def test_head_under_ddp_and_fsdp2_matches_single_process(tmp_path, kind):
+    spawn(_head_worker, world=2, args=(str(tmp_path), kind), timeout_s=180)
+    r0 = torch.load(tmp_path / "head_rank0.pt")
+    r1 = torch.load(tmp_path / "head_rank1.pt")
+    for a, b in zip(r0, r1):
+        assert torch.equal(a, b), "ranks diverged"
+    torch.set_num_threads(1)
+    model = _Tagger()
+    _train_tagger(model, *_tagger_data())
+    for a, s in zip(r0, model.parameters()):
+        torch.testing.assert_close(a, s.detach(), rtol=2e-3, atol=2e-4)

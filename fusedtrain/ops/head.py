@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from fusedtrain import _backend, _ext, reference
+from fusedtrain import _backend, _dtensor, _ext, reference
 
 OP = "linear_bce_with_logits"
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -349,6 +349,10 @@ def linear_binary_cross_entropy_with_logits(h, weight, bias, target, *, pos_weig
     if h.dim() < 1 or h.shape[-1] != H:
         raise ValueError(f"{_FN}: h must have {H} features in its last dimension (weight is {L} x {H}), got shape "
                          f"{tuple(h.shape)}")
+    for name, t in (("h", h), ("weight", weight), ("bias", bias)):
+        if _dtensor.is_dtensor(t):
+            raise TypeError(f"{_FN}: {name} is a DTensor (a sharded parameter); call the head through its module "
+                            f"under fully_shard (FSDP2 gathers the weight for the forward), or pass full tensors")
     device = h.device
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.device != device:
