@@ -23,6 +23,43 @@ def _scalar(x):
     return float(x.item()) if torch.is_tensor(x) else float(x)
 
 
+STATE_FORMATS = ("fp32", "bf16")
+LEAN_MIN_NUMEL = 4096  # smaller tensors keep full-precision moments (as bitsandbytes and torchao do)
+
+
+def _check_state_format(fmt):
+    if fmt == "8bit":
+        raise NotImplementedError("state_format='8bit' (blockwise 8-bit moments) is not implemented yet; "
+                                  "use 'fp32' or 'bf16'")
+    if fmt not in STATE_FORMATS:
+        raise ValueError(f"state_format must be one of {STATE_FORMATS}, got {fmt!r}")
+    return fmt
+
+
+def _lean_dtype(group, p):
+    """The moments' dtype of param p under its group's state_format, or None for the default."""
+    fmt = _check_state_format(group.get("state_format", "fp32"))
+    if fmt == "fp32" or p.numel() < LEAN_MIN_NUMEL:
+        return None
+    if p.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"state_format={fmt!r} is for float32/float16/bfloat16 params; a param of shape "
+                         f"{tuple(p.shape)} is {p.dtype} (put it in a param group with state_format='fp32')")
+    return torch.bfloat16
+
+
+def torch_state_dict(state_dict):
+    """A copy of a fusedtrain optimizer's state_dict whose moments are fp32 (bf16 moments
+    widened exactly), fusedtrain-only keys dropped: what torch.optim.Adam/AdamW loads as its
+    own (it would also load the bf16 moments as they are, casting them to the param dtype)."""
+    out = {"state": {}, "param_groups": []}
+    for k, st in state_dict["state"].items():
+        out["state"][k] = {n: (v.float() if n != "step" and torch.is_tensor(v) and v.dtype == torch.bfloat16 else v)
+                           for n, v in st.items() if n != "master_param"}
+    for g in state_dict["param_groups"]:
+        out["param_groups"].append({n: v for n, v in g.items() if n not in ("master_weights", "state_format")})
+    return out
+
+
 class FusedAdam(torch.optim.Optimizer):
     """torch.optim.Adam with a fused step; same constructor checks, param_groups, state and
     state_dict (a checkpoint loads into torch.optim.Adam and back).
@@ -35,6 +72,11 @@ class FusedAdam(torch.optim.Optimizer):
         master_weights: keep an fp32 copy of every fp16/bf16 param (state key
             "master_param") and fp32 moments; the update runs on the copy and the param
             receives its rounding.
+        state_format: the moments' storage (also a param-group key): "fp32" (the default:
+            the param dtype, or fp32 with master_weights, as before) or "bf16" (exp_avg,
+            exp_avg_sq and max_exp_avg_sq in bf16, rounded once per step after fp32 math:
+            4 bytes per parameter instead of 8) for params of at least 4096 elements
+            (smaller ones keep the default). "8bit" is not implemented yet.
     """
 
     _step_supports_amp_scaling = True
@@ -42,7 +84,7 @@ class FusedAdam(torch.optim.Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
-                 decoupled_weight_decay=False, master_weights=False):
+                 decoupled_weight_decay=False, master_weights=False, state_format="fp32"):
         # torch.optim.Adam.__init__'s checks, in its order, with its exception types and
         # messages (torch 2.14); fusedtrain's own restrictions come after them
         if isinstance(lr, torch.Tensor):
@@ -75,7 +117,8 @@ class FusedAdam(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=differentiable, fused=fused,
-                        decoupled_weight_decay=decoupled_weight_decay, master_weights=master_weights)
+                        decoupled_weight_decay=decoupled_weight_decay, master_weights=master_weights,
+                        state_format=_check_state_format(state_format))
         super().__init__(params, defaults)
         if fused:
             if differentiable:
@@ -97,6 +140,7 @@ class FusedAdam(torch.optim.Optimizer):
             group.setdefault("fused", None)
             group.setdefault("decoupled_weight_decay", False)
             group.setdefault("master_weights", self.defaults.get("master_weights", False))
+            group.setdefault("state_format", self.defaults.get("state_format", "fp32"))
             for p in group["params"]:
                 st = self.state.get(p)
                 if st and "step" in st:
@@ -116,7 +160,7 @@ class FusedAdam(torch.optim.Optimizer):
         saved_state = state_dict["state"]
         super().load_state_dict(state_dict)
         # torch casts every state to the param dtype; master-weight groups keep fp32 states
-        # (and their fp32 master copies) from the saved dict.
+        # (and their fp32 master copies) from the saved dict, lean formats their own dtype.
         saved_ids = [i for g in saved_groups for i in g["params"]]
         ours = [(p, g) for g in self.param_groups for p in g["params"]]
         for sid, (p, group) in zip(saved_ids, ours):
@@ -124,9 +168,14 @@ class FusedAdam(torch.optim.Optimizer):
             if not st:
                 continue
             sv = saved_state.get(sid, {})
-            if self._uses_master(group, p):
+            lean = _lean_dtype(group, p)
+            if lean is not None:  # a lean format keeps (or converts a torch checkpoint's states to) its dtype
                 for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
                     if k in sv:
+                        st[k] = sv[k].detach().to(device=p.device, dtype=lean, copy=True)
+            if self._uses_master(group, p):
+                for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                    if k in sv and lean is None:
                         st[k] = sv[k].detach().to(device=p.device, dtype=torch.float32, copy=True)
                 if "master_param" in sv:
                     st["master_param"] = sv["master_param"].detach().to(device=p.device, dtype=torch.float32,
@@ -143,7 +192,8 @@ class FusedAdam(torch.optim.Optimizer):
     def _init_state(self, group, p):
         state = self.state[p]
         master = self._uses_master(group, p)
-        sdtype = torch.float32 if master else p.dtype
+        lean = _lean_dtype(group, p)
+        sdtype = lean if lean is not None else torch.float32 if master else p.dtype
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         state["exp_avg"] = torch.zeros_like(p, dtype=sdtype, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, dtype=sdtype, memory_format=torch.preserve_format)
@@ -279,10 +329,10 @@ class FusedAdamW(FusedAdam):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
-                 master_weights=False):
+                 master_weights=False, state_format="fp32"):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=True, master_weights=master_weights)
+                         decoupled_weight_decay=True, master_weights=master_weights, state_format=state_format)
 
     def __setstate__(self, state):
         super().__setstate__(state)

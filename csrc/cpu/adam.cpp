@@ -121,16 +121,23 @@ void run_ams(const std::vector<TensorJob>& jobs, const mta::Units& units, bool a
   else run_all<P, S, false, MASTER>(jobs, units);
 }
 
-template <typename P>
-void run_param(const std::vector<TensorJob>& jobs, const mta::Units& units, bool amsgrad, bool fp32_state,
-               bool master) {
-  if constexpr (std::is_same_v<P, float>) {
-    run_ams<float, float, false>(jobs, units, amsgrad);
-  } else {
-    if (master) run_ams<P, float, true>(jobs, units, amsgrad);
-    else if (fp32_state) run_ams<P, float, false>(jobs, units, amsgrad);
-    else run_ams<P, P, false>(jobs, units, amsgrad);
+// The (P, S, MASTER) combinations check_lists admits: S in {P, fp32, bf16}; MASTER for
+// fp16/bf16 params with fp32 or bf16 states.
+template <typename P, typename S>
+void run_state(const std::vector<TensorJob>& jobs, const mta::Units& units, bool amsgrad, bool master) {
+  if constexpr (!std::is_same_v<P, float> && !std::is_same_v<S, at::Half>) {
+    if (master) return run_ams<P, S, true>(jobs, units, amsgrad);
   }
+  run_ams<P, S, false>(jobs, units, amsgrad);
+}
+
+template <typename P>
+void run_param(const std::vector<TensorJob>& jobs, const mta::Units& units, bool amsgrad, at::ScalarType sdt,
+               bool master) {
+  if (sdt == at::kFloat) return run_state<P, float>(jobs, units, amsgrad, master);
+  if (sdt == at::kBFloat16) return run_state<P, at::BFloat16>(jobs, units, amsgrad, master);
+  if constexpr (std::is_same_v<P, at::Half>) return run_state<P, at::Half>(jobs, units, amsgrad, master);
+  TORCH_CHECK(false, "adam_: unsupported state dtype ", sdt);
 }
 
 float read_scalar(const at::Tensor& t) { return t.to(at::kFloat).item<float>(); }
@@ -182,12 +189,11 @@ void adam_cpu(at::TensorList params_in, at::TensorList grads_in, at::TensorList 
     }
     j.coef = coef;
   }
-  const bool fp32_state = sdt == at::kFloat;
   const mta::Units units(static_cast<int64_t>(n), kUnit, [&](int64_t t) { return jobs[t].numel; });
   switch (pdt) {
-    case at::kFloat: run_param<float>(jobs, units, amsgrad, fp32_state, master); break;
-    case at::kBFloat16: run_param<at::BFloat16>(jobs, units, amsgrad, fp32_state, master); break;
-    case at::kHalf: run_param<at::Half>(jobs, units, amsgrad, fp32_state, master); break;
+    case at::kFloat: run_param<float>(jobs, units, amsgrad, sdt, master); break;
+    case at::kBFloat16: run_param<at::BFloat16>(jobs, units, amsgrad, sdt, master); break;
+    case at::kHalf: run_param<at::Half>(jobs, units, amsgrad, sdt, master); break;
     default: TORCH_CHECK(false, "adam_: unsupported param dtype ", pdt);
   }
   contiguous.write_back();  // before the steps: a failing copy leaves every count as it was

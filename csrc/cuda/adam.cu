@@ -54,7 +54,7 @@ struct AdamOp {
   // The elements of the block: a function of its own (not inlined, one call per block), so
   // that the values its loops keep are not live across make_coef's call of pow (inlined,
   // the peeled head spilled registers there).
-  __device__ __noinline__ void elements(const mta::Chunk ch, const adam::CoefV<float> c) const {
+  __device__ __forceinline__ void elements_body(const mta::Chunk ch, const adam::CoefV<float> c) const {
     P* p = ch.ptr<P>(kP);
     const P* g = ch.ptr<const P>(kG);
     S* m = ch.ptr<S>(kM);
@@ -109,6 +109,11 @@ struct AdamOp {
     }
   }
 
+  __device__ __noinline__ void elements(const mta::Chunk ch, const adam::CoefV<float> c) const {
+    elements_body(ch, c);
+  }
+  // (elements_body is the loop itself, for the combinations whose call costs a spill: below)
+
   __device__ __forceinline__ void operator()(const mta::Chunk& ch) const {
     const int64_t numel = ch.numel;
     float* step_ptr = ch.ptr<float>(kStep);
@@ -117,7 +122,12 @@ struct AdamOp {
     const float mult = h.gm_ptr != nullptr ? *h.gm_ptr : 1.f;
     const adam::CoefV<float> c(adam::make_coef(lr, h.beta1, h.beta2, h.eps, h.wd, h.decoupled,
                                                static_cast<double>(step), mult, h.maximize));
-    elements(ch, c);
+    // a call (see elements), except for bf16 moments with fp32 masters, whose call spilled
+    // 8 bytes around it (sm_80) and which inlined do not
+    if constexpr (MASTER && !std::is_same_v<S, float>)
+      elements_body(ch, c);
+    else
+      elements(ch, c);
 
     // every thread of this block has read the step; the last block of the tensor writes it
     __syncthreads();
@@ -139,16 +149,24 @@ void launch_ams(bool amsgrad, const mta::Tables& tab, int32_t* counters, const H
   else mta::launch<kThreads>(tab, AdamOp<P, S, false, MASTER>{h, counters}, stream);
 }
 
-template <typename P>
-void launch_param(bool amsgrad, bool fp32_state, bool master, const mta::Tables& tab, int32_t* counters,
-                  const Hyper& h, cudaStream_t stream) {
-  if constexpr (std::is_same_v<P, float>) {
-    launch_ams<float, float, false>(amsgrad, tab, counters, h, stream);
-  } else {
-    if (master) launch_ams<P, float, true>(amsgrad, tab, counters, h, stream);
-    else if (fp32_state) launch_ams<P, float, false>(amsgrad, tab, counters, h, stream);
-    else launch_ams<P, P, false>(amsgrad, tab, counters, h, stream);
+// The (P, S, MASTER) combinations check_lists admits: S in {P, fp32, bf16}; MASTER for
+// fp16/bf16 params with fp32 or bf16 states.
+template <typename P, typename S>
+void launch_state(bool amsgrad, bool master, const mta::Tables& tab, int32_t* counters, const Hyper& h,
+                  cudaStream_t stream) {
+  if constexpr (!std::is_same_v<P, float> && !std::is_same_v<S, c10::Half>) {
+    if (master) return launch_ams<P, S, true>(amsgrad, tab, counters, h, stream);
   }
+  launch_ams<P, S, false>(amsgrad, tab, counters, h, stream);
+}
+
+template <typename P>
+void launch_param(bool amsgrad, at::ScalarType sdt, bool master, const mta::Tables& tab, int32_t* counters,
+                  const Hyper& h, cudaStream_t stream) {
+  if (sdt == at::kFloat) return launch_state<P, float>(amsgrad, master, tab, counters, h, stream);
+  if (sdt == at::kBFloat16) return launch_state<P, c10::BFloat16>(amsgrad, master, tab, counters, h, stream);
+  if constexpr (std::is_same_v<P, c10::Half>) return launch_state<P, c10::Half>(amsgrad, master, tab, counters, h, stream);
+  TORCH_CHECK(false, "adam_: unsupported state dtype ", sdt);
 }
 
 const float* opt_ptr(const std::optional<at::Tensor>& t, const at::Device& dev, const char* what) {
@@ -187,11 +205,10 @@ void adam_cuda(at::TensorList params_in, at::TensorList grads_in, at::TensorList
   const at::Tensor counter_buf = at::zeros({static_cast<int64_t>(n)}, at::TensorOptions().dtype(at::kInt).device(dev));
   int32_t* counters = counter_buf.data_ptr<int32_t>();
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const bool fp32_state = sdt == at::kFloat;
   switch (pdt) {
-    case at::kFloat: launch_param<float>(amsgrad, fp32_state, master, tab, counters, h, stream); break;
-    case at::kBFloat16: launch_param<c10::BFloat16>(amsgrad, fp32_state, master, tab, counters, h, stream); break;
-    case at::kHalf: launch_param<c10::Half>(amsgrad, fp32_state, master, tab, counters, h, stream); break;
+    case at::kFloat: launch_param<float>(amsgrad, sdt, master, tab, counters, h, stream); break;
+    case at::kBFloat16: launch_param<c10::BFloat16>(amsgrad, sdt, master, tab, counters, h, stream); break;
+    case at::kHalf: launch_param<c10::Half>(amsgrad, sdt, master, tab, counters, h, stream); break;
     default: TORCH_CHECK(false, "adam_: unsupported param dtype ", pdt);
   }
   contiguous.write_back();

@@ -105,7 +105,7 @@ def _check_lengths(t: AdamTensors, amsgrad: bool):
 def check_lists(t: AdamTensors, amsgrad: bool):
     """Raise a clear error unless the lists are what fusedtrain::adam_ takes: equal lengths,
     one device and dtype, dense grads of their params' dtype and shape, states in the params'
-    dtype or fp32 (master weights: fp32), fp32 one-element steps."""
+    dtype, fp32 or bf16 (master weights: fp32), fp32 one-element steps."""
     _check_lengths(t, amsgrad)
     if not t.params:
         return
@@ -143,10 +143,10 @@ def check_lists(t: AdamTensors, amsgrad: bool):
                 _fail(f"{name} of param {i} is {x.dtype} {tuple(x.shape)} on {x.device}; expected "
                       f"{dt} {tuple(p.shape)} on {device}")
     low = pdtype in LOW_PRECISION
-    if sdtype != pdtype and not (sdtype == torch.float32 and low):
-        _fail(f"states must be in the param dtype or fp32 (params {pdtype}, states {sdtype})", TypeError)
-    if t.master_params and not (low and sdtype == torch.float32):
-        _fail("master_params are for fp16/bf16 params with fp32 states", TypeError)
+    if sdtype != pdtype and not (sdtype == torch.float32 and low) and sdtype != torch.bfloat16:
+        _fail(f"states must be in the param dtype, fp32 or bf16 (params {pdtype}, states {sdtype})", TypeError)
+    if t.master_params and not (low and sdtype in (torch.float32, torch.bfloat16)):
+        _fail("master_params are for fp16/bf16 params with fp32 or bf16 states", TypeError)
 
 
 def _check(t: AdamTensors, amsgrad: bool):
@@ -182,9 +182,19 @@ def _one_element(name, t, device):
 
 # ---- prepare and launch ---------------------------------------------------------------------
 
-def device_dtype_buckets(params):
-    """Index lists of the params of each (device, dtype), in param order."""
-    return [idx for _, idx in torch._C._group_tensors_by_device_and_dtype([params], True).values()]
+def device_dtype_buckets(params, states=None):
+    """Index lists of the params of each (device, dtype, state dtype), in param order (a
+    state_format="bf16" group keeps small tensors' moments in fp32: two calls)."""
+    buckets = [idx for _, idx in torch._C._group_tensors_by_device_and_dtype([params], True).values()]
+    if not states or len({s.dtype for s in states}) == 1:
+        return buckets
+    out = []
+    for idx in buckets:
+        by_state = {}
+        for i in idx:
+            by_state.setdefault(states[i].dtype, []).append(i)
+        out += by_state.values()
+    return out
 
 
 def _split(t: AdamTensors, buckets):
@@ -243,7 +253,7 @@ def prepare(tensors: AdamTensors, hyper: AdamHyper, grad_mult=None, found_inf=No
         tensors = tensors._replace(max_exp_avg_sqs=[])
     _check_lengths(tensors, hyper.amsgrad)
     calls = []
-    for t in _split(tensors, device_dtype_buckets(tensors.params)):
+    for t in _split(tensors, device_dtype_buckets(tensors.params, tensors.exp_avgs)):
         if t.master_params and t.master_params[0] is None:  # params of this dtype keep no fp32 copy
             t = t._replace(master_params=[])
         device, dtype = t.params[0].device, t.params[0].dtype

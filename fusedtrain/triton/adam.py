@@ -249,6 +249,9 @@ AOT_HELPERS = ("_adam_elements",)  # inlined into _adam_kernel
 
 AOT_SPECS = [
     _spec("fp32", "fp32", False, False, False),
+    # state_format="bf16": bf16 moments of fp32 params, and of bf16 params with fp32 masters
+    _spec("fp32", "bf16", True, False, False, amp=True),
+    _spec("bf16", "bf16", False, True, False, amp=True),
     _spec("fp32", "fp32", True, False, True),
     _spec("bf16", "bf16", True, False, False),
     _spec("fp16", "fp16", False, False, True),

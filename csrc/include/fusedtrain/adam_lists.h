@@ -63,10 +63,11 @@ inline at::ScalarType check_lists(at::TensorList params, at::TensorList grads, a
     if (!master_params.empty()) state("master param", master_params[i], p, i, at::kFloat);
   }
   const bool low = pdt == at::kHalf || pdt == at::kBFloat16;
-  TORCH_CHECK_TYPE(sdt == pdt || (sdt == at::kFloat && low), "fusedtrain adam: states must be in the param dtype or "
-                   "fp32 (params ", pdt, ", states ", sdt, ")");
-  TORCH_CHECK_TYPE(master_params.empty() || (low && sdt == at::kFloat), "fusedtrain adam: master_params are for "
-                   "fp16/bf16 params with fp32 states");
+  // bf16 states for any param dtype: the optimizers' state_format="bf16" (lean state)
+  TORCH_CHECK_TYPE(sdt == pdt || (sdt == at::kFloat && low) || sdt == at::kBFloat16, "fusedtrain adam: states must "
+                   "be in the param dtype, fp32 or bf16 (params ", pdt, ", states ", sdt, ")");
+  TORCH_CHECK_TYPE(master_params.empty() || (low && (sdt == at::kFloat || sdt == at::kBFloat16)),
+                   "fusedtrain adam: master_params are for fp16/bf16 params with fp32 or bf16 states");
   return sdt;
 }
 

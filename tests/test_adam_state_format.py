@@ -1,0 +1,219 @@
+"""state_format="bf16" (lean optimizer state): bf16 exp_avg / exp_avg_sq / max_exp_avg_sq for
+params of at least 4096 elements, on every backend, against a float64 simulation of the same
+math (fp64 update from the stored bf16 moments, each moment rounded to bf16 once per step);
+formats per param group, small tensors in fp32, master weights, found_inf, state_dict round
+trips and conversion from and to torch.optim.AdamW checkpoints, bad options."""
+import pytest
+import torch
+
+import fusedtrain
+from fusedtrain import FusedAdam, FusedAdamW
+from fusedtrain.optim import LEAN_MIN_NUMEL, torch_state_dict
+from helpers import INTERPRET, assert_unchanged, snapshot
+
+BIG = 4099 if not INTERPRET else 4096  # not a multiple of a vector (tails)
+STEPS = 20 if not INTERPRET else 3
+
+
+def sim_step(p, g, m, v, vmax, t, lr, betas, eps, wd, amsgrad, decoupled=True):
+    """One float64 Adam(W) step from the stored (bf16) moments, as adam_math.h orders it: the
+    param update reads the unrounded moments, the moments are stored rounded to bf16."""
+    p, g, m, v = p.double(), g.double(), m.double(), v.double()
+    b1, b2 = betas
+    if decoupled:
+        p = p * (1 - lr * wd)
+    else:
+        g = g + wd * p
+    m = m + (1 - b1) * (g - m)
+    v = v * b2 + (1 - b2) * g * g
+    den_v = v
+    if amsgrad:
+        vmax = torch.maximum(vmax.double(), v)
+        den_v = vmax
+    p = p - lr / (1 - b1 ** t) * m / (den_v.sqrt() / (1 - b2 ** t) ** 0.5 + eps)
+    bf = lambda x: None if x is None else x.to(torch.bfloat16).double()  # noqa: E731
+    return p, bf(m), bf(v), bf(vmax)
+
+
+def assert_one_bf16_rounding(got, want, name):
+    got = got.double().cpu()
+    assert ((got - want).abs() <= want.abs() * 2.0 ** -7 + 1e-38).all(), f"{name}: more than one bf16 ulp off"
+    assert (got == want).double().mean() > 0.97, f"{name}: too many elements one bf16 ulp off"
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("decoupled", [True, False], ids=["adamw", "adam"])
+def test_bf16_moments_match_float64_step_by_step(backend_device, amsgrad, decoupled):
+    """Teacher forcing: every step is compared with a float64 step from the very state our
+    optimizer holds, so each is held to one bf16 rounding of the moments and fp32 noise of the
+    param (a second rounding, or math in bf16, fails it)."""
+    _, device = backend_device
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(BIG, device=device))
+    small = torch.nn.Parameter(torch.randn(7, device=device))
+    cls = FusedAdamW if decoupled else FusedAdam
+    lr, wd = 1e-2, 0.1
+    opt = cls([p, small], lr=lr, weight_decay=wd, amsgrad=amsgrad, state_format="bf16")
+    for t in range(1, STEPS + 1):
+        g = torch.randn(BIG, device=device) * (0.1 + t)
+        p.grad = g.clone()
+        small.grad = torch.randn(7, device=device)
+        st = opt.state[p]
+        zeros = torch.zeros(BIG, dtype=torch.float64)
+        m0 = st["exp_avg"].cpu() if st else zeros
+        v0 = st["exp_avg_sq"].cpu() if st else zeros
+        x0 = (st["max_exp_avg_sq"].cpu() if st else zeros) if amsgrad else None
+        want_p, want_m, want_v, want_x = sim_step(p.detach().cpu(), g.cpu(), m0, v0, x0, t, lr, (0.9, 0.999), 1e-8,
+                                                  wd, amsgrad, decoupled)
+        opt.step()
+        st = opt.state[p]
+        assert st["exp_avg"].dtype == st["exp_avg_sq"].dtype == torch.bfloat16
+        assert_one_bf16_rounding(st["exp_avg"], want_m, f"step {t} exp_avg")
+        assert_one_bf16_rounding(st["exp_avg_sq"], want_v, f"step {t} exp_avg_sq")
+        if amsgrad:
+            assert st["max_exp_avg_sq"].dtype == torch.bfloat16
+            assert_one_bf16_rounding(st["max_exp_avg_sq"], want_x, f"step {t} max_exp_avg_sq")
+        err = (p.detach().double().cpu() - want_p).abs()
+        bound = 2e-6 * want_p.abs() + 1e-6 * lr
+        assert (err <= bound).all(), f"step {t}: param off by {err.max():.3e}"
+    assert opt.state[small]["exp_avg"].dtype == torch.float32  # below LEAN_MIN_NUMEL
+
+
+def test_formats_per_param_group_and_state_bytes(backend_device):
+    _, device = backend_device
+    a = torch.nn.Parameter(torch.randn(64, 128, device=device))
+    b = torch.nn.Parameter(torch.randn(64, 128, device=device))
+    c = torch.nn.Parameter(torch.randn(10, device=device))
+    opt = FusedAdamW([{"params": [a], "state_format": "fp32"}, {"params": [b, c]}], state_format="bf16")
+    for t in (a, b, c):
+        t.grad = torch.randn_like(t)
+    opt.step()
+    assert opt.param_groups[0]["state_format"] == "fp32" and opt.param_groups[1]["state_format"] == "bf16"
+
+    def bytes_per_param(t):
+        st = opt.state[t]
+        return sum(st[k].numel() * st[k].element_size() for k in ("exp_avg", "exp_avg_sq")) / t.numel()
+
+    assert bytes_per_param(a) == 8 and bytes_per_param(b) == 4 and bytes_per_param(c) == 8
+
+
+def test_bf16_params_with_master_weights_and_bf16_moments(backend_device):
+    _, device = backend_device
+    torch.manual_seed(1)
+    p = torch.nn.Parameter(torch.randn(BIG, device=device).to(torch.bfloat16))
+    opt = FusedAdamW([p], lr=1e-3, master_weights=True, state_format="bf16")
+    grads = [torch.randn(BIG, device=device) for _ in range(STEPS)]
+    for g in grads:
+        p.grad = g.to(torch.bfloat16)
+        opt.step()
+    st = opt.state[p]
+    assert st["master_param"].dtype == torch.float32 and st["exp_avg"].dtype == torch.bfloat16
+    assert torch.equal(p.detach(), st["master_param"].to(torch.bfloat16))
+    # the master follows fp32 math from the bf16 moments (one step of it checked exactly)
+    g = torch.randn(BIG, device=device).to(torch.bfloat16)
+    want_p, want_m, _, _ = sim_step(st["master_param"].cpu(), g.cpu(), st["exp_avg"].cpu(), st["exp_avg_sq"].cpu(),
+                                    None, STEPS + 1, 1e-3, (0.9, 0.999), 1e-8, 1e-2, False)
+    p.grad = g
+    opt.step()
+    assert_one_bf16_rounding(st["exp_avg"], want_m, "exp_avg")
+    assert ((st["master_param"].double().cpu() - want_p).abs() <= 2e-6 * want_p.abs() + 1e-9).all()
+    assert torch.equal(p.detach(), st["master_param"].to(torch.bfloat16))
+
+
+def test_found_inf_skips_bit_identically(backend_device):
+    _, device = backend_device
+    p = torch.nn.Parameter(torch.randn(BIG, device=device))
+    opt = FusedAdamW([p], state_format="bf16", amsgrad=True)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    before = snapshot(opt, [p])
+    scaler = fusedtrain.GradScaler(device, init_scale=4.0)
+    scaler.scale(torch.ones((), device=device))
+    p.grad = torch.randn_like(p)
+    p.grad[3] = float("inf")
+    scaler.step(opt)
+    assert_unchanged(before, opt, [p], "a skipped step")
+
+
+def test_state_dict_round_trip_is_bit_exact(backend_device):
+    _, device = backend_device
+    torch.manual_seed(2)
+
+    def make():
+        p = torch.nn.Parameter(torch.arange(BIG, device=device, dtype=torch.float32) / BIG)
+        return p, FusedAdamW([p], lr=1e-2, state_format="bf16")
+
+    grads = [torch.randn(BIG, device=device) for _ in range(6)]
+    p1, o1 = make()
+    for g in grads:
+        p1.grad = g.clone()
+        o1.step()
+    p2, o2 = make()
+    for g in grads[:3]:
+        p2.grad = g.clone()
+        o2.step()
+    sd = o2.state_dict()
+    assert sd["state"][0]["exp_avg"].dtype == torch.bfloat16 and sd["param_groups"][0]["state_format"] == "bf16"
+    p3, o3 = make()
+    with torch.no_grad():
+        p3.copy_(p2)
+    o3.load_state_dict(sd)
+    assert o3.state[p3]["exp_avg"].dtype == torch.bfloat16
+    for g in grads[3:]:
+        p3.grad = g.clone()
+        o3.step()
+    assert torch.equal(p1, p3)
+    for k in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(o1.state[p1][k], o3.state[p3][k])
+
+
+def test_torch_checkpoints_convert_both_ways():
+    torch.manual_seed(3)
+    p = torch.nn.Parameter(torch.randn(BIG))
+    ref = torch.optim.AdamW([p], lr=1e-2)
+    for _ in range(3):
+        p.grad = torch.randn_like(p)
+        ref.step()
+    q = torch.nn.Parameter(p.detach().clone())
+    ours = FusedAdamW([q], lr=1e-2, state_format="bf16")
+    ours.load_state_dict(ref.state_dict())  # quantizes torch's fp32 moments to bf16
+    for k in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(ours.state[q][k], ref.state[p][k].to(torch.bfloat16))
+    back = torch.optim.AdamW([torch.nn.Parameter(q.detach().clone())], lr=1e-2)
+    back.load_state_dict(torch_state_dict(ours.state_dict()))
+    st = next(iter(back.state.values()))
+    assert st["exp_avg"].dtype == torch.float32
+    assert torch.equal(st["exp_avg"], ours.state[q]["exp_avg"].float())
+
+
+def test_bad_formats_are_clear_errors():
+    p = torch.nn.Parameter(torch.randn(LEAN_MIN_NUMEL))
+    with pytest.raises(NotImplementedError, match="8bit"):
+        FusedAdamW([p], state_format="8bit")
+    with pytest.raises(ValueError, match="state_format must be one of"):
+        FusedAdamW([p], state_format="int4")
+    opt = FusedAdamW([{"params": [p], "state_format": "fp8"}])
+    p.grad = torch.randn_like(p)
+    with pytest.raises(ValueError, match="state_format must be one of"):
+        opt.step()
+    c = torch.nn.Parameter(torch.randn(LEAN_MIN_NUMEL, dtype=torch.complex64))
+    c.grad = torch.randn_like(c)
+    opt = FusedAdamW([c], state_format="bf16")
+    with pytest.raises(ValueError, match="state_format='bf16' is for float32"):
+        opt.step()
+    assert not opt.state[c]  # nothing created
+
+
+def test_op_accepts_bf16_states_and_rejects_others(backend_device):
+    _, device = backend_device
+    p = [torch.randn(33, device=device)]
+    g = [torch.randn(33, device=device)]
+    kw = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
+              decoupled_weight_decay=True)
+    steps = [torch.zeros((), device=device)]
+    fusedtrain.ops.adam.adam_(p, g, [torch.zeros(33, device=device, dtype=torch.bfloat16)],
+                              [torch.zeros(33, device=device, dtype=torch.bfloat16)], [], steps, **kw)
+    assert steps[0].item() == 1
+    with pytest.raises(TypeError, match="param dtype, fp32 or bf16"):
+        fusedtrain.ops.adam.adam_(p, g, [torch.zeros(33, device=device, dtype=torch.float16)],
+                                  [torch.zeros(33, device=device, dtype=torch.float16)], [], steps, **kw)
