@@ -127,15 +127,17 @@ class AdamPlan {
   }
 
   // Run the calls gathered by gather() on the native op: the scalars are on the plan's device.
+  // sr_seed: the op's, for the calls of bf16 params without master copies (-1: none).
   void launch(double lr, const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double eps,
               double weight_decay, bool maximize, bool decoupled_weight_decay,
-              const std::optional<at::Tensor>& grad_mult, const std::optional<at::Tensor>& found_inf) {
+              const std::optional<at::Tensor>& grad_mult, const std::optional<at::Tensor>& found_inf,
+              int64_t sr_seed) {
     static const auto op =
         c10::Dispatcher::singleton()
             .findSchemaOrThrow("fusedtrain::adam_", "")
             .typed<void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                         at::TensorList, double, const std::optional<at::Tensor>&, double, double, double, double, bool,
-                        bool, bool, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
+                        bool, bool, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t)>();
     struct Release {
       AdamPlan* plan;
       ~Release() { plan->release(); }
@@ -147,8 +149,10 @@ class AdamPlan {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     for (Call& c : calls_) {
       const mta::UseTables use(&c.tables);  // the CUDA kernel reads tables the plan keeps
+      // stochastic rounding applies to the calls of bf16 params without master copies
+      const int64_t sr = c.dtype == at::kBFloat16 && c.master_params.empty() ? sr_seed : -1;
       op.call(c.params, c.grads, c.exp_avgs, c.exp_avg_sqs, c.max_exp_avg_sqs, c.steps, c.master_params, lr, lr_tensor,
-              beta1, beta2, eps, weight_decay, amsgrad_, maximize, decoupled_weight_decay, grad_mult, found_inf);
+              beta1, beta2, eps, weight_decay, amsgrad_, maximize, decoupled_weight_decay, grad_mult, found_inf, sr);
     }
   }
 

@@ -56,7 +56,8 @@ def torch_state_dict(state_dict):
         out["state"][k] = {n: (v.float() if n != "step" and torch.is_tensor(v) and v.dtype == torch.bfloat16 else v)
                            for n, v in st.items() if n != "master_param"}
     for g in state_dict["param_groups"]:
-        out["param_groups"].append({n: v for n, v in g.items() if n not in ("master_weights", "state_format")})
+        out["param_groups"].append({n: v for n, v in g.items()
+                                    if n not in ("master_weights", "state_format", "stochastic_rounding", "sr_seed")})
     return out
 
 
@@ -77,6 +78,14 @@ class FusedAdam(torch.optim.Optimizer):
             exp_avg_sq and max_exp_avg_sq in bf16, rounded once per step after fp32 math:
             4 bytes per parameter instead of 8) for params of at least 4096 elements
             (smaller ones keep the default). "8bit" is not implemented yet.
+        stochastic_rounding: (also a param-group key) round each updated bf16 param up or
+            down with probability proportional to the distance, instead of to the nearest:
+            small updates then survive bf16 on average. For bf16 params without master
+            weights. The random bits are a hash of (sr_seed, step, the param's position in its
+            launch, the element's index): a run and its resume, and every DDP rank, round alike.
+        sr_seed: the 32-bit seed of stochastic rounding (a param-group key, saved in the
+            state_dict); default: torch.initial_seed()'s low 32 bits at construction (pass one
+            explicitly where ranks are seeded differently).
     """
 
     _step_supports_amp_scaling = True
@@ -84,7 +93,8 @@ class FusedAdam(torch.optim.Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
-                 decoupled_weight_decay=False, master_weights=False, state_format="fp32"):
+                 decoupled_weight_decay=False, master_weights=False, state_format="fp32", stochastic_rounding=False,
+                 sr_seed=None):
         # torch.optim.Adam.__init__'s checks, in its order, with its exception types and
         # messages (torch 2.14); fusedtrain's own restrictions come after them
         if isinstance(lr, torch.Tensor):
@@ -118,7 +128,9 @@ class FusedAdam(torch.optim.Optimizer):
                         maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay, master_weights=master_weights,
-                        state_format=_check_state_format(state_format))
+                        state_format=_check_state_format(state_format),
+                        stochastic_rounding=bool(stochastic_rounding),
+                        sr_seed=(torch.initial_seed() if sr_seed is None else int(sr_seed)) & 0xFFFFFFFF)
         super().__init__(params, defaults)
         if fused:
             if differentiable:
@@ -128,6 +140,16 @@ class FusedAdam(torch.optim.Optimizer):
         if differentiable:
             raise ValueError(f"{type(self).__name__} does not support differentiable=True: its update is a "
                              "fused kernel outside autograd (use torch.optim.Adam(differentiable=True))")
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _check_state_format(group.get("state_format", "fp32"))
+        if group.get("stochastic_rounding"):
+            bad = [p.dtype for p in group["params"] if p.dtype != torch.bfloat16]
+            if bad or group.get("master_weights"):
+                what = f"a param is {bad[0]}" if bad else "the group has master_weights=True"
+                raise ValueError(f"stochastic_rounding=True is for bf16 params without master weights; {what}")
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -141,6 +163,8 @@ class FusedAdam(torch.optim.Optimizer):
             group.setdefault("decoupled_weight_decay", False)
             group.setdefault("master_weights", self.defaults.get("master_weights", False))
             group.setdefault("state_format", self.defaults.get("state_format", "fp32"))
+            group.setdefault("stochastic_rounding", self.defaults.get("stochastic_rounding", False))
+            group.setdefault("sr_seed", self.defaults.get("sr_seed", 0))
             for p in group["params"]:
                 st = self.state.get(p)
                 if st and "step" in st:
@@ -321,7 +345,8 @@ class FusedAdam(torch.optim.Optimizer):
         return adam_ops.AdamHyper(
             group["lr"] if torch.is_tensor(group["lr"]) else float(group["lr"]), _scalar(beta1), _scalar(beta2),
             float(group["eps"]), float(group["weight_decay"]), bool(group["amsgrad"]), bool(group["maximize"]),
-            bool(group["decoupled_weight_decay"]))
+            bool(group["decoupled_weight_decay"]),
+            int(group["sr_seed"]) if group.get("stochastic_rounding") else -1)
 
 
 class FusedAdamW(FusedAdam):
@@ -329,10 +354,11 @@ class FusedAdamW(FusedAdam):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
-                 master_weights=False, state_format="fp32"):
+                 master_weights=False, state_format="fp32", stochastic_rounding=False, sr_seed=None):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=True, master_weights=master_weights, state_format=state_format)
+                         decoupled_weight_decay=True, master_weights=master_weights, state_format=state_format,
+                         stochastic_rounding=stochastic_rounding, sr_seed=sr_seed)
 
     def __setstate__(self, state):
         super().__setstate__(state)

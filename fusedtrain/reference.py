@@ -260,9 +260,37 @@ def unscale_and_check_float64(tensors, inv_scale):
 # ---------------------------------------------------------------------------------------
 
 
+# Stochastic rounding (csrc/include/fusedtrain/adam_math.h sr_*), uint32 arithmetic on int64
+# tensors (products wrap in int64; their low 32 bits are uint32's).
+_U32 = 0xFFFFFFFF
+
+
+def _sr_mix(x):
+    x = x ^ (x >> 16)
+    x = (x * 0x7feb352d) & _U32
+    x = x ^ (x >> 15)
+    x = (x * 0x846ca68b) & _U32
+    return x ^ (x >> 16)
+
+
+def sr_key(seed, step, tensor):
+    """The key of one tensor's step: step is the new count (a one-element tensor)."""
+    s = step.reshape(()).to(torch.int64) & _U32
+    return _sr_mix(_sr_mix(seed ^ _sr_mix(s)) ^ ((tensor * 0x9E3779B9) & _U32))
+
+
+def sr_bf16(p, key):
+    """fp32 p rounded stochastically to bf16 values (as fp32) with the bits of (key, index)."""
+    idx = torch.arange(p.numel(), device=p.device, dtype=torch.int64).view(p.shape)
+    bits = _sr_mix(key ^ (idx & _U32) ^ (((idx >> 32) * 0x85EBCA6B) & _U32)) & 0xFFFF
+    u = p.view(torch.int32).to(torch.int64) & _U32
+    r = ((u + bits) & 0xFFFF0000).to(torch.int32).view(torch.float32)  # int64 -> int32 keeps the low 32 bits
+    return torch.where(p != p, p, r)
+
+
 def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, *,
           lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay,
-          grad_mult=None, found_inf=None):
+          grad_mult=None, found_inf=None, sr_seed=-1):
     """Plain torch ops, one tensor at a time, in fp32 (float64 for float64 params); the
     per-tensor scalars (bias corrections, step size) in float64 from the per-tensor step.
     With found_inf nonzero nothing changes (a device-side select, no host read)."""
@@ -300,6 +328,8 @@ def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_p
             denom = v.sqrt() / bc2_sqrt + eps
         p = p - step_size * m / denom
         outs = [(src, p), (exp_avgs[i], m), (exp_avg_sqs[i], v)]
+        if sr_seed >= 0 and master is None and param.dtype == torch.bfloat16:
+            outs[0] = (src, sr_bf16(p, sr_key(sr_seed, step, i)))
         if master is not None:
             outs.append((param, p))
         if amsgrad:

@@ -500,7 +500,8 @@ def test_constructor_matches_torch():
     opt = FusedAdamW(p, foreach=True)  # accepted, ignored
     topt = torch.optim.AdamW([torch.randn(3, requires_grad=True)])
     assert set(topt.param_groups[0]) <= set(opt.param_groups[0])
-    assert set(opt.param_groups[0]) - set(topt.param_groups[0]) == {"master_weights", "state_format"}
+    assert set(opt.param_groups[0]) - set(topt.param_groups[0]) == {"master_weights", "state_format",
+                                                                    "stochastic_rounding", "sr_seed"}
     assert opt.param_groups[0]["decoupled_weight_decay"] is True and opt.param_groups[0]["weight_decay"] == 1e-2
     assert FusedAdam(p).param_groups[0]["weight_decay"] == 0 and FusedAdam(p).param_groups[0]["decoupled_weight_decay"] is False
     assert FusedAdam._step_supports_amp_scaling is True

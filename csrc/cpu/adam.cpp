@@ -43,6 +43,7 @@ struct TensorJob {
   float* master;    // fp32 master copy or null
   int64_t numel;
   Coef coef;
+  uint32_t sr_key;  // stochastic rounding's key of this tensor's step (adam_math.h sr_key)
 };
 
 // Prefetch the cache line holding element i of every stream of one tensor.
@@ -56,10 +57,11 @@ inline void prefetch_at(const TensorJob& j, int64_t i) {
 }
 
 // Elements [lo, hi) of one tensor. P: param/grad storage, S: state storage. With MASTER the
-// update reads and writes the fp32 master and stores its rounding into the param. next: the
+// update reads and writes the fp32 master and stores its rounding into the param; with SR
+// (bf16 params) the param's rounding is stochastic (adam_math.h sr_bf16). next: the
 // tensor this thread goes on with (or null); near the end of this one, the prefetch runs on
 // into its first elements, so that many small tensors read as one continuous stream.
-template <typename P, typename S, bool AMS, bool MASTER>
+template <typename P, typename S, bool AMS, bool MASTER, bool SR>
 void run_range(const TensorJob& j, int64_t lo, int64_t hi, const TensorJob* next = nullptr) {
   P* p = static_cast<P*>(j.p);
   const P* g = static_cast<const P*>(j.g);
@@ -87,6 +89,10 @@ void run_range(const TensorJob& j, int64_t lo, int64_t hi, const TensorJob* next
     adam::update<AMS>(p0, g0, m0, v0, x0, cv);
     adam::update<AMS>(p1, g1, m1, v1, x1, cv);
     if constexpr (MASTER) store2(w + i, p0, p1);
+    if constexpr (SR) {
+      p0 = adam::sr_bf16(p0, j.sr_key, i);
+      p1 = adam::sr_bf16(p1, j.sr_key, i + fVec::size());
+    }
     store2(p + i, p0, p1);
     store2(m + i, m0, m1);
     store2(v + i, v0, v1);
@@ -100,7 +106,7 @@ void run_range(const TensorJob& j, int64_t lo, int64_t hi, const TensorJob* next
       float xv = AMS ? static_cast<float>(vm[i]) : 0.f;
       adam::update<AMS>(pv, static_cast<float>(g[i]), mv, vv, xv, cs);
       if constexpr (MASTER) w[i] = pv;
-      p[i] = static_cast<P>(pv);
+      p[i] = static_cast<P>(SR ? adam::sr_bf16(pv, j.sr_key, i) : pv);
       m[i] = static_cast<S>(mv);
       v[i] = static_cast<S>(vv);
       if constexpr (AMS) vm[i] = static_cast<S>(xv);
@@ -108,35 +114,38 @@ void run_range(const TensorJob& j, int64_t lo, int64_t hi, const TensorJob* next
   }
 }
 
-template <typename P, typename S, bool AMS, bool MASTER>
+template <typename P, typename S, bool AMS, bool MASTER, bool SR>
 void run_all(const std::vector<TensorJob>& jobs, const mta::Units& units) {
   units.parallel(kGrain, /*serial=*/false, [&](int64_t t, int64_t lo, int64_t hi, bool next) {
-    run_range<P, S, AMS, MASTER>(jobs[t], lo, hi, next ? &jobs[t + 1] : nullptr);
+    run_range<P, S, AMS, MASTER, SR>(jobs[t], lo, hi, next ? &jobs[t + 1] : nullptr);
   });
 }
 
-template <typename P, typename S, bool MASTER>
+template <typename P, typename S, bool MASTER, bool SR = false>
 void run_ams(const std::vector<TensorJob>& jobs, const mta::Units& units, bool amsgrad) {
-  if (amsgrad) run_all<P, S, true, MASTER>(jobs, units);
-  else run_all<P, S, false, MASTER>(jobs, units);
+  if (amsgrad) run_all<P, S, true, MASTER, SR>(jobs, units);
+  else run_all<P, S, false, MASTER, SR>(jobs, units);
 }
 
-// The (P, S, MASTER) combinations check_lists admits: S in {P, fp32, bf16}; MASTER for
-// fp16/bf16 params with fp32 or bf16 states.
+// The (P, S, MASTER, SR) combinations check_lists admits: S in {P, fp32, bf16}; MASTER for
+// fp16/bf16 params with fp32 or bf16 states; SR for bf16 params without MASTER.
 template <typename P, typename S>
-void run_state(const std::vector<TensorJob>& jobs, const mta::Units& units, bool amsgrad, bool master) {
+void run_state(const std::vector<TensorJob>& jobs, const mta::Units& units, bool amsgrad, bool master, bool sr) {
   if constexpr (!std::is_same_v<P, float> && !std::is_same_v<S, at::Half>) {
     if (master) return run_ams<P, S, true>(jobs, units, amsgrad);
+  }
+  if constexpr (std::is_same_v<P, at::BFloat16>) {
+    if (sr) return run_ams<P, S, false, true>(jobs, units, amsgrad);
   }
   run_ams<P, S, false>(jobs, units, amsgrad);
 }
 
 template <typename P>
 void run_param(const std::vector<TensorJob>& jobs, const mta::Units& units, bool amsgrad, at::ScalarType sdt,
-               bool master) {
-  if (sdt == at::kFloat) return run_state<P, float>(jobs, units, amsgrad, master);
-  if (sdt == at::kBFloat16) return run_state<P, at::BFloat16>(jobs, units, amsgrad, master);
-  if constexpr (std::is_same_v<P, at::Half>) return run_state<P, at::Half>(jobs, units, amsgrad, master);
+               bool master, bool sr) {
+  if (sdt == at::kFloat) return run_state<P, float>(jobs, units, amsgrad, master, sr);
+  if (sdt == at::kBFloat16) return run_state<P, at::BFloat16>(jobs, units, amsgrad, master, sr);
+  if constexpr (std::is_same_v<P, at::Half>) return run_state<P, at::Half>(jobs, units, amsgrad, master, sr);
   TORCH_CHECK(false, "adam_: unsupported state dtype ", sdt);
 }
 
@@ -147,9 +156,11 @@ void adam_cpu(at::TensorList params_in, at::TensorList grads_in, at::TensorList 
               at::TensorList master_params_in, double lr, const std::optional<at::Tensor>& lr_tensor,
               double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
               bool maximize, bool decoupled_weight_decay,
-              const std::optional<at::Tensor>& grad_mult, const std::optional<at::Tensor>& found_inf) {
+              const std::optional<at::Tensor>& grad_mult, const std::optional<at::Tensor>& found_inf,
+              int64_t sr_seed) {
   const auto sdt = adam::check_lists(params_in, grads_in, exp_avgs_in, exp_avg_sqs_in, max_exp_avg_sqs_in, steps,
                                      master_params_in, amsgrad);
+  adam::check_sr(sr_seed, params_in, master_params_in);
   const size_t n = params_in.size();
   if (n == 0) return;
   const auto dev = params_in[0].device();
@@ -188,12 +199,13 @@ void adam_cpu(at::TensorList params_in, at::TensorList grads_in, at::TensorList 
                              static_cast<double>(s), mult, maximize);
     }
     j.coef = coef;
+    j.sr_key = sr_seed >= 0 ? adam::sr_key(static_cast<uint32_t>(sr_seed), s, static_cast<uint32_t>(i)) : 0;
   }
   const mta::Units units(static_cast<int64_t>(n), kUnit, [&](int64_t t) { return jobs[t].numel; });
   switch (pdt) {
-    case at::kFloat: run_param<float>(jobs, units, amsgrad, sdt, master); break;
-    case at::kBFloat16: run_param<at::BFloat16>(jobs, units, amsgrad, sdt, master); break;
-    case at::kHalf: run_param<at::Half>(jobs, units, amsgrad, sdt, master); break;
+    case at::kFloat: run_param<float>(jobs, units, amsgrad, sdt, master, false); break;
+    case at::kBFloat16: run_param<at::BFloat16>(jobs, units, amsgrad, sdt, master, sr_seed >= 0); break;
+    case at::kHalf: run_param<at::Half>(jobs, units, amsgrad, sdt, master, false); break;
     default: TORCH_CHECK(false, "adam_: unsupported param dtype ", pdt);
   }
   contiguous.write_back();  // before the steps: a failing copy leaves every count as it was

@@ -35,6 +35,7 @@ struct Hyper {
   const float* gm_ptr;   // grad_mult or null
   const float* fi_ptr;   // found_inf or null
   bool maximize, decoupled;
+  uint32_t sr_seed;      // stochastic rounding's seed (used by SR kernels only)
 };
 
 template <typename T>
@@ -43,7 +44,7 @@ __device__ __forceinline__ bool aligned4(const void* p) {
 }
 
 // The functor of the multi-tensor engine: one chunk of one tensor.
-template <typename P, typename S, bool AMS, bool MASTER>
+template <typename P, typename S, bool AMS, bool MASTER, bool SR>
 struct AdamOp {
   Hyper h;
   int32_t* counters;  // per tensor, a zeroed buffer of this launch
@@ -54,7 +55,8 @@ struct AdamOp {
   // The elements of the block: a function of its own (not inlined, one call per block), so
   // that the values its loops keep are not live across make_coef's call of pow (inlined,
   // the peeled head spilled registers there).
-  __device__ __forceinline__ void elements_body(const mta::Chunk ch, const adam::CoefV<float> c) const {
+  __device__ __forceinline__ void elements_body(const mta::Chunk ch, const adam::CoefV<float> c,
+                                                const uint32_t sr_key) const {
     P* p = ch.ptr<P>(kP);
     const P* g = ch.ptr<const P>(kG);
     S* m = ch.ptr<S>(kM);
@@ -76,7 +78,7 @@ struct AdamOp {
       float rx = AMS ? static_cast<float>(vm[i]) : 0.f;
       adam::update<AMS>(rp, static_cast<float>(g[i]), rm, rv, rx, c);
       if (MASTER) w[i] = rp;
-      p[i] = static_cast<P>(rp);
+      p[i] = static_cast<P>(SR ? adam::sr_bf16(rp, sr_key, i) : rp);
       m[i] = static_cast<S>(rm);
       v[i] = static_cast<S>(rv);
       if (AMS) vm[i] = static_cast<S>(rx);
@@ -93,6 +95,10 @@ struct AdamOp {
 #pragma unroll
         for (int k = 0; k < kIlp; ++k) adam::update<AMS>(rp[k], rg[k], rm[k], rv[k], rx[k], c);
         if (MASTER) vec_io::store_vec(w + i, rp);
+        if (SR) {
+#pragma unroll
+          for (int k = 0; k < kIlp; ++k) rp[k] = adam::sr_bf16(rp[k], sr_key, i + k);
+        }
         vec_io::store_vec(p + i, rp);
         vec_io::store_vec(m + i, rm);
         vec_io::store_vec(v + i, rv);
@@ -109,8 +115,8 @@ struct AdamOp {
     }
   }
 
-  __device__ __noinline__ void elements(const mta::Chunk ch, const adam::CoefV<float> c) const {
-    elements_body(ch, c);
+  __device__ __noinline__ void elements(const mta::Chunk ch, const adam::CoefV<float> c, const uint32_t sr_key) const {
+    elements_body(ch, c, sr_key);
   }
   // (elements_body is the loop itself, for the combinations whose call costs a spill: below)
 
@@ -124,10 +130,11 @@ struct AdamOp {
                                                static_cast<double>(step), mult, h.maximize));
     // a call (see elements), except for bf16 moments with fp32 masters, whose call spilled
     // 8 bytes around it (sm_80) and which inlined do not
+    const uint32_t sr_key = SR ? adam::sr_key(h.sr_seed, step, static_cast<uint32_t>(ch.tensor)) : 0U;
     if constexpr (MASTER && !std::is_same_v<S, float>)
-      elements_body(ch, c);
+      elements_body(ch, c, sr_key);
     else
-      elements(ch, c);
+      elements(ch, c, sr_key);
 
     // every thread of this block has read the step; the last block of the tensor writes it
     __syncthreads();
@@ -143,29 +150,33 @@ struct AdamOp {
   }
 };
 
-template <typename P, typename S, bool MASTER>
+template <typename P, typename S, bool MASTER, bool SR = false>
 void launch_ams(bool amsgrad, const mta::Tables& tab, int32_t* counters, const Hyper& h, cudaStream_t stream) {
-  if (amsgrad) mta::launch<kThreads>(tab, AdamOp<P, S, true, MASTER>{h, counters}, stream);
-  else mta::launch<kThreads>(tab, AdamOp<P, S, false, MASTER>{h, counters}, stream);
+  if (amsgrad) mta::launch<kThreads>(tab, AdamOp<P, S, true, MASTER, SR>{h, counters}, stream);
+  else mta::launch<kThreads>(tab, AdamOp<P, S, false, MASTER, SR>{h, counters}, stream);
 }
 
-// The (P, S, MASTER) combinations check_lists admits: S in {P, fp32, bf16}; MASTER for
-// fp16/bf16 params with fp32 or bf16 states.
+// The (P, S, MASTER, SR) combinations check_lists admits: S in {P, fp32, bf16}; MASTER for
+// fp16/bf16 params with fp32 or bf16 states; SR for bf16 params without MASTER.
 template <typename P, typename S>
-void launch_state(bool amsgrad, bool master, const mta::Tables& tab, int32_t* counters, const Hyper& h,
+void launch_state(bool amsgrad, bool master, bool sr, const mta::Tables& tab, int32_t* counters, const Hyper& h,
                   cudaStream_t stream) {
   if constexpr (!std::is_same_v<P, float> && !std::is_same_v<S, c10::Half>) {
     if (master) return launch_ams<P, S, true>(amsgrad, tab, counters, h, stream);
+  }
+  if constexpr (std::is_same_v<P, c10::BFloat16>) {
+    if (sr) return launch_ams<P, S, false, true>(amsgrad, tab, counters, h, stream);
   }
   launch_ams<P, S, false>(amsgrad, tab, counters, h, stream);
 }
 
 template <typename P>
-void launch_param(bool amsgrad, at::ScalarType sdt, bool master, const mta::Tables& tab, int32_t* counters,
+void launch_param(bool amsgrad, at::ScalarType sdt, bool master, bool sr, const mta::Tables& tab, int32_t* counters,
                   const Hyper& h, cudaStream_t stream) {
-  if (sdt == at::kFloat) return launch_state<P, float>(amsgrad, master, tab, counters, h, stream);
-  if (sdt == at::kBFloat16) return launch_state<P, c10::BFloat16>(amsgrad, master, tab, counters, h, stream);
-  if constexpr (std::is_same_v<P, c10::Half>) return launch_state<P, c10::Half>(amsgrad, master, tab, counters, h, stream);
+  if (sdt == at::kFloat) return launch_state<P, float>(amsgrad, master, sr, tab, counters, h, stream);
+  if (sdt == at::kBFloat16) return launch_state<P, c10::BFloat16>(amsgrad, master, sr, tab, counters, h, stream);
+  if constexpr (std::is_same_v<P, c10::Half>)
+    return launch_state<P, c10::Half>(amsgrad, master, sr, tab, counters, h, stream);
   TORCH_CHECK(false, "adam_: unsupported state dtype ", sdt);
 }
 
@@ -179,9 +190,10 @@ void adam_cuda(at::TensorList params_in, at::TensorList grads_in, at::TensorList
                at::TensorList master_params_in, double lr, const std::optional<at::Tensor>& lr_tensor, double beta1,
                double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
                bool decoupled_weight_decay, const std::optional<at::Tensor>& grad_mult,
-               const std::optional<at::Tensor>& found_inf) {
+               const std::optional<at::Tensor>& found_inf, int64_t sr_seed) {
   const auto sdt = adam::check_lists(params_in, grads_in, exp_avgs_in, exp_avg_sqs_in, max_exp_avg_sqs_in, steps,
                                      master_params_in, amsgrad);
+  adam::check_sr(sr_seed, params_in, master_params_in);
   const size_t n = params_in.size();
   if (n == 0) return;
   const at::Device dev = params_in[0].device();
@@ -195,7 +207,7 @@ void adam_cuda(at::TensorList params_in, at::TensorList grads_in, at::TensorList
                        master_params = contiguous(master_params_in, true);
   Hyper h{lr, beta1, beta2, eps, weight_decay, opt_ptr(lr_tensor, dev, "lr_tensor"),
           opt_ptr(grad_mult, dev, "grad_mult"), opt_ptr(found_inf, dev, "found_inf"), maximize,
-          decoupled_weight_decay};
+          decoupled_weight_decay, static_cast<uint32_t>(sr_seed)};
   const at::TensorList none;
   const std::vector<at::TensorList> lists{params, grads, exp_avgs, exp_avg_sqs,
                                           amsgrad ? max_exp_avg_sqs : none, master ? master_params : none, steps};
@@ -206,9 +218,11 @@ void adam_cuda(at::TensorList params_in, at::TensorList grads_in, at::TensorList
   int32_t* counters = counter_buf.data_ptr<int32_t>();
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   switch (pdt) {
-    case at::kFloat: launch_param<float>(amsgrad, sdt, master, tab, counters, h, stream); break;
-    case at::kBFloat16: launch_param<c10::BFloat16>(amsgrad, sdt, master, tab, counters, h, stream); break;
-    case at::kHalf: launch_param<c10::Half>(amsgrad, sdt, master, tab, counters, h, stream); break;
+    case at::kFloat: launch_param<float>(amsgrad, sdt, master, false, tab, counters, h, stream); break;
+    case at::kBFloat16:
+      launch_param<c10::BFloat16>(amsgrad, sdt, master, sr_seed >= 0, tab, counters, h, stream);
+      break;
+    case at::kHalf: launch_param<c10::Half>(amsgrad, sdt, master, false, tab, counters, h, stream); break;
     default: TORCH_CHECK(false, "adam_: unsupported param dtype ", pdt);
   }
   contiguous.write_back();

@@ -39,6 +39,7 @@ class AdamHyper(NamedTuple):
     amsgrad: bool
     maximize: bool
     decoupled_weight_decay: bool
+    sr_seed: int = -1  # >= 0: stochastic rounding of bf16 params without master copies
 
 
 class AdamCall(NamedTuple):
@@ -59,7 +60,8 @@ def _fake(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[
           exp_avg_sqs: list[torch.Tensor], max_exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor],
           master_params: list[torch.Tensor], lr: float, lr_tensor: Optional[torch.Tensor], beta1: float,
           beta2: float, eps: float, weight_decay: float, amsgrad: bool, maximize: bool,
-          decoupled_weight_decay: bool, grad_mult: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
+          decoupled_weight_decay: bool, grad_mult: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
+          sr_seed: int = -1) -> None:
     return None
 
 
@@ -72,13 +74,15 @@ def _reference_op(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg
                   master_params: list[torch.Tensor], lr: float, lr_tensor: Optional[torch.Tensor], beta1: float,
                   beta2: float, eps: float, weight_decay: float, amsgrad: bool, maximize: bool,
                   decoupled_weight_decay: bool, grad_mult: Optional[torch.Tensor],
-                  found_inf: Optional[torch.Tensor]) -> None:
+                  found_inf: Optional[torch.Tensor], sr_seed: int = -1) -> None:
     # a direct call: the lengths at least (the reference takes any dtype, float64 included)
     _check_lengths(AdamTensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params), amsgrad)
+    check_sr(sr_seed, params, master_params)
     reference.adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params,
                     lr=lr_tensor if lr_tensor is not None else lr, beta1=beta1, beta2=beta2, eps=eps,
                     weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-                    decoupled_weight_decay=decoupled_weight_decay, grad_mult=grad_mult, found_inf=found_inf)
+                    decoupled_weight_decay=decoupled_weight_decay, grad_mult=grad_mult, found_inf=found_inf,
+                    sr_seed=sr_seed)
 
 
 _OPS = _backend.family_ops("adam_", _fake, "adam")
@@ -147,6 +151,17 @@ def check_lists(t: AdamTensors, amsgrad: bool):
         _fail(f"states must be in the param dtype, fp32 or bf16 (params {pdtype}, states {sdtype})", TypeError)
     if t.master_params and not (low and sdtype in (torch.float32, torch.bfloat16)):
         _fail("master_params are for fp16/bf16 params with fp32 or bf16 states", TypeError)
+
+
+def check_sr(sr_seed: int, params, master_params) -> None:
+    """adam_lists.h check_sr: stochastic rounding is for bf16 params without master copies."""
+    if sr_seed < 0 or not params:
+        return
+    if sr_seed > 0xFFFFFFFF:
+        _fail(f"sr_seed must fit in 32 bits, got {sr_seed}", ValueError)
+    if params[0].dtype != torch.bfloat16 or master_params:
+        _fail("stochastic rounding (sr_seed >= 0) is for bf16 params without master weights, got "
+              f"{params[0].dtype} params{' with master weights' if master_params else ''}", ValueError)
 
 
 def _check(t: AdamTensors, amsgrad: bool):
@@ -279,7 +294,7 @@ def _args(c: AdamCall, found_inf):
     h = c.hyper
     lr, lr_tensor = (0.0, h.lr) if torch.is_tensor(h.lr) else (float(h.lr), None)
     return (*c.tensors, lr, lr_tensor, h.beta1, h.beta2, h.eps, h.weight_decay, h.amsgrad, h.maximize,
-            h.decoupled_weight_decay, c.grad_mult, found_inf)
+            h.decoupled_weight_decay, c.grad_mult, found_inf, h.sr_seed)
 
 
 def check_calls(calls) -> None:
@@ -382,16 +397,18 @@ def launch_plan(p: GroupPlan, hyper: AdamHyper, scalars) -> None:
     lr, lr_tensor, grad_mult, found_inf = scalars
     if p.backend == "native":
         p.plan.launch(lr, lr_tensor, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay, hyper.maximize,
-                      hyper.decoupled_weight_decay, grad_mult, found_inf)
+                      hyper.decoupled_weight_decay, grad_mult, found_inf, hyper.sr_seed)
         return
     from fusedtrain.triton import adam as triton_adam
     try:
         for k, (kept, (block, iters), master) in enumerate(p.triton):
             tables = kept.update(p.plan.addresses(k, triton_adam.COLUMNS))
             with torch.profiler.record_function("fusedtrain_triton::adam_"):  # the op's kernel, launched directly
-                triton_adam.launch(tables, block, iters, p.plan.refs(k), lr, lr_tensor, hyper.beta1, hyper.beta2,
+                refs = p.plan.refs(k)
+                sr = hyper.sr_seed if refs[0].dtype == torch.bfloat16 and not master else -1
+                triton_adam.launch(tables, block, iters, refs, lr, lr_tensor, hyper.beta1, hyper.beta2,
                                    hyper.eps, hyper.weight_decay, hyper.amsgrad, master, hyper.maximize,
-                                   hyper.decoupled_weight_decay, grad_mult, found_inf)
+                                   hyper.decoupled_weight_decay, grad_mult, found_inf, sr)
         p.plan.bump_versions()  # as the op would (csrc/include/fusedtrain/versions.h)
     finally:
         p.plan.release()
@@ -399,7 +416,7 @@ def launch_plan(p: GroupPlan, hyper: AdamHyper, scalars) -> None:
 
 def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params=(), *,
           lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay,
-          grad_mult=None, found_inf=None) -> None:
+          grad_mult=None, found_inf=None, sr_seed=-1) -> None:
     """One Adam (decoupled_weight_decay=False) or AdamW step, in place.
 
     Args:
@@ -408,10 +425,11 @@ def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_p
         lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay: as
             torch.optim.Adam; lr may be a one-element tensor.
         grad_mult, found_inf: see prepare().
+        sr_seed: >= 0: bf16 params (without master copies) rounded stochastically.
     """
     tensors = AdamTensors(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
                           list(max_exp_avg_sqs or ()), list(steps), list(master_params or ()))
     hyper = AdamHyper(lr if torch.is_tensor(lr) else float(lr), float(beta1), float(beta2), float(eps),
-                      float(weight_decay), bool(amsgrad), bool(maximize), bool(decoupled_weight_decay))
+                      float(weight_decay), bool(amsgrad), bool(maximize), bool(decoupled_weight_decay), int(sr_seed))
     for c in prepare(tensors, hyper, grad_mult, found_inf, check=True):
         launch(c)

@@ -24,8 +24,30 @@ from fusedtrain.triton.rounding import store_rounded
 
 
 @triton.jit
+def _sr_mix(x):
+    # adam_math.h sr_mix on uint32 (>> is logical on unsigned integers, * wraps)
+    x = x ^ (x >> 16)
+    x = x * 0x7feb352d
+    x = x ^ (x >> 15)
+    x = x * 0x846ca68b
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _sr_bf16(p, key, offs):
+    # adam_math.h sr_bf16: 16 random bits added to p's fp32 bits, the low 16 cleared; the
+    # store then rounds a bf16 value (exact)
+    lo = offs.to(tl.uint32)  # the low 32 bits of the element index (int64 -> uint32 wraps)
+    hi = (offs >> 32).to(tl.uint32)
+    bits = _sr_mix(key ^ lo ^ (hi * 0x85EBCA6B)) & 0xFFFF
+    r = ((p.to(tl.uint32, bitcast=True) + bits) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return tl.where(p != p, p, r)
+
+
+@triton.jit
 def _adam_elements(offs, mask, pp, gp, mp, vp, xp, wp, gscale, wd, decay, l2, lerp_low, w1, omw1, b2, omb2,
-                   bc2_sqrt, eps, step_size, AMSGRAD: tl.constexpr, MASTER: tl.constexpr, DECOUPLED: tl.constexpr):
+                   bc2_sqrt, eps, step_size, sr_key, AMSGRAD: tl.constexpr, MASTER: tl.constexpr,
+                   DECOUPLED: tl.constexpr, SR: tl.constexpr):
     """The update of the elements at offs (where mask) of one tensor: adam_math.h's order."""
     if MASTER:
         p = tl.load(wp + offs, mask=mask, other=0.0)
@@ -57,6 +79,8 @@ def _adam_elements(offs, mask, pp, gp, mp, vp, xp, wp, gscale, wd, decay, l2, le
     p = p - tl.math.div_rn(step_size * m, denom)
     if MASTER:
         tl.store(wp + offs, p, mask=mask)
+    if SR:
+        p = _sr_bf16(p, sr_key, offs)
     store_rounded(pp + offs, p, mask)
     store_rounded(mp + offs, m, mask)
     store_rounded(vp + offs, v, mask)
@@ -64,12 +88,13 @@ def _adam_elements(offs, mask, pp, gp, mp, vp, xp, wp, gscale, wd, decay, l2, le
 
 # the hyper-parameters vary during training (an LR schedule): no specialization on their
 # values, or every new value could compile a new kernel
-@triton.jit(do_not_specialize=["lr_bits", "beta1_bits", "beta2_bits", "eps", "wd_bits"])
+@triton.jit(do_not_specialize=["lr_bits", "beta1_bits", "beta2_bits", "eps", "wd_bits", "sr_seed"])
 def _adam_kernel(tab, tile_t, tile_off, counters, p_ref, s_ref, lr_ptr, gm_ptr, fi_ptr,
-                 lr_bits, beta1_bits, beta2_bits, eps, wd_bits,
+                 lr_bits, beta1_bits, beta2_bits, eps, wd_bits, sr_seed,
                  AMSGRAD: tl.constexpr, MASTER: tl.constexpr, LR_TENSOR: tl.constexpr,
                  HAS_MULT: tl.constexpr, HAS_FI: tl.constexpr, MAXIMIZE: tl.constexpr,
-                 DECOUPLED: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, ALIGNED: tl.constexpr):
+                 DECOUPLED: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, ALIGNED: tl.constexpr,
+                 SR: tl.constexpr):
     CHUNK: tl.constexpr = BLOCK * ITERS
     pid = tl.program_id(0)
     t = tl.load(tile_t + pid).to(tl.int64)
@@ -107,6 +132,10 @@ def _adam_kernel(tab, tile_t, tile_off, counters, p_ref, s_ref, lr_ptr, gm_ptr, 
     if MAXIMIZE:
         gscale = -gscale
     lerp_low = tl.abs(w1) < 0.5
+    sr_key = tl.zeros((), dtype=tl.uint32)
+    if SR:  # adam_math.h sr_key(seed, step, tensor)
+        seed = sr_seed.to(tl.int64).to(tl.uint32)
+        sr_key = _sr_mix(_sr_mix(seed ^ _sr_mix(step.to(tl.uint32))) ^ (t.to(tl.uint32) * 0x9E3779B9))
 
     pp = tl.load(row + 0).to(p_ref.dtype)
     gp = tl.load(row + 1).to(p_ref.dtype)
@@ -130,12 +159,12 @@ def _adam_kernel(tab, tile_t, tile_off, counters, p_ref, s_ref, lr_ptr, gm_ptr, 
     for k in tl.range(0, CHUNK, BLOCK):
         offs = off0 + k + tl.arange(0, BLOCK)
         _adam_elements(offs, offs < lim16, pp, gp, mp, vp, xp, wp, gscale, wd, decay, l2, lerp_low, w1, omw1, b2,
-                       omb2, bc2_sqrt, eps, step_size, AMSGRAD, MASTER, DECOUPLED)
+                       omb2, bc2_sqrt, eps, step_size, sr_key, AMSGRAD, MASTER, DECOUPLED, SR)
     if ALIGNED:  # the last (fewer than 16) elements of the tensor, scalar, by the tile that holds them
         toffs = lim16 + tl.arange(0, 16)
         tmask = (toffs < lim) & (lim16 >= off0) & (lim16 < off0 + CHUNK)
         _adam_elements(toffs, tmask, pp, gp, mp, vp, xp, wp, gscale, wd, decay, l2, lerp_low, w1, omw1, b2,
-                       omb2, bc2_sqrt, eps, step_size, AMSGRAD, MASTER, DECOUPLED)
+                       omb2, bc2_sqrt, eps, step_size, sr_key, AMSGRAD, MASTER, DECOUPLED, SR)
 
     # the step increment: the last program of this tensor (all others have read the step)
     ntiles = tl.maximum((numel + CHUNK - 1) // CHUNK, 1)  # an empty tensor has one tile
@@ -150,6 +179,9 @@ def _bits(x: float) -> int:
 
 
 BLOCK = 1024   # elements per loop iteration of a program
+# stochastic rounding's hash needs registers: with ptxas's own choice (96 on sm_90) the amsgrad
+# variant spilled 12 bytes; more warps would cost the 128-bit accesses of bf16 tensors
+SR_OPTIONS = {"num_warps": 4, "maxnreg": 128}
 ITERS = 4      # iterations per program: a tile of 4096 elements
 
 # the table's columns as AdamTensors fields (fusedtrain/ops/adam.py): param, grad, exp_avg,
@@ -163,7 +195,7 @@ def tile(max_numel):
 
 
 def launch(tables, block, iters, refs, lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, master, maximize,
-           decoupled_weight_decay, grad_mult, found_inf):
+           decoupled_weight_decay, grad_mult, found_inf, sr_seed=-1):
     """One launch of the kernel over the tables (rows, tile_t, tile_off) of a call.
 
     Args:
@@ -183,10 +215,11 @@ def launch(tables, block, iters, refs, lr, lr_tensor, beta1, beta2, eps, weight_
                 s_ref, lr_tensor if lr_tensor is not None else dummy,
                 grad_mult if grad_mult is not None else dummy,
                 found_inf if found_inf is not None else dummy,
-                _bits(lr), _bits(beta1), _bits(beta2), float(eps), _bits(weight_decay),
+                _bits(lr), _bits(beta1), _bits(beta2), float(eps), _bits(weight_decay), max(int(sr_seed), 0),
                 AMSGRAD=bool(amsgrad), MASTER=bool(master), LR_TENSOR=lr_tensor is not None,
                 HAS_MULT=grad_mult is not None, HAS_FI=found_inf is not None, MAXIMIZE=bool(maximize),
-                DECOUPLED=bool(decoupled_weight_decay), BLOCK=block, ITERS=iters, ALIGNED=aligned)
+                DECOUPLED=bool(decoupled_weight_decay), BLOCK=block, ITERS=iters, ALIGNED=aligned,
+                SR=sr_seed >= 0, **(SR_OPTIONS if sr_seed >= 0 else {"num_warps": 4}))
 
 
 @torch.library.custom_op("fusedtrain_triton::adam_",
@@ -196,19 +229,23 @@ def adam_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[
           exp_avg_sqs: list[torch.Tensor], max_exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor],
           master_params: list[torch.Tensor], lr: float, lr_tensor: Optional[torch.Tensor], beta1: float,
           beta2: float, eps: float, weight_decay: float, amsgrad: bool, maximize: bool,
-          decoupled_weight_decay: bool, grad_mult: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
+          decoupled_weight_decay: bool, grad_mult: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
+          sr_seed: int = -1) -> None:
     # an opaque custom op (not triton_op): the kernel reads addresses from a table, which
     # torch.compile could not trace
     if not params:
         return
     _check(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, amsgrad=amsgrad)
+    from fusedtrain.ops.adam import check_sr
+
+    check_sr(sr_seed, params, master_params)
     block, iters = tile(max(p.numel() for p in params))
     lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params)
     if not amsgrad:
         lists = lists[:4] + ([],) + lists[5:]
     tables = multi_tensor.tables([lists[c] for c in COLUMNS], block * iters, empty_tiles=True)
     launch(tables, block, iters, (params[0], exp_avgs[0], steps[0]), lr, lr_tensor, beta1, beta2, eps, weight_decay,
-           amsgrad, bool(master_params), maximize, decoupled_weight_decay, grad_mult, found_inf)
+           amsgrad, bool(master_params), maximize, decoupled_weight_decay, grad_mult, found_inf, sr_seed)
 
 
 def _check(*lists, amsgrad):
@@ -230,28 +267,31 @@ def _check(*lists, amsgrad):
                              "contiguous tensors; fusedtrain.ops.adam stages others)")
 
 
-def _spec(pdt, sdt, amsgrad, master, flags, wd_zero=False, amp=False, aligned=True):
+def _spec(pdt, sdt, amsgrad, master, flags, wd_zero=False, amp=False, aligned=True, sr=False):
     # an int argument is i32 when its value fits: lr_bits is _bits(0.0) = 0 with an lr tensor,
     # wd_bits with weight_decay=0 (torch Adam's default)
     sig = {"tab": "*i64", "tile_t": "*i64", "tile_off": "*i64", "counters": "*i32", "p_ref": f"*{pdt}",
            "s_ref": f"*{sdt}", "lr_ptr": "*fp32", "gm_ptr": "*fp32", "fi_ptr": "*fp32",
            "lr_bits": "i32" if flags else "i64", "beta1_bits": "i64", "beta2_bits": "i64", "eps": "fp32",
-           "wd_bits": "i32" if wd_zero else "i64"}
+           "wd_bits": "i32" if wd_zero else "i64", "sr_seed": "i32"}
     ce = dict(AMSGRAD=amsgrad, MASTER=master, LR_TENSOR=flags, HAS_MULT=flags or amp, HAS_FI=flags or amp,
-              MAXIMIZE=flags, DECOUPLED=not flags, BLOCK=BLOCK, ITERS=ITERS, ALIGNED=aligned)
+              MAXIMIZE=flags, DECOUPLED=not flags, BLOCK=BLOCK, ITERS=ITERS, ALIGNED=aligned, SR=sr)
     name = f"_adam_kernel[{pdt}/{sdt}{',amsgrad' if amsgrad else ''}{',master' if master else ''}" \
            f"{',lr_t,mult,found_inf,maximize' if flags else ',adamw'}{',amp' if amp else ''}" \
-           f"{',wd=0' if wd_zero else ''}{'' if aligned else ',unaligned'}]"
-    return AotSpec(_adam_kernel, sig, ce, name=name)
+           f"{',wd=0' if wd_zero else ''}{'' if aligned else ',unaligned'}{',sr' if sr else ''}]"
+    return AotSpec(_adam_kernel, sig, ce, name=name, options=dict(SR_OPTIONS) if sr else {"num_warps": 4})
 
 
-AOT_HELPERS = ("_adam_elements",)  # inlined into _adam_kernel
+AOT_HELPERS = ("_adam_elements", "_sr_mix", "_sr_bf16")  # inlined into _adam_kernel
 
 AOT_SPECS = [
     _spec("fp32", "fp32", False, False, False),
     # state_format="bf16": bf16 moments of fp32 params, and of bf16 params with fp32 masters
     _spec("fp32", "bf16", True, False, False, amp=True),
     _spec("bf16", "bf16", False, True, False, amp=True),
+    # stochastic rounding of bf16 params
+    _spec("bf16", "bf16", False, False, False, amp=True, sr=True),
+    _spec("bf16", "bf16", True, False, True, sr=True),
     _spec("fp32", "fp32", True, False, True),
     _spec("bf16", "bf16", True, False, False),
     _spec("fp16", "fp16", False, False, True),

@@ -111,5 +111,15 @@ inline void bump_written(at::TensorList params, at::TensorList exp_avgs, at::Ten
   for (at::TensorList l : {params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params}) bump_versions(l);
 }
 
+// sr_seed >= 0 asks for stochastic rounding of the params: bf16 params without master copies
+// only (seeds are 32-bit).
+inline void check_sr(int64_t sr_seed, at::TensorList params, at::TensorList master_params) {
+  if (sr_seed < 0 || params.empty()) return;
+  TORCH_CHECK_VALUE(sr_seed <= 0xFFFFFFFFLL, "fusedtrain adam: sr_seed must fit in 32 bits, got ", sr_seed);
+  TORCH_CHECK_VALUE(params[0].scalar_type() == at::kBFloat16 && master_params.empty(),
+                    "fusedtrain adam: stochastic rounding (sr_seed >= 0) is for bf16 params without master weights, "
+                    "got ", params[0].scalar_type(), master_params.empty() ? " params" : " params with master weights");
+}
+
 }  // namespace adam
 }  // namespace fusedtrain

@@ -14,6 +14,8 @@
 // step size) are computed by make_coef in double from the per-tensor step, like torch's CPU
 // fused kernel; every per-element operation is fp32.
 #include <math.h>
+#include <stdint.h>
+#include <string.h>
 
 #include "fusedtrain/macros.h"
 
@@ -102,6 +104,86 @@ FT_HD void update(V& p, V g, V& m, V& v, V& vmax, const CoefV<V>& c) {
   }
   p = p - c.step_size * m / denom;
 }
+
+// ---- stochastic rounding of bf16 params (state "stochastic_rounding", docs/design.md §7) ----
+// The new fp32 param x is rounded to one of its two bf16 neighbours, up with probability
+// (distance to the lower one) / (their gap): 16 random bits are added to x's fp32 bits and the
+// low 16 bits cleared. The bits come from a counter-based hash of (seed, step, the tensor's
+// position in its call, the element's index in its tensor): independent of chunking, threads
+// and devices, so a run and its resume, and every DDP rank, round alike. The same integer
+// steps in fusedtrain/triton/adam.py (_sr_*) and fusedtrain/reference.py (_sr_*).
+FT_HD uint32_t sr_mix(uint32_t x) {  // a 32-bit integer hash (Wellons' lowbias32)
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x *= 0x846ca68bU;
+  x ^= x >> 16;
+  return x;
+}
+
+// The key of one tensor's step: step is the count after this step's increment.
+FT_HD uint32_t sr_key(uint32_t seed, float step, uint32_t tensor) {
+  return sr_mix(sr_mix(seed ^ sr_mix(static_cast<uint32_t>(step))) ^ (tensor * 0x9E3779B9U));
+}
+
+FT_HD uint32_t sr_bits(uint32_t key, int64_t i) {
+  const uint64_t u = static_cast<uint64_t>(i);
+  return sr_mix(key ^ static_cast<uint32_t>(u) ^ (static_cast<uint32_t>(u >> 32) * 0x85EBCA6BU)) & 0xFFFFU;
+}
+
+FT_HD uint32_t float_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t u;
+  memcpy(&u, &x, sizeof(u));
+  return u;
+#endif
+}
+
+FT_HD float bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float x;
+  memcpy(&x, &u, sizeof(x));
+  return x;
+#endif
+}
+
+// x rounded stochastically to a bf16 value (returned as the fp32 that holds it exactly, so the
+// caller's usual store converts it without a second rounding); NaN stays NaN.
+FT_HD float sr_bf16(float x, uint32_t key, int64_t i) {
+  if (x != x) return x;
+  return bits_float((float_bits(x) + sr_bits(key, i)) & 0xFFFF0000U);
+}
+
+#if defined(FT_ADAM_WITH_ATEN_VEC) && !defined(__CUDACC__)
+// The same on a vector of the elements i0, i0 + 1, ... (i0 a multiple of the vector width, so
+// the vector never straddles a multiple of 2^32).
+inline at::vec::Vectorized<int32_t> sr_srl(const at::vec::Vectorized<int32_t>& x, int n) {
+  using IV = at::vec::Vectorized<int32_t>;
+  return (x >> IV(n)) & IV(static_cast<int32_t>((1U << (32 - n)) - 1));  // logical shift
+}
+inline at::vec::Vectorized<int32_t> sr_mix(at::vec::Vectorized<int32_t> x) {
+  using IV = at::vec::Vectorized<int32_t>;
+  x = x ^ sr_srl(x, 16);
+  x = x * IV(static_cast<int32_t>(0x7feb352dU));
+  x = x ^ sr_srl(x, 15);
+  x = x * IV(static_cast<int32_t>(0x846ca68bU));
+  return x ^ sr_srl(x, 16);
+}
+inline at::vec::Vectorized<float> sr_bf16(const at::vec::Vectorized<float>& x, uint32_t key, int64_t i0) {
+  using IV = at::vec::Vectorized<int32_t>;
+  const uint64_t u = static_cast<uint64_t>(i0);
+  const uint32_t base = key ^ (static_cast<uint32_t>(u >> 32) * 0x85EBCA6BU);
+  const IV lo = IV::arange(static_cast<int32_t>(static_cast<uint32_t>(u)), 1);
+  const IV bits = sr_mix(IV(static_cast<int32_t>(base)) ^ lo) & IV(0xFFFF);
+  const IV r = (at::vec::cast<int32_t>(x) + bits) & IV(static_cast<int32_t>(0xFFFF0000U));
+  const at::vec::Vectorized<float> y = at::vec::cast<float>(r);
+  return at::vec::Vectorized<float>::blendv(y, x, x != x);
+}
+#endif
 
 }  // namespace adam
 }  // namespace fusedtrain

@@ -1,8 +1,11 @@
-"""state_format="bf16" (lean optimizer state): bf16 exp_avg / exp_avg_sq / max_exp_avg_sq for
+"""Lean optimizer state. state_format="bf16": bf16 exp_avg / exp_avg_sq / max_exp_avg_sq for
 params of at least 4096 elements, on every backend, against a float64 simulation of the same
 math (fp64 update from the stored bf16 moments, each moment rounded to bf16 once per step);
 formats per param group, small tensors in fp32, master weights, found_inf, state_dict round
-trips and conversion from and to torch.optim.AdamW checkpoints, bad options."""
+trips and conversion from and to torch.optim.AdamW checkpoints, bad options.
+stochastic_rounding=True: unbiased (the mean of many roundings is the exact value within a
+stated statistical bound), reproducible (seed, resume, thread count), the same bits on every
+backend, clear errors."""
 import pytest
 import torch
 
@@ -192,10 +195,8 @@ def test_bad_formats_are_clear_errors():
         FusedAdamW([p], state_format="8bit")
     with pytest.raises(ValueError, match="state_format must be one of"):
         FusedAdamW([p], state_format="int4")
-    opt = FusedAdamW([{"params": [p], "state_format": "fp8"}])
-    p.grad = torch.randn_like(p)
     with pytest.raises(ValueError, match="state_format must be one of"):
-        opt.step()
+        FusedAdamW([{"params": [p], "state_format": "fp8"}])
     c = torch.nn.Parameter(torch.randn(LEAN_MIN_NUMEL, dtype=torch.complex64))
     c.grad = torch.randn_like(c)
     opt = FusedAdamW([c], state_format="bf16")
@@ -217,3 +218,102 @@ def test_op_accepts_bf16_states_and_rejects_others(backend_device):
     with pytest.raises(TypeError, match="param dtype, fp32 or bf16"):
         fusedtrain.ops.adam.adam_(p, g, [torch.zeros(33, device=device, dtype=torch.float16)],
                                   [torch.zeros(33, device=device, dtype=torch.float16)], [], steps, **kw)
+
+
+# ---- stochastic rounding -----------------------------------------------------------------------
+
+def _sr_step(device, n, seed, lr=2.0 ** -10, value=1.0, steps=1, threads=None):
+    p = torch.nn.Parameter(torch.full((n,), value, device=device, dtype=torch.bfloat16))
+    opt = FusedAdamW([p], lr=lr, weight_decay=0.0, stochastic_rounding=True, sr_seed=seed)
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        for _ in range(steps):
+            p.grad = torch.ones_like(p)
+            opt.step()
+    finally:
+        torch.set_num_threads(old)
+    return p.detach(), opt
+
+
+def test_stochastic_rounding_is_unbiased(backend_device):
+    """One AdamW step from 1.0 with a constant gradient moves every element by lr (1/8 of a bf16
+    ulp below 1.0): round-to-nearest leaves 1.0 everywhere; stochastic rounding gives 1 - 2^-8
+    with probability 1/4, so the mean is 1 - lr within a few standard errors."""
+    _, device = backend_device
+    n = 1 << 16 if not INTERPRET else 1 << 13
+    lr = 2.0 ** -10
+    p, _ = _sr_step(device, n, seed=7, lr=lr)
+    vals = set(p.float().unique().tolist())
+    assert vals <= {1.0, 1.0 - 2.0 ** -8}, vals
+    exact = 1.0 - lr / (1 + 1e-8)
+    q = (1.0 - exact) / 2.0 ** -8  # the probability of rounding down
+    se = 2.0 ** -8 * (q * (1 - q) / n) ** 0.5
+    mean = p.double().mean().item()
+    assert abs(mean - exact) < 5 * se, f"mean {mean!r}, exact {exact!r}, standard error {se:.2e}"
+    nearest = torch.nn.Parameter(torch.ones(n, device=device, dtype=torch.bfloat16))
+    opt = FusedAdamW([nearest], lr=lr, weight_decay=0.0)
+    nearest.grad = torch.ones_like(nearest)
+    opt.step()
+    assert (nearest == 1).all()  # what stochastic rounding is for
+
+
+def test_stochastic_rounding_is_reproducible(backend_device):
+    _, device = backend_device
+    n = 5000
+    a, _ = _sr_step(device, n, seed=3, steps=3)
+    b, _ = _sr_step(device, n, seed=3, steps=3, threads=1)
+    c, _ = _sr_step(device, n, seed=4, steps=3)
+    assert torch.equal(a, b)  # same seed: the same bits, whatever the thread count
+    assert not torch.equal(a, c)
+    # a resume from a state_dict rounds as the uninterrupted run does
+    p1, o1 = _sr_step(device, n, seed=9, steps=1)
+    sd = o1.state_dict()
+    assert sd["param_groups"][0]["sr_seed"] == 9 and sd["param_groups"][0]["stochastic_rounding"] is True
+    p2 = torch.nn.Parameter(p1.clone())
+    o2 = FusedAdamW([p2], lr=2.0 ** -10, weight_decay=0.0, stochastic_rounding=True, sr_seed=123)
+    o2.load_state_dict(sd)
+    for _ in range(2):
+        p2.grad = torch.ones_like(p2)
+        o2.step()
+    p3, _ = _sr_step(device, n, seed=9, steps=3)
+    assert torch.equal(p2.detach(), p3)
+
+
+def test_stochastic_rounding_bits_agree_with_the_reference(backend_device):
+    """The hash is integer arithmetic: every backend draws the reference's bits (the fp32 value
+    they round may differ in its last bit from FMA contraction: then one element rounds the
+    other way, rarely)."""
+    backend, device = backend_device
+    torch.manual_seed(5)
+    n = 4099
+    p0 = torch.randn(n, device=device).to(torch.bfloat16)
+    grads = [torch.randn(n, device=device).to(torch.bfloat16) for _ in range(3)]
+    out = {}
+    for b in (backend, "reference"):
+        with fusedtrain.use_backend(b):
+            p = torch.nn.Parameter(p0.clone())
+            opt = FusedAdamW([p, torch.nn.Parameter(p0[:10].clone())], lr=1e-3, stochastic_rounding=True, sr_seed=11)
+            for g in grads:
+                p.grad = g.clone()
+                opt.param_groups[0]["params"][1].grad = g[:10].clone()
+                opt.step()
+            out[b] = p.detach()
+    same = (out[backend] == out["reference"]).double().mean().item()
+    assert same > 0.999, same
+
+
+def test_stochastic_rounding_errors_name_the_option():
+    with pytest.raises(ValueError, match="stochastic_rounding=True is for bf16 params"):
+        FusedAdamW([torch.nn.Parameter(torch.randn(3))], stochastic_rounding=True)
+    with pytest.raises(ValueError, match="master_weights"):
+        FusedAdamW([torch.nn.Parameter(torch.randn(3).bfloat16())], stochastic_rounding=True, master_weights=True)
+    p = [torch.randn(3)]
+    kw = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
+              decoupled_weight_decay=True)
+    for backend in ("native", "reference"):
+        with fusedtrain.use_backend(backend):
+            with pytest.raises(ValueError, match="stochastic rounding"):
+                fusedtrain.ops.adam.adam_(p, [torch.randn(3)], [torch.zeros(3)], [torch.zeros(3)], [],
+                                          [torch.zeros(())], **kw, sr_seed=1)
