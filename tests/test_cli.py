@@ -131,3 +131,14 @@ def test_demo_labels_trains_the_head_like_torch(tmp_path):
     # the same seeded run with nn.Linear + BCEWithLogitsLoss on dense targets: bf16 rounding apart
     for a, b in zip(ours, theirs):
         assert abs(a - b) <= 2e-2 * abs(b), (a, b)
+
+
+def test_adam_quality_quick_runs_every_format(tmp_path):
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "-m", "fusedtrain.benchmarks.adam_quality", "--quick", "--out",
+                          str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads((tmp_path / "quality.json").read_text())["rows"]
+    assert {r["model"] for r in rows} == {"demo", "char-lm"} and len(rows) == 10
+    assert all(r["finite"] for r in rows), rows
+    assert (tmp_path / "quality.png").stat().st_size > 1000
