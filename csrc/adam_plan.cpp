@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "fusedtrain/adam_lists.h"
+#include "fusedtrain/adam_math.h"
 #include "fusedtrain/multi_tensor_tables.h"
 
 namespace fusedtrain {
@@ -127,17 +128,20 @@ class AdamPlan {
   }
 
   // Run the calls gathered by gather() on the native op: the scalars are on the plan's device.
-  // sr_seed: the op's, for the calls of bf16 params without master copies (-1: none).
+  // sr_seed: the group's stochastic-rounding seed (call k gets sr_call_seed(sr_seed, k));
+  // sr_params: round the params stochastically; sr_moments: the moments of calls with bf16
+  // states (gather() checked that every call's params may be).
   void launch(double lr, const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double eps,
               double weight_decay, bool maximize, bool decoupled_weight_decay,
               const std::optional<at::Tensor>& grad_mult, const std::optional<at::Tensor>& found_inf,
-              int64_t sr_seed) {
+              int64_t sr_seed, bool sr_params, bool sr_moments) {
     static const auto op =
         c10::Dispatcher::singleton()
             .findSchemaOrThrow("fusedtrain::adam_", "")
             .typed<void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                         at::TensorList, double, const std::optional<at::Tensor>&, double, double, double, double, bool,
-                        bool, bool, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t)>();
+                        bool, bool, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t, bool,
+                        bool)>();
     struct Release {
       AdamPlan* plan;
       ~Release() { plan->release(); }
@@ -147,12 +151,14 @@ class AdamPlan {
     // the params require grad: below autograd the op's kernel is called unboxed, as the
     // kernels of torch's own in-place ops are under no_grad
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    for (Call& c : calls_) {
+    for (size_t k = 0; k < calls_.size(); ++k) {
+      Call& c = calls_[k];
       const mta::UseTables use(&c.tables);  // the CUDA kernel reads tables the plan keeps
-      // stochastic rounding applies to the calls of bf16 params without master copies
-      const int64_t sr = c.dtype == at::kBFloat16 && c.master_params.empty() ? sr_seed : -1;
+      const bool sr_m = sr_moments && c.exp_avgs[0].scalar_type() == at::kBFloat16;
+      const int64_t seed = adam::sr_call_seed(static_cast<uint32_t>(sr_seed), static_cast<uint32_t>(k));
       op.call(c.params, c.grads, c.exp_avgs, c.exp_avg_sqs, c.max_exp_avg_sqs, c.steps, c.master_params, lr, lr_tensor,
-              beta1, beta2, eps, weight_decay, amsgrad_, maximize, decoupled_weight_decay, grad_mult, found_inf, sr);
+              beta1, beta2, eps, weight_decay, amsgrad_, maximize, decoupled_weight_decay, grad_mult, found_inf, seed,
+              sr_params, sr_m);
     }
   }
 

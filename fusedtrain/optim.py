@@ -10,7 +10,7 @@ import operator
 
 import torch
 
-from fusedtrain import _dtensor
+from fusedtrain import _dtensor, reference
 from fusedtrain.ops import adam as adam_ops
 
 _EXP_AVG, _EXP_AVG_SQ, _MAX_EXP_AVG_SQ, _STEP = map(operator.itemgetter,
@@ -84,8 +84,7 @@ class FusedAdam(torch.optim.Optimizer):
             weights. The random bits are a hash of (sr_seed, step, the param's position in its
             launch, the element's index): a run and its resume, and every DDP rank, round alike.
         sr_seed: the 32-bit seed of stochastic rounding (a param-group key, saved in the
-            state_dict); default: torch.initial_seed()'s low 32 bits at construction (pass one
-            explicitly where ranks are seeded differently).
+            state_dict); default 0, the same on every rank (DDP replicas must round alike).
     """
 
     _step_supports_amp_scaling = True
@@ -130,7 +129,7 @@ class FusedAdam(torch.optim.Optimizer):
                         decoupled_weight_decay=decoupled_weight_decay, master_weights=master_weights,
                         state_format=_check_state_format(state_format),
                         stochastic_rounding=bool(stochastic_rounding),
-                        sr_seed=(torch.initial_seed() if sr_seed is None else int(sr_seed)) & 0xFFFFFFFF)
+                        sr_seed=0 if sr_seed is None else sr_seed)
         super().__init__(params, defaults)
         if fused:
             if differentiable:
@@ -142,14 +141,25 @@ class FusedAdam(torch.optim.Optimizer):
                              "fused kernel outside autograd (use torch.optim.Adam(differentiable=True))")
 
     def add_param_group(self, param_group):
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        _check_state_format(group.get("state_format", "fp32"))
-        if group.get("stochastic_rounding"):
-            bad = [p.dtype for p in group["params"] if p.dtype != torch.bfloat16]
-            if bad or group.get("master_weights"):
+        # checked before torch appends the group: a refused group leaves nothing behind
+        opt = {k: param_group.get(k, self.defaults.get(k)) for k in ("state_format", "stochastic_rounding", "sr_seed",
+                                                                     "master_weights")}
+        _check_state_format(opt["state_format"])
+        seed = opt["sr_seed"]
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 0xFFFFFFFF:
+            raise ValueError(f"sr_seed must be an int in [0, 2**32), got {seed!r}")
+        if opt["stochastic_rounding"]:
+            params = param_group["params"]
+            if isinstance(params, torch.Tensor):
+                params = [params]
+            elif not isinstance(params, set):  # torch refuses sets itself
+                params = list(params)
+            bad = [p.dtype for p in params if p.dtype != torch.bfloat16]
+            if bad or opt["master_weights"]:
                 what = f"a param is {bad[0]}" if bad else "the group has master_weights=True"
                 raise ValueError(f"stochastic_rounding=True is for bf16 params without master weights; {what}")
+            param_group = {**param_group, "params": params}
+        super().add_param_group(param_group)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -180,6 +190,12 @@ class FusedAdam(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict):
         self.__dict__.pop("_plans", None)  # they hold the states being replaced
+        # a checkpoint without fusedtrain's group keys (torch's, or torch_state_dict's) keeps
+        # this optimizer's settings instead of falling back to the defaults
+        ours = ("master_weights", "state_format", "stochastic_rounding", "sr_seed")
+        state_dict = {**state_dict, "param_groups": [
+            {**{k: mine[k] for k in ours if k in mine and k not in saved}, **saved}
+            for saved, mine in zip(state_dict["param_groups"], self.param_groups)]}
         saved_groups = state_dict["param_groups"]
         saved_state = state_dict["state"]
         super().load_state_dict(state_dict)
@@ -302,7 +318,7 @@ class FusedAdam(torch.optim.Optimizer):
         calls, planned, created, kept = [], [], [], {}
         try:
             for i, group in enumerate(self.param_groups):
-                hyper = self._hyper(group)
+                hyper = self._hyper(group, i)
                 plan = plans.pop(i, None)
                 if plan is not None and not adam_ops.gather(plan, group, self.state, hyper):
                     plan = None  # its states may be garbage by now
@@ -340,13 +356,16 @@ class FusedAdam(torch.optim.Optimizer):
         plans.update(kept)
 
     @staticmethod
-    def _hyper(group):
+    def _hyper(group, index):
         beta1, beta2 = group["betas"]
+        sr_params = bool(group.get("stochastic_rounding"))
+        sr_moments = group.get("state_format") == "bf16"  # bf16 moments are rounded stochastically
         return adam_ops.AdamHyper(
             group["lr"] if torch.is_tensor(group["lr"]) else float(group["lr"]), _scalar(beta1), _scalar(beta2),
             float(group["eps"]), float(group["weight_decay"]), bool(group["amsgrad"]), bool(group["maximize"]),
             bool(group["decoupled_weight_decay"]),
-            int(group["sr_seed"]) if group.get("stochastic_rounding") else -1)
+            reference.sr_group_seed(int(group.get("sr_seed", 0)), index) if sr_params or sr_moments else 0,
+            sr_params, sr_moments)
 
 
 class FusedAdamW(FusedAdam):

@@ -261,7 +261,7 @@ def unscale_and_check_float64(tensors, inv_scale):
 
 
 # Stochastic rounding (csrc/include/fusedtrain/adam_math.h sr_*), uint32 arithmetic on int64
-# tensors (products wrap in int64; their low 32 bits are uint32's).
+# tensors (products wrap in int64; their low 32 bits are uint32's) and on Python ints.
 _U32 = 0xFFFFFFFF
 
 
@@ -273,10 +273,22 @@ def _sr_mix(x):
     return x ^ (x >> 16)
 
 
-def sr_key(seed, step, tensor):
-    """The key of one tensor's step: step is the new count (a one-element tensor)."""
+def sr_group_seed(seed: int, index: int) -> int:
+    """The seed of param group `index` of an optimizer whose group seed is `seed` (fusedtrain/optim.py)."""
+    return _sr_mix(seed ^ _sr_mix((index + 0x7F4A7C15) & _U32))
+
+
+def sr_call_seed(seed: int, k: int) -> int:
+    """adam_math.h sr_call_seed: the seed of call k of a group."""
+    return _sr_mix(seed ^ _sr_mix((k + 0x2545F491) & _U32))
+
+
+def sr_key(seed, step, tensor, stream=0):
+    """adam_math.h sr_key then sr_stream: step is the new count (a one-element tensor);
+    stream 0 the param, 1 exp_avg, 2 exp_avg_sq."""
     s = step.reshape(()).to(torch.int64) & _U32
-    return _sr_mix(_sr_mix(seed ^ _sr_mix(s)) ^ ((tensor * 0x9E3779B9) & _U32))
+    key = _sr_mix(_sr_mix(seed ^ _sr_mix(s)) ^ ((tensor * 0x9E3779B9) & _U32))
+    return key if stream == 0 else _sr_mix(key ^ ((stream * 0x68E31DA4) & _U32))
 
 
 def sr_bf16(p, key):
@@ -290,7 +302,7 @@ def sr_bf16(p, key):
 
 def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, *,
           lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay,
-          grad_mult=None, found_inf=None, sr_seed=-1):
+          grad_mult=None, found_inf=None, sr_seed=0, sr_params=False, sr_moments=False):
     """Plain torch ops, one tensor at a time, in fp32 (float64 for float64 params); the
     per-tensor scalars (bias corrections, step size) in float64 from the per-tensor step.
     With found_inf nonzero nothing changes (a device-side select, no host read)."""
@@ -327,9 +339,12 @@ def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_p
         else:
             denom = v.sqrt() / bc2_sqrt + eps
         p = p - step_size * m / denom
+        if sr_params:  # the ops checked: bf16 params without master copies
+            p = sr_bf16(p.float(), sr_key(sr_seed, step, i, 0))
+        if sr_moments:  # bf16 states; after the param's update, which read them unrounded
+            m = sr_bf16(m.float(), sr_key(sr_seed, step, i, 1))
+            v = sr_bf16(v.float(), sr_key(sr_seed, step, i, 2))
         outs = [(src, p), (exp_avgs[i], m), (exp_avg_sqs[i], v)]
-        if sr_seed >= 0 and master is None and param.dtype == torch.bfloat16:
-            outs[0] = (src, sr_bf16(p, sr_key(sr_seed, step, i)))
         if master is not None:
             outs.append((param, p))
         if amsgrad:

@@ -540,7 +540,7 @@ def test_hyper_parameters_are_not_specialized():
     from fusedtrain.triton import adam as tk
 
     names = {p.name for p in tk._adam_kernel.params if p.do_not_specialize}
-    assert names == {"lr_bits", "beta1_bits", "beta2_bits", "eps", "wd_bits"}
+    assert names == {"lr_bits", "beta1_bits", "beta2_bits", "eps", "wd_bits", "sr_seed"}
     if not torch.cuda.is_available():
         return
     ps = [torch.randn(4096, device="cuda", requires_grad=True)]

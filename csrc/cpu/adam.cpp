@@ -43,7 +43,9 @@ struct TensorJob {
   float* master;    // fp32 master copy or null
   int64_t numel;
   Coef coef;
-  uint32_t sr_key;  // stochastic rounding's key of this tensor's step (adam_math.h sr_key)
+  // stochastic rounding (adam_math.h sr_*): of the param, of the moments; the streams' keys
+  bool sr_param, sr_moments;
+  uint32_t sr_p, sr_m, sr_v;
 };
 
 // Prefetch the cache line holding element i of every stream of one tensor.
@@ -58,7 +60,7 @@ inline void prefetch_at(const TensorJob& j, int64_t i) {
 
 // Elements [lo, hi) of one tensor. P: param/grad storage, S: state storage. With MASTER the
 // update reads and writes the fp32 master and stores its rounding into the param; with SR
-// (bf16 params) the param's rounding is stochastic (adam_math.h sr_bf16). next: the
+// the job's stochastic roundings (of a bf16 param, of bf16 moments) apply. next: the
 // tensor this thread goes on with (or null); near the end of this one, the prefetch runs on
 // into its first elements, so that many small tensors read as one continuous stream.
 template <typename P, typename S, bool AMS, bool MASTER, bool SR>
@@ -90,8 +92,17 @@ void run_range(const TensorJob& j, int64_t lo, int64_t hi, const TensorJob* next
     adam::update<AMS>(p1, g1, m1, v1, x1, cv);
     if constexpr (MASTER) store2(w + i, p0, p1);
     if constexpr (SR) {
-      p0 = adam::sr_bf16(p0, j.sr_key, i);
-      p1 = adam::sr_bf16(p1, j.sr_key, i + fVec::size());
+      constexpr int64_t h = fVec::size();
+      if (j.sr_param) {
+        p0 = adam::sr_bf16(p0, j.sr_p, i);
+        p1 = adam::sr_bf16(p1, j.sr_p, i + h);
+      }
+      if (j.sr_moments) {  // after the update: the param moved by the unrounded moments
+        m0 = adam::sr_bf16(m0, j.sr_m, i);
+        m1 = adam::sr_bf16(m1, j.sr_m, i + h);
+        v0 = adam::sr_bf16(v0, j.sr_v, i);
+        v1 = adam::sr_bf16(v1, j.sr_v, i + h);
+      }
     }
     store2(p + i, p0, p1);
     store2(m + i, m0, m1);
@@ -106,7 +117,14 @@ void run_range(const TensorJob& j, int64_t lo, int64_t hi, const TensorJob* next
       float xv = AMS ? static_cast<float>(vm[i]) : 0.f;
       adam::update<AMS>(pv, static_cast<float>(g[i]), mv, vv, xv, cs);
       if constexpr (MASTER) w[i] = pv;
-      p[i] = static_cast<P>(SR ? adam::sr_bf16(pv, j.sr_key, i) : pv);
+      if constexpr (SR) {
+        if (j.sr_param) pv = adam::sr_bf16(pv, j.sr_p, i);
+        if (j.sr_moments) {
+          mv = adam::sr_bf16(mv, j.sr_m, i);
+          vv = adam::sr_bf16(vv, j.sr_v, i);
+        }
+      }
+      p[i] = static_cast<P>(pv);
       m[i] = static_cast<S>(mv);
       v[i] = static_cast<S>(vv);
       if constexpr (AMS) vm[i] = static_cast<S>(xv);
@@ -128,13 +146,21 @@ void run_ams(const std::vector<TensorJob>& jobs, const mta::Units& units, bool a
 }
 
 // The (P, S, MASTER, SR) combinations check_lists admits: S in {P, fp32, bf16}; MASTER for
-// fp16/bf16 params with fp32 or bf16 states; SR for bf16 params without MASTER.
+// fp16/bf16 params with fp32 or bf16 states; SR (some stochastic rounding) where the param or
+// the states are bf16.
 template <typename P, typename S>
 void run_state(const std::vector<TensorJob>& jobs, const mta::Units& units, bool amsgrad, bool master, bool sr) {
-  if constexpr (!std::is_same_v<P, float> && !std::is_same_v<S, at::Half>) {
-    if (master) return run_ams<P, S, true>(jobs, units, amsgrad);
+  constexpr bool can_master = !std::is_same_v<P, float> && !std::is_same_v<S, at::Half>;
+  constexpr bool can_sr = std::is_same_v<P, at::BFloat16> || std::is_same_v<S, at::BFloat16>;
+  if constexpr (can_master) {
+    if (master) {
+      if constexpr (can_sr) {
+        if (sr) return run_ams<P, S, true, true>(jobs, units, amsgrad);
+      }
+      return run_ams<P, S, true>(jobs, units, amsgrad);
+    }
   }
-  if constexpr (std::is_same_v<P, at::BFloat16>) {
+  if constexpr (can_sr) {
     if (sr) return run_ams<P, S, false, true>(jobs, units, amsgrad);
   }
   run_ams<P, S, false>(jobs, units, amsgrad);
@@ -157,10 +183,10 @@ void adam_cpu(at::TensorList params_in, at::TensorList grads_in, at::TensorList 
               double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
               bool maximize, bool decoupled_weight_decay,
               const std::optional<at::Tensor>& grad_mult, const std::optional<at::Tensor>& found_inf,
-              int64_t sr_seed) {
+              int64_t sr_seed, bool sr_params, bool sr_moments) {
   const auto sdt = adam::check_lists(params_in, grads_in, exp_avgs_in, exp_avg_sqs_in, max_exp_avg_sqs_in, steps,
                                      master_params_in, amsgrad);
-  adam::check_sr(sr_seed, params_in, master_params_in);
+  adam::check_sr(sr_seed, sr_params, sr_moments, params_in, exp_avgs_in, master_params_in);
   const size_t n = params_in.size();
   if (n == 0) return;
   const auto dev = params_in[0].device();
@@ -199,13 +225,20 @@ void adam_cpu(at::TensorList params_in, at::TensorList grads_in, at::TensorList 
                              static_cast<double>(s), mult, maximize);
     }
     j.coef = coef;
-    j.sr_key = sr_seed >= 0 ? adam::sr_key(static_cast<uint32_t>(sr_seed), s, static_cast<uint32_t>(i)) : 0;
+    j.sr_param = sr_params;
+    j.sr_moments = sr_moments;
+    if (sr_params || sr_moments) {
+      const uint32_t key = adam::sr_key(static_cast<uint32_t>(sr_seed), s, static_cast<uint32_t>(i));
+      j.sr_p = adam::sr_stream(key, 0);
+      j.sr_m = adam::sr_stream(key, 1);
+      j.sr_v = adam::sr_stream(key, 2);
+    }
   }
   const mta::Units units(static_cast<int64_t>(n), kUnit, [&](int64_t t) { return jobs[t].numel; });
   switch (pdt) {
-    case at::kFloat: run_param<float>(jobs, units, amsgrad, sdt, master, false); break;
-    case at::kBFloat16: run_param<at::BFloat16>(jobs, units, amsgrad, sdt, master, sr_seed >= 0); break;
-    case at::kHalf: run_param<at::Half>(jobs, units, amsgrad, sdt, master, false); break;
+    case at::kFloat: run_param<float>(jobs, units, amsgrad, sdt, master, sr_params || sr_moments); break;
+    case at::kBFloat16: run_param<at::BFloat16>(jobs, units, amsgrad, sdt, master, sr_params || sr_moments); break;
+    case at::kHalf: run_param<at::Half>(jobs, units, amsgrad, sdt, master, sr_params || sr_moments); break;
     default: TORCH_CHECK(false, "adam_: unsupported param dtype ", pdt);
   }
   contiguous.write_back();  // before the steps: a failing copy leaves every count as it was

@@ -35,7 +35,8 @@ struct Hyper {
   const float* gm_ptr;   // grad_mult or null
   const float* fi_ptr;   // found_inf or null
   bool maximize, decoupled;
-  uint32_t sr_seed;      // stochastic rounding's seed (used by SR kernels only)
+  uint32_t sr_seed;      // stochastic rounding (SR kernels only): the call's seed,
+  bool sr_params, sr_moments;  // and what it rounds
 };
 
 template <typename T>
@@ -55,8 +56,16 @@ struct AdamOp {
   // The elements of the block: a function of its own (not inlined, one call per block), so
   // that the values its loops keep are not live across make_coef's call of pow (inlined,
   // the peeled head spilled registers there).
+  // sr: stochastic rounding's seed (low 32 bits) and flags (bit 32 params, bit 33 moments),
+  // one register: reading them from `this` made the call copy the functor to local memory
   __device__ __forceinline__ void elements_body(const mta::Chunk ch, const adam::CoefV<float> c,
-                                                const uint32_t sr_key) const {
+                                                const uint64_t sr) const {
+    const bool sr_params = SR && ((sr >> 32) & 1U), sr_moments = SR && ((sr >> 33) & 1U);
+    // the step read again here: no block writes it before every block of the tensor is past this
+    const uint32_t sr_key =
+        SR ? adam::sr_key(static_cast<uint32_t>(sr), *ch.ptr<float>(kStep) + 1.f, static_cast<uint32_t>(ch.tensor))
+           : 0U;
+    const uint32_t kp = adam::sr_stream(sr_key, 0), km = adam::sr_stream(sr_key, 1), kv = adam::sr_stream(sr_key, 2);
     P* p = ch.ptr<P>(kP);
     const P* g = ch.ptr<const P>(kG);
     S* m = ch.ptr<S>(kM);
@@ -78,7 +87,14 @@ struct AdamOp {
       float rx = AMS ? static_cast<float>(vm[i]) : 0.f;
       adam::update<AMS>(rp, static_cast<float>(g[i]), rm, rv, rx, c);
       if (MASTER) w[i] = rp;
-      p[i] = static_cast<P>(SR ? adam::sr_bf16(rp, sr_key, i) : rp);
+      if (SR) {
+        if (sr_params) rp = adam::sr_bf16(rp, kp, i);
+        if (sr_moments) {
+          rm = adam::sr_bf16(rm, km, i);
+          rv = adam::sr_bf16(rv, kv, i);
+        }
+      }
+      p[i] = static_cast<P>(rp);
       m[i] = static_cast<S>(rm);
       v[i] = static_cast<S>(rv);
       if (AMS) vm[i] = static_cast<S>(rx);
@@ -95,9 +111,16 @@ struct AdamOp {
 #pragma unroll
         for (int k = 0; k < kIlp; ++k) adam::update<AMS>(rp[k], rg[k], rm[k], rv[k], rx[k], c);
         if (MASTER) vec_io::store_vec(w + i, rp);
-        if (SR) {
+        if (sr_params) {
 #pragma unroll
-          for (int k = 0; k < kIlp; ++k) rp[k] = adam::sr_bf16(rp[k], sr_key, i + k);
+          for (int k = 0; k < kIlp; ++k) rp[k] = adam::sr_bf16(rp[k], kp, i + k);
+        }
+        if (sr_moments) {
+#pragma unroll
+          for (int k = 0; k < kIlp; ++k) {
+            rm[k] = adam::sr_bf16(rm[k], km, i + k);
+            rv[k] = adam::sr_bf16(rv[k], kv, i + k);
+          }
         }
         vec_io::store_vec(p + i, rp);
         vec_io::store_vec(m + i, rm);
@@ -115,8 +138,8 @@ struct AdamOp {
     }
   }
 
-  __device__ __noinline__ void elements(const mta::Chunk ch, const adam::CoefV<float> c, const uint32_t sr_key) const {
-    elements_body(ch, c, sr_key);
+  __device__ __noinline__ void elements(const mta::Chunk ch, const adam::CoefV<float> c, const uint64_t sr) const {
+    elements_body(ch, c, sr);
   }
   // (elements_body is the loop itself, for the combinations whose call costs a spill: below)
 
@@ -130,11 +153,11 @@ struct AdamOp {
                                                static_cast<double>(step), mult, h.maximize));
     // a call (see elements), except for bf16 moments with fp32 masters, whose call spilled
     // 8 bytes around it (sm_80) and which inlined do not
-    const uint32_t sr_key = SR ? adam::sr_key(h.sr_seed, step, static_cast<uint32_t>(ch.tensor)) : 0U;
+    const uint64_t sr = SR ? (uint64_t(h.sr_seed) | (uint64_t(h.sr_params) << 32) | (uint64_t(h.sr_moments) << 33)) : 0;
     if constexpr (MASTER && !std::is_same_v<S, float>)
-      elements_body(ch, c, sr_key);
+      elements_body(ch, c, sr);
     else
-      elements(ch, c, sr_key);
+      elements(ch, c, sr);
 
     // every thread of this block has read the step; the last block of the tensor writes it
     __syncthreads();
@@ -157,14 +180,22 @@ void launch_ams(bool amsgrad, const mta::Tables& tab, int32_t* counters, const H
 }
 
 // The (P, S, MASTER, SR) combinations check_lists admits: S in {P, fp32, bf16}; MASTER for
-// fp16/bf16 params with fp32 or bf16 states; SR for bf16 params without MASTER.
+// fp16/bf16 params with fp32 or bf16 states; SR (some stochastic rounding) where the param or
+// the states are bf16.
 template <typename P, typename S>
 void launch_state(bool amsgrad, bool master, bool sr, const mta::Tables& tab, int32_t* counters, const Hyper& h,
                   cudaStream_t stream) {
-  if constexpr (!std::is_same_v<P, float> && !std::is_same_v<S, c10::Half>) {
-    if (master) return launch_ams<P, S, true>(amsgrad, tab, counters, h, stream);
+  constexpr bool can_master = !std::is_same_v<P, float> && !std::is_same_v<S, c10::Half>;
+  constexpr bool can_sr = std::is_same_v<P, c10::BFloat16> || std::is_same_v<S, c10::BFloat16>;
+  if constexpr (can_master) {
+    if (master) {
+      if constexpr (can_sr) {
+        if (sr) return launch_ams<P, S, true, true>(amsgrad, tab, counters, h, stream);
+      }
+      return launch_ams<P, S, true>(amsgrad, tab, counters, h, stream);
+    }
   }
-  if constexpr (std::is_same_v<P, c10::BFloat16>) {
+  if constexpr (can_sr) {
     if (sr) return launch_ams<P, S, false, true>(amsgrad, tab, counters, h, stream);
   }
   launch_ams<P, S, false>(amsgrad, tab, counters, h, stream);
@@ -190,10 +221,10 @@ void adam_cuda(at::TensorList params_in, at::TensorList grads_in, at::TensorList
                at::TensorList master_params_in, double lr, const std::optional<at::Tensor>& lr_tensor, double beta1,
                double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
                bool decoupled_weight_decay, const std::optional<at::Tensor>& grad_mult,
-               const std::optional<at::Tensor>& found_inf, int64_t sr_seed) {
+               const std::optional<at::Tensor>& found_inf, int64_t sr_seed, bool sr_params, bool sr_moments) {
   const auto sdt = adam::check_lists(params_in, grads_in, exp_avgs_in, exp_avg_sqs_in, max_exp_avg_sqs_in, steps,
                                      master_params_in, amsgrad);
-  adam::check_sr(sr_seed, params_in, master_params_in);
+  adam::check_sr(sr_seed, sr_params, sr_moments, params_in, exp_avgs_in, master_params_in);
   const size_t n = params_in.size();
   if (n == 0) return;
   const at::Device dev = params_in[0].device();
@@ -207,7 +238,8 @@ void adam_cuda(at::TensorList params_in, at::TensorList grads_in, at::TensorList
                        master_params = contiguous(master_params_in, true);
   Hyper h{lr, beta1, beta2, eps, weight_decay, opt_ptr(lr_tensor, dev, "lr_tensor"),
           opt_ptr(grad_mult, dev, "grad_mult"), opt_ptr(found_inf, dev, "found_inf"), maximize,
-          decoupled_weight_decay, static_cast<uint32_t>(sr_seed)};
+          decoupled_weight_decay, static_cast<uint32_t>(sr_seed), sr_params, sr_moments};
+  const bool sr = sr_params || sr_moments;
   const at::TensorList none;
   const std::vector<at::TensorList> lists{params, grads, exp_avgs, exp_avg_sqs,
                                           amsgrad ? max_exp_avg_sqs : none, master ? master_params : none, steps};
@@ -218,11 +250,9 @@ void adam_cuda(at::TensorList params_in, at::TensorList grads_in, at::TensorList
   int32_t* counters = counter_buf.data_ptr<int32_t>();
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   switch (pdt) {
-    case at::kFloat: launch_param<float>(amsgrad, sdt, master, false, tab, counters, h, stream); break;
-    case at::kBFloat16:
-      launch_param<c10::BFloat16>(amsgrad, sdt, master, sr_seed >= 0, tab, counters, h, stream);
-      break;
-    case at::kHalf: launch_param<c10::Half>(amsgrad, sdt, master, false, tab, counters, h, stream); break;
+    case at::kFloat: launch_param<float>(amsgrad, sdt, master, sr, tab, counters, h, stream); break;
+    case at::kBFloat16: launch_param<c10::BFloat16>(amsgrad, sdt, master, sr, tab, counters, h, stream); break;
+    case at::kHalf: launch_param<c10::Half>(amsgrad, sdt, master, sr, tab, counters, h, stream); break;
     default: TORCH_CHECK(false, "adam_: unsupported param dtype ", pdt);
   }
   contiguous.write_back();

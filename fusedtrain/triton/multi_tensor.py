@@ -56,13 +56,17 @@ def upload(words, device):
     return words.pin_memory().to(device, non_blocking=True)
 
 
-def _upload_tables(rows, chunk, empty_tiles, device):
+def _upload_tables(rows, chunk, empty_tiles, device, sel=None):
     """(rows, tile_t, tile_off) on `device` from the host rows table: one upload. (Tensor ops
     on the host: no Python loop per tile, and no host read that a test of the AMP step's
-    syncs would flag.)"""
+    syncs would flag.) sel: the rows that get tiles (all when None); every launch keeps the
+    whole table, so a tile's row is the tensor's position in the call (Adam's stochastic
+    rounding hashes it)."""
     per = (rows[:, -1] + chunk - 1) // chunk  # tiles per tensor
     if empty_tiles:
         per = per.clamp(min=1)
+    if sel is not None:
+        per = per * sel
     tile_t = torch.repeat_interleave(torch.arange(len(per)), per)
     first = torch.cumsum(per, 0) - per  # each tensor's first tile
     tile_off = (torch.arange(len(tile_t)) - first[tile_t]) * chunk
@@ -76,7 +80,7 @@ def _build(rows, chunk, empty_tiles, device):
     aligned = (rows[:, :-1] % 16 == 0).all(dim=1)
     if torch.equal(aligned, torch.ones_like(aligned)):
         return [(*_upload_tables(rows, chunk, empty_tiles, device), True)]
-    return [(*_upload_tables(rows[sel], chunk, empty_tiles, device), a)
+    return [(*_upload_tables(rows, chunk, empty_tiles, device, sel), a)
             for sel, a in ((aligned, True), (~aligned, False)) if not torch.equal(sel, torch.zeros_like(sel))]
 
 

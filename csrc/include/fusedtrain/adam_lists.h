@@ -111,14 +111,19 @@ inline void bump_written(at::TensorList params, at::TensorList exp_avgs, at::Ten
   for (at::TensorList l : {params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params}) bump_versions(l);
 }
 
-// sr_seed >= 0 asks for stochastic rounding of the params: bf16 params without master copies
-// only (seeds are 32-bit).
-inline void check_sr(int64_t sr_seed, at::TensorList params, at::TensorList master_params) {
-  if (sr_seed < 0 || params.empty()) return;
-  TORCH_CHECK_VALUE(sr_seed <= 0xFFFFFFFFLL, "fusedtrain adam: sr_seed must fit in 32 bits, got ", sr_seed);
-  TORCH_CHECK_VALUE(params[0].scalar_type() == at::kBFloat16 && master_params.empty(),
-                    "fusedtrain adam: stochastic rounding (sr_seed >= 0) is for bf16 params without master weights, "
+// Stochastic rounding of the params (bf16 params without master copies) and/or of the moments
+// (bf16 states); sr_seed is a 32-bit seed.
+inline void check_sr(int64_t sr_seed, bool sr_params, bool sr_moments, at::TensorList params,
+                     at::TensorList exp_avgs, at::TensorList master_params) {
+  if (!(sr_params || sr_moments) || params.empty()) return;
+  TORCH_CHECK_VALUE(sr_seed >= 0 && sr_seed <= 0xFFFFFFFFLL, "fusedtrain adam: sr_seed must be in [0, 2**32), got ",
+                    sr_seed);
+  TORCH_CHECK_VALUE(!sr_params || (params[0].scalar_type() == at::kBFloat16 && master_params.empty()),
+                    "fusedtrain adam: stochastic rounding of the params is for bf16 params without master weights, "
                     "got ", params[0].scalar_type(), master_params.empty() ? " params" : " params with master weights");
+  TORCH_CHECK_VALUE(!sr_moments || exp_avgs[0].scalar_type() == at::kBFloat16,
+                    "fusedtrain adam: stochastic rounding of the moments is for bf16 states, got ",
+                    exp_avgs[0].scalar_type());
 }
 
 }  // namespace adam

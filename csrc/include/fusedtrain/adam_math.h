@@ -105,13 +105,18 @@ FT_HD void update(V& p, V g, V& m, V& v, V& vmax, const CoefV<V>& c) {
   p = p - c.step_size * m / denom;
 }
 
-// ---- stochastic rounding of bf16 params (state "stochastic_rounding", docs/design.md §7) ----
-// The new fp32 param x is rounded to one of its two bf16 neighbours, up with probability
-// (distance to the lower one) / (their gap): 16 random bits are added to x's fp32 bits and the
-// low 16 bits cleared. The bits come from a counter-based hash of (seed, step, the tensor's
-// position in its call, the element's index in its tensor): independent of chunking, threads
-// and devices, so a run and its resume, and every DDP rank, round alike. The same integer
-// steps in fusedtrain/triton/adam.py (_sr_*) and fusedtrain/reference.py (_sr_*).
+// ---- stochastic rounding to bf16 (docs/design.md §7) ----
+// Of bf16 params ("stochastic_rounding") and of bf16 moments (state_format="bf16": rounded to
+// nearest, exp_avg_sq would never move by its (1 - beta2) = 1e-3 relative steps, less than
+// half a bf16 ulp). The fp32 value x is rounded to one of its two bf16 neighbours, up with
+// probability (distance to the lower one) / (their gap): 16 random bits are added to x's fp32
+// bits and the low 16 bits cleared. The bits come from a counter-based hash of (the call's
+// seed, step, the tensor's position in its call, the element's index in its tensor; one stream
+// each for the param, exp_avg and exp_avg_sq): independent of chunking, threads and devices,
+// so a run and its resume, and every DDP rank, round alike. The call's seed mixes the group's
+// seed with the group's and the call's index (sr_call_seed), so that no two tensors of an
+// optimizer share bits. The same integer steps in fusedtrain/triton/adam.py (_sr_*) and
+// fusedtrain/reference.py (sr_*).
 FT_HD uint32_t sr_mix(uint32_t x) {  // a 32-bit integer hash (Wellons' lowbias32)
   x ^= x >> 16;
   x *= 0x7feb352dU;
@@ -121,10 +126,16 @@ FT_HD uint32_t sr_mix(uint32_t x) {  // a 32-bit integer hash (Wellons' lowbias3
   return x;
 }
 
+// The seed of call k of a group whose seed (already mixed with the group's index) is seed.
+FT_HD uint32_t sr_call_seed(uint32_t seed, uint32_t k) { return sr_mix(seed ^ sr_mix(k + 0x2545F491U)); }
+
 // The key of one tensor's step: step is the count after this step's increment.
 FT_HD uint32_t sr_key(uint32_t seed, float step, uint32_t tensor) {
   return sr_mix(sr_mix(seed ^ sr_mix(static_cast<uint32_t>(step))) ^ (tensor * 0x9E3779B9U));
 }
+
+// The keys of the tensor's streams: 0 the param, 1 exp_avg, 2 exp_avg_sq.
+FT_HD uint32_t sr_stream(uint32_t key, uint32_t stream) { return stream == 0 ? key : sr_mix(key ^ (stream * 0x68E31DA4U)); }
 
 FT_HD uint32_t sr_bits(uint32_t key, int64_t i) {
   const uint64_t u = static_cast<uint64_t>(i);
@@ -154,8 +165,8 @@ FT_HD float bits_float(uint32_t u) {
 // x rounded stochastically to a bf16 value (returned as the fp32 that holds it exactly, so the
 // caller's usual store converts it without a second rounding); NaN stays NaN.
 FT_HD float sr_bf16(float x, uint32_t key, int64_t i) {
-  if (x != x) return x;
-  return bits_float((float_bits(x) + sr_bits(key, i)) & 0xFFFF0000U);
+  const float r = bits_float((float_bits(x) + sr_bits(key, i)) & 0xFFFF0000U);
+  return x != x ? x : r;  // a select (a branch here kept the CUDA kernel's arrays in local memory)
 }
 
 #if defined(FT_ADAM_WITH_ATEN_VEC) && !defined(__CUDACC__)
