@@ -129,12 +129,12 @@ class AdamPlan {
 
   // Run the calls gathered by gather() on the native op: the scalars are on the plan's device.
   // sr_seed: the group's stochastic-rounding seed (call k gets sr_call_seed(sr_seed, k));
-  // sr_params: round the params stochastically; sr_moments: the moments of calls with bf16
+  // sr_params: round the params stochastically; sr_exp_avg_sq: exp_avg_sq of calls with bf16
   // states (gather() checked that every call's params may be).
   void launch(double lr, const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double eps,
               double weight_decay, bool maximize, bool decoupled_weight_decay,
               const std::optional<at::Tensor>& grad_mult, const std::optional<at::Tensor>& found_inf,
-              int64_t sr_seed, bool sr_params, bool sr_moments) {
+              int64_t sr_seed, bool sr_params, bool sr_exp_avg_sq) {
     static const auto op =
         c10::Dispatcher::singleton()
             .findSchemaOrThrow("fusedtrain::adam_", "")
@@ -154,11 +154,11 @@ class AdamPlan {
     for (size_t k = 0; k < calls_.size(); ++k) {
       Call& c = calls_[k];
       const mta::UseTables use(&c.tables);  // the CUDA kernel reads tables the plan keeps
-      const bool sr_m = sr_moments && c.exp_avgs[0].scalar_type() == at::kBFloat16;
+      const bool sr_v = sr_exp_avg_sq && c.exp_avgs[0].scalar_type() == at::kBFloat16;
       const int64_t seed = adam::sr_call_seed(static_cast<uint32_t>(sr_seed), static_cast<uint32_t>(k));
       op.call(c.params, c.grads, c.exp_avgs, c.exp_avg_sqs, c.max_exp_avg_sqs, c.steps, c.master_params, lr, lr_tensor,
               beta1, beta2, eps, weight_decay, amsgrad_, maximize, decoupled_weight_decay, grad_mult, found_inf, seed,
-              sr_params, sr_m);
+              sr_params, sr_v);
     }
   }
 

@@ -42,15 +42,15 @@ TORCH_LIBRARY(fusedtrain, m) {
   // grad_mult: one-element fp32 on the device; every grad element is multiplied by it as it
   // is read (grads are never written). found_inf: one-element fp32 on the device; nonzero ->
   // nothing at all is written (params, states, masters, steps untouched).
-  // sr_params: bf16 params (without master_params) are rounded stochastically; sr_moments: bf16
-  // exp_avg and exp_avg_sq are; the random bits from (sr_seed (32-bit), the new step, the
-  // tensor's index in the lists, the element's index) (adam_math.h sr_*). Otherwise every store
-  // rounds to nearest even.
+  // sr_params: bf16 params (without master_params) are rounded stochastically; sr_exp_avg_sq:
+  // a bf16 exp_avg_sq is; the random bits from (sr_seed (32-bit), the new step, the tensor's
+  // index in the lists, the element's index) (adam_math.h sr_*). Every other store rounds to
+  // nearest even.
   m.def("adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
         "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, Tensor(f!)[] master_params, float lr, "
         "Tensor? lr_tensor, float beta1, float beta2, float eps, float weight_decay, bool amsgrad, "
         "bool maximize, bool decoupled_weight_decay, Tensor? grad_mult, Tensor? found_inf, int sr_seed=0, "
-        "bool sr_params=False, bool sr_moments=False) -> ()");
+        "bool sr_params=False, bool sr_exp_avg_sq=False) -> ()");
 
   // ---- unscale (fusedtrain/ops/unscale.py) ----
   // tensors: one device and one dtype (fp32, fp16 or bf16), each non-overlapping and dense;

@@ -359,13 +359,13 @@ class FusedAdam(torch.optim.Optimizer):
     def _hyper(group, index):
         beta1, beta2 = group["betas"]
         sr_params = bool(group.get("stochastic_rounding"))
-        sr_moments = group.get("state_format") == "bf16"  # bf16 moments are rounded stochastically
+        sr_exp_avg_sq = group.get("state_format") == "bf16"  # a bf16 exp_avg_sq is rounded stochastically
         return adam_ops.AdamHyper(
             group["lr"] if torch.is_tensor(group["lr"]) else float(group["lr"]), _scalar(beta1), _scalar(beta2),
             float(group["eps"]), float(group["weight_decay"]), bool(group["amsgrad"]), bool(group["maximize"]),
             bool(group["decoupled_weight_decay"]),
-            reference.sr_group_seed(int(group.get("sr_seed", 0)), index) if sr_params or sr_moments else 0,
-            sr_params, sr_moments)
+            reference.sr_group_seed(int(group.get("sr_seed", 0)), index) if sr_params or sr_exp_avg_sq else 0,
+            sr_params, sr_exp_avg_sq)
 
 
 class FusedAdamW(FusedAdam):

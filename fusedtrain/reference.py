@@ -4,6 +4,8 @@ Plain PyTorch ops, any device. Each section follows the contract of its op famil
 (the same arguments and results), computed in opmath: float32 for fp32/fp16/bf16 storage,
 float64 for float64 storage. Tests call them on float64 tensors to get the float64 truth.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -283,26 +285,32 @@ def sr_call_seed(seed: int, k: int) -> int:
     return _sr_mix(seed ^ _sr_mix((k + 0x2545F491) & _U32))
 
 
-def sr_key(seed, step, tensor, stream=0):
-    """adam_math.h sr_key then sr_stream: step is the new count (a one-element tensor);
-    stream 0 the param, 1 exp_avg, 2 exp_avg_sq."""
+def sr_key(seed, step, tensor):
+    """adam_math.h sr_key: step is the new count (a one-element tensor)."""
     s = step.reshape(()).to(torch.int64) & _U32
-    key = _sr_mix(_sr_mix(seed ^ _sr_mix(s)) ^ ((tensor * 0x9E3779B9) & _U32))
-    return key if stream == 0 else _sr_mix(key ^ ((stream * 0x68E31DA4) & _U32))
+    return _sr_mix(_sr_mix(seed ^ _sr_mix(s)) ^ ((tensor * 0x9E3779B9) & _U32))
 
 
-def sr_bf16(p, key):
-    """fp32 p rounded stochastically to bf16 values (as fp32) with the bits of (key, index)."""
-    idx = torch.arange(p.numel(), device=p.device, dtype=torch.int64).view(p.shape)
-    bits = _sr_mix(key ^ (idx & _U32) ^ (((idx >> 32) * 0x85EBCA6B) & _U32)) & 0xFFFF
-    u = p.view(torch.int32).to(torch.int64) & _U32
-    r = ((u + bits) & 0xFFFF0000).to(torch.int32).view(torch.float32)  # int64 -> int32 keeps the low 32 bits
-    return torch.where(p != p, p, r)
+SR_V, SR_P = 0x9E3779B1, 0x85EBCA6B  # adam_math.h: the multipliers of exp_avg_sq's and the param's bits
+
+
+def sr_bits(key, shape, mult, device=None):
+    """adam_math.h sr_bits: the 16 random bits (int64) of every element of a tensor of `shape`."""
+    idx = torch.arange(math.prod(shape), device=device, dtype=torch.int64).view(shape)
+    x = key ^ (idx & _U32) ^ (((idx >> 32) * 0xC2B2AE35) & _U32)
+    return ((x * mult) & _U32) >> 16
+
+
+def sr_round(x, bits16):
+    """adam_math.h sr_round: fp32 x rounded stochastically to bf16 values (as fp32)."""
+    u = x.view(torch.int32).to(torch.int64) & _U32
+    r = ((u + bits16) & 0xFFFF0000).to(torch.int32).view(torch.float32)  # int64 -> int32 keeps the low 32 bits
+    return torch.where(x != x, x, r)
 
 
 def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, *,
           lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay,
-          grad_mult=None, found_inf=None, sr_seed=0, sr_params=False, sr_moments=False):
+          grad_mult=None, found_inf=None, sr_seed=0, sr_params=False, sr_exp_avg_sq=False):
     """Plain torch ops, one tensor at a time, in fp32 (float64 for float64 params); the
     per-tensor scalars (bias corrections, step size) in float64 from the per-tensor step.
     With found_inf nonzero nothing changes (a device-side select, no host read)."""
@@ -339,11 +347,12 @@ def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_p
         else:
             denom = v.sqrt() / bc2_sqrt + eps
         p = p - step_size * m / denom
-        if sr_params:  # the ops checked: bf16 params without master copies
-            p = sr_bf16(p.float(), sr_key(sr_seed, step, i, 0))
-        if sr_moments:  # bf16 states; after the param's update, which read them unrounded
-            m = sr_bf16(m.float(), sr_key(sr_seed, step, i, 1))
-            v = sr_bf16(v.float(), sr_key(sr_seed, step, i, 2))
+        if sr_params or sr_exp_avg_sq:
+            key = sr_key(sr_seed, step, i)
+            if sr_params:  # the ops checked: bf16 params without master copies
+                p = sr_round(p.float(), sr_bits(key, p.shape, SR_P, p.device))
+            if sr_exp_avg_sq:  # bf16 states; after the param's update, which read it unrounded
+                v = sr_round(v.float(), sr_bits(key, p.shape, SR_V, p.device))
         outs = [(src, p), (exp_avgs[i], m), (exp_avg_sqs[i], v)]
         if master is not None:
             outs.append((param, p))

@@ -37,24 +37,25 @@ def sim_step(p, g, m, v, vmax, t, lr, betas, eps, wd, amsgrad, decoupled=True):
     return p, m, v, vmax  # the moments before their rounding to bf16
 
 
-def sr_key(step, stream, group=0, call=0, tensor=0, seed=0):
-    """The key of a tensor's stochastic rounding (fusedtrain/reference.py, adam_math.h)."""
+def sr_bits_v(step, shape, group=0, call=0, tensor=0, seed=0):
+    """The 16 random bits exp_avg_sq's stochastic rounding draws (fusedtrain/reference.py,
+    adam_math.h) for each element of a tensor."""
     from fusedtrain import reference
 
     call_seed = reference.sr_call_seed(reference.sr_group_seed(seed, group), call)
-    return reference.sr_key(call_seed, torch.tensor(float(step)), tensor, stream)
+    return reference.sr_bits(reference.sr_key(call_seed, torch.tensor(float(step)), tensor), shape, reference.SR_V)
 
 
-def assert_one_bf16_rounding(got, want, name, key=None):
-    """got is one bf16 rounding of the float64 `want`: to nearest, or with key stochastically
-    with the bits every backend draws (the fp32 value rounded may differ from want's in its
-    last bit, which flips a rare element)."""
+def assert_one_bf16_rounding(got, want, name, bits16=None):
+    """got is one bf16 rounding of the float64 `want`: to nearest, or stochastically with the
+    bits every backend draws (the fp32 value rounded may differ from want's in its last bit,
+    which flips a rare element)."""
     from fusedtrain import reference
 
     got = got.double().cpu()
     assert ((got - want).abs() <= want.abs() * 2.0 ** -7 + 1e-38).all(), f"{name}: more than one bf16 ulp off"
-    exact = want.to(torch.bfloat16).double() if key is None else reference.sr_bf16(want.float(), key).double()
-    assert (got == exact).double().mean() > (0.97 if key is None else 0.999), f"{name}: too many elements off"
+    exact = want.to(torch.bfloat16).double() if bits16 is None else reference.sr_round(want.float(), bits16).double()
+    assert (got == exact).double().mean() > (0.97 if bits16 is None else 0.999), f"{name}: too many elements off"
 
 
 @pytest.mark.parametrize("amsgrad", [False, True])
@@ -84,8 +85,8 @@ def test_bf16_moments_match_float64_step_by_step(backend_device, amsgrad, decoup
         opt.step()
         st = opt.state[p]
         assert st["exp_avg"].dtype == st["exp_avg_sq"].dtype == torch.bfloat16
-        assert_one_bf16_rounding(st["exp_avg"], want_m, f"step {t} exp_avg", sr_key(t, 1))
-        assert_one_bf16_rounding(st["exp_avg_sq"], want_v, f"step {t} exp_avg_sq", sr_key(t, 2))
+        assert_one_bf16_rounding(st["exp_avg"], want_m, f"step {t} exp_avg")
+        assert_one_bf16_rounding(st["exp_avg_sq"], want_v, f"step {t} exp_avg_sq", sr_bits_v(t, (BIG,)))
         if amsgrad:  # the max of the unrounded exp_avg_sq, to nearest
             assert st["max_exp_avg_sq"].dtype == torch.bfloat16
             assert_one_bf16_rounding(st["max_exp_avg_sq"], want_x, f"step {t} max_exp_avg_sq")
@@ -131,7 +132,7 @@ def test_bf16_params_with_master_weights_and_bf16_moments(backend_device):
                                     None, STEPS + 1, 1e-3, (0.9, 0.999), 1e-8, 1e-2, False)
     p.grad = g
     opt.step()
-    assert_one_bf16_rounding(st["exp_avg"], want_m, "exp_avg", sr_key(STEPS + 1, 1))
+    assert_one_bf16_rounding(st["exp_avg"], want_m, "exp_avg")
     assert ((st["master_param"].double().cpu() - want_p).abs() <= 2e-6 * want_p.abs() + 1e-9).all()
     assert torch.equal(p.detach(), st["master_param"].to(torch.bfloat16))
 
@@ -230,7 +231,7 @@ def test_op_accepts_bf16_states_and_rejects_others(backend_device):
     assert steps[0].item() == 1
     backend, _ = backend_device
     op = fusedtrain.ops.adam._OPS[backend]  # the op itself (the functional form rounds the bf16-state calls only)
-    with pytest.raises(ValueError, match="stochastic rounding of the moments is for bf16 states"):
+    with pytest.raises(ValueError, match="stochastic rounding of exp_avg_sq is for bf16 states"):
         op(p, g, [torch.zeros(33, device=device)], [torch.zeros(33, device=device)], [], steps, [], 1e-3, None, 0.9,
            0.999, 1e-8, 0.0, False, False, True, None, None, 5, False, True)
     with pytest.raises(TypeError, match="param dtype, fp32 or bf16"):

@@ -43,9 +43,9 @@ struct TensorJob {
   float* master;    // fp32 master copy or null
   int64_t numel;
   Coef coef;
-  // stochastic rounding (adam_math.h sr_*): of the param, of the moments; the streams' keys
-  bool sr_param, sr_moments;
-  uint32_t sr_p, sr_m, sr_v;
+  // stochastic rounding (adam_math.h sr_*): of the param, of exp_avg_sq; the tensor's key
+  bool sr_param, sr_exp_avg_sq;
+  uint32_t sr_key;
 };
 
 // Prefetch the cache line holding element i of every stream of one tensor.
@@ -94,14 +94,12 @@ void run_range(const TensorJob& j, int64_t lo, int64_t hi, const TensorJob* next
     if constexpr (SR) {
       constexpr int64_t h = fVec::size();
       if (j.sr_param) {
-        p0 = adam::sr_bf16(p0, j.sr_p, i);
-        p1 = adam::sr_bf16(p1, j.sr_p, i + h);
+        p0 = adam::sr_round(p0, adam::sr_bits_vec(j.sr_key, i, adam::SR_P));
+        p1 = adam::sr_round(p1, adam::sr_bits_vec(j.sr_key, i + h, adam::SR_P));
       }
-      if (j.sr_moments) {  // after the update: the param moved by the unrounded moments
-        m0 = adam::sr_bf16(m0, j.sr_m, i);
-        m1 = adam::sr_bf16(m1, j.sr_m, i + h);
-        v0 = adam::sr_bf16(v0, j.sr_v, i);
-        v1 = adam::sr_bf16(v1, j.sr_v, i + h);
+      if (j.sr_exp_avg_sq) {  // after the update, which read it unrounded
+        v0 = adam::sr_round(v0, adam::sr_bits_vec(j.sr_key, i, adam::SR_V));
+        v1 = adam::sr_round(v1, adam::sr_bits_vec(j.sr_key, i + h, adam::SR_V));
       }
     }
     store2(p + i, p0, p1);
@@ -118,11 +116,8 @@ void run_range(const TensorJob& j, int64_t lo, int64_t hi, const TensorJob* next
       adam::update<AMS>(pv, static_cast<float>(g[i]), mv, vv, xv, cs);
       if constexpr (MASTER) w[i] = pv;
       if constexpr (SR) {
-        if (j.sr_param) pv = adam::sr_bf16(pv, j.sr_p, i);
-        if (j.sr_moments) {
-          mv = adam::sr_bf16(mv, j.sr_m, i);
-          vv = adam::sr_bf16(vv, j.sr_v, i);
-        }
+        if (j.sr_param) pv = adam::sr_round(pv, adam::sr_bits(j.sr_key, i, adam::SR_P));
+        if (j.sr_exp_avg_sq) vv = adam::sr_round(vv, adam::sr_bits(j.sr_key, i, adam::SR_V));
       }
       p[i] = static_cast<P>(pv);
       m[i] = static_cast<S>(mv);
@@ -146,12 +141,11 @@ void run_ams(const std::vector<TensorJob>& jobs, const mta::Units& units, bool a
 }
 
 // The (P, S, MASTER, SR) combinations check_lists admits: S in {P, fp32, bf16}; MASTER for
-// fp16/bf16 params with fp32 or bf16 states; SR (some stochastic rounding) where the param or
-// the states are bf16.
+// fp16/bf16 params with fp32 or bf16 states; SR (some stochastic rounding) with bf16 states.
 template <typename P, typename S>
 void run_state(const std::vector<TensorJob>& jobs, const mta::Units& units, bool amsgrad, bool master, bool sr) {
   constexpr bool can_master = !std::is_same_v<P, float> && !std::is_same_v<S, at::Half>;
-  constexpr bool can_sr = std::is_same_v<P, at::BFloat16> || std::is_same_v<S, at::BFloat16>;
+  constexpr bool can_sr = std::is_same_v<S, at::BFloat16>;
   if constexpr (can_master) {
     if (master) {
       if constexpr (can_sr) {
@@ -183,10 +177,10 @@ void adam_cpu(at::TensorList params_in, at::TensorList grads_in, at::TensorList 
               double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
               bool maximize, bool decoupled_weight_decay,
               const std::optional<at::Tensor>& grad_mult, const std::optional<at::Tensor>& found_inf,
-              int64_t sr_seed, bool sr_params, bool sr_moments) {
+              int64_t sr_seed, bool sr_params, bool sr_exp_avg_sq) {
   const auto sdt = adam::check_lists(params_in, grads_in, exp_avgs_in, exp_avg_sqs_in, max_exp_avg_sqs_in, steps,
                                      master_params_in, amsgrad);
-  adam::check_sr(sr_seed, sr_params, sr_moments, params_in, exp_avgs_in, master_params_in);
+  adam::check_sr(sr_seed, sr_params, sr_exp_avg_sq, params_in, exp_avgs_in, master_params_in);
   const size_t n = params_in.size();
   if (n == 0) return;
   const auto dev = params_in[0].device();
@@ -226,19 +220,15 @@ void adam_cpu(at::TensorList params_in, at::TensorList grads_in, at::TensorList 
     }
     j.coef = coef;
     j.sr_param = sr_params;
-    j.sr_moments = sr_moments;
-    if (sr_params || sr_moments) {
-      const uint32_t key = adam::sr_key(static_cast<uint32_t>(sr_seed), s, static_cast<uint32_t>(i));
-      j.sr_p = adam::sr_stream(key, 0);
-      j.sr_m = adam::sr_stream(key, 1);
-      j.sr_v = adam::sr_stream(key, 2);
-    }
+    j.sr_exp_avg_sq = sr_exp_avg_sq;
+    j.sr_key = sr_params || sr_exp_avg_sq ? adam::sr_key(static_cast<uint32_t>(sr_seed), s, static_cast<uint32_t>(i))
+                                          : 0U;
   }
   const mta::Units units(static_cast<int64_t>(n), kUnit, [&](int64_t t) { return jobs[t].numel; });
   switch (pdt) {
-    case at::kFloat: run_param<float>(jobs, units, amsgrad, sdt, master, sr_params || sr_moments); break;
-    case at::kBFloat16: run_param<at::BFloat16>(jobs, units, amsgrad, sdt, master, sr_params || sr_moments); break;
-    case at::kHalf: run_param<at::Half>(jobs, units, amsgrad, sdt, master, sr_params || sr_moments); break;
+    case at::kFloat: run_param<float>(jobs, units, amsgrad, sdt, master, sr_params || sr_exp_avg_sq); break;
+    case at::kBFloat16: run_param<at::BFloat16>(jobs, units, amsgrad, sdt, master, sr_params || sr_exp_avg_sq); break;
+    case at::kHalf: run_param<at::Half>(jobs, units, amsgrad, sdt, master, sr_params || sr_exp_avg_sq); break;
     default: TORCH_CHECK(false, "adam_: unsupported param dtype ", pdt);
   }
   contiguous.write_back();  // before the steps: a failing copy leaves every count as it was

@@ -36,7 +36,7 @@ struct Hyper {
   const float* fi_ptr;   // found_inf or null
   bool maximize, decoupled;
   uint32_t sr_seed;      // stochastic rounding (SR kernels only): the call's seed,
-  bool sr_params, sr_moments;  // and what it rounds
+  bool sr_params, sr_exp_avg_sq;  // and what it rounds
 };
 
 template <typename T>
@@ -60,12 +60,12 @@ struct AdamOp {
   // one register: reading them from `this` made the call copy the functor to local memory
   __device__ __forceinline__ void elements_body(const mta::Chunk ch, const adam::CoefV<float> c,
                                                 const uint64_t sr) const {
-    const bool sr_params = SR && ((sr >> 32) & 1U), sr_moments = SR && ((sr >> 33) & 1U);
+    const bool sr_params = SR && ((sr >> 32) & 1U), sr_exp_avg_sq = SR && ((sr >> 33) & 1U);
     // the step read again here: no block writes it before every block of the tensor is past this
     const uint32_t sr_key =
         SR ? adam::sr_key(static_cast<uint32_t>(sr), *ch.ptr<float>(kStep) + 1.f, static_cast<uint32_t>(ch.tensor))
            : 0U;
-    const uint32_t kp = adam::sr_stream(sr_key, 0), km = adam::sr_stream(sr_key, 1), kv = adam::sr_stream(sr_key, 2);
+
     P* p = ch.ptr<P>(kP);
     const P* g = ch.ptr<const P>(kG);
     S* m = ch.ptr<S>(kM);
@@ -88,11 +88,8 @@ struct AdamOp {
       adam::update<AMS>(rp, static_cast<float>(g[i]), rm, rv, rx, c);
       if (MASTER) w[i] = rp;
       if (SR) {
-        if (sr_params) rp = adam::sr_bf16(rp, kp, i);
-        if (sr_moments) {
-          rm = adam::sr_bf16(rm, km, i);
-          rv = adam::sr_bf16(rv, kv, i);
-        }
+        if (sr_params) rp = adam::sr_round(rp, adam::sr_bits(sr_key, i, adam::SR_P));
+        if (sr_exp_avg_sq) rv = adam::sr_round(rv, adam::sr_bits(sr_key, i, adam::SR_V));
       }
       p[i] = static_cast<P>(rp);
       m[i] = static_cast<S>(rm);
@@ -111,15 +108,11 @@ struct AdamOp {
 #pragma unroll
         for (int k = 0; k < kIlp; ++k) adam::update<AMS>(rp[k], rg[k], rm[k], rv[k], rx[k], c);
         if (MASTER) vec_io::store_vec(w + i, rp);
-        if (sr_params) {
-#pragma unroll
-          for (int k = 0; k < kIlp; ++k) rp[k] = adam::sr_bf16(rp[k], kp, i + k);
-        }
-        if (sr_moments) {
+        if (SR) {
 #pragma unroll
           for (int k = 0; k < kIlp; ++k) {
-            rm[k] = adam::sr_bf16(rm[k], km, i + k);
-            rv[k] = adam::sr_bf16(rv[k], kv, i + k);
+            if (sr_params) rp[k] = adam::sr_round(rp[k], adam::sr_bits(sr_key, i + k, adam::SR_P));
+            if (sr_exp_avg_sq) rv[k] = adam::sr_round(rv[k], adam::sr_bits(sr_key, i + k, adam::SR_V));
           }
         }
         vec_io::store_vec(p + i, rp);
@@ -151,10 +144,10 @@ struct AdamOp {
     const float mult = h.gm_ptr != nullptr ? *h.gm_ptr : 1.f;
     const adam::CoefV<float> c(adam::make_coef(lr, h.beta1, h.beta2, h.eps, h.wd, h.decoupled,
                                                static_cast<double>(step), mult, h.maximize));
-    // a call (see elements), except for bf16 moments with fp32 masters, whose call spilled
-    // 8 bytes around it (sm_80) and which inlined do not
-    const uint64_t sr = SR ? (uint64_t(h.sr_seed) | (uint64_t(h.sr_params) << 32) | (uint64_t(h.sr_moments) << 33)) : 0;
-    if constexpr (MASTER && !std::is_same_v<S, float>)
+    // a call (see elements), except for bf16 moments with fp32 masters and for stochastic
+    // rounding, whose calls spilled 8 bytes around them (sm_80; sm_90) and which inlined do not
+    const uint64_t sr = SR ? (uint64_t(h.sr_seed) | (uint64_t(h.sr_params) << 32) | (uint64_t(h.sr_exp_avg_sq) << 33)) : 0;
+    if constexpr ((MASTER && !std::is_same_v<S, float>) || SR)
       elements_body(ch, c, sr);
     else
       elements(ch, c, sr);
@@ -180,13 +173,12 @@ void launch_ams(bool amsgrad, const mta::Tables& tab, int32_t* counters, const H
 }
 
 // The (P, S, MASTER, SR) combinations check_lists admits: S in {P, fp32, bf16}; MASTER for
-// fp16/bf16 params with fp32 or bf16 states; SR (some stochastic rounding) where the param or
-// the states are bf16.
+// fp16/bf16 params with fp32 or bf16 states; SR (some stochastic rounding) with bf16 states.
 template <typename P, typename S>
 void launch_state(bool amsgrad, bool master, bool sr, const mta::Tables& tab, int32_t* counters, const Hyper& h,
                   cudaStream_t stream) {
   constexpr bool can_master = !std::is_same_v<P, float> && !std::is_same_v<S, c10::Half>;
-  constexpr bool can_sr = std::is_same_v<P, c10::BFloat16> || std::is_same_v<S, c10::BFloat16>;
+  constexpr bool can_sr = std::is_same_v<S, c10::BFloat16>;
   if constexpr (can_master) {
     if (master) {
       if constexpr (can_sr) {
@@ -221,10 +213,10 @@ void adam_cuda(at::TensorList params_in, at::TensorList grads_in, at::TensorList
                at::TensorList master_params_in, double lr, const std::optional<at::Tensor>& lr_tensor, double beta1,
                double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
                bool decoupled_weight_decay, const std::optional<at::Tensor>& grad_mult,
-               const std::optional<at::Tensor>& found_inf, int64_t sr_seed, bool sr_params, bool sr_moments) {
+               const std::optional<at::Tensor>& found_inf, int64_t sr_seed, bool sr_params, bool sr_exp_avg_sq) {
   const auto sdt = adam::check_lists(params_in, grads_in, exp_avgs_in, exp_avg_sqs_in, max_exp_avg_sqs_in, steps,
                                      master_params_in, amsgrad);
-  adam::check_sr(sr_seed, sr_params, sr_moments, params_in, exp_avgs_in, master_params_in);
+  adam::check_sr(sr_seed, sr_params, sr_exp_avg_sq, params_in, exp_avgs_in, master_params_in);
   const size_t n = params_in.size();
   if (n == 0) return;
   const at::Device dev = params_in[0].device();
@@ -238,8 +230,8 @@ void adam_cuda(at::TensorList params_in, at::TensorList grads_in, at::TensorList
                        master_params = contiguous(master_params_in, true);
   Hyper h{lr, beta1, beta2, eps, weight_decay, opt_ptr(lr_tensor, dev, "lr_tensor"),
           opt_ptr(grad_mult, dev, "grad_mult"), opt_ptr(found_inf, dev, "found_inf"), maximize,
-          decoupled_weight_decay, static_cast<uint32_t>(sr_seed), sr_params, sr_moments};
-  const bool sr = sr_params || sr_moments;
+          decoupled_weight_decay, static_cast<uint32_t>(sr_seed), sr_params, sr_exp_avg_sq};
+  const bool sr = sr_params || sr_exp_avg_sq;
   const at::TensorList none;
   const std::vector<at::TensorList> lists{params, grads, exp_avgs, exp_avg_sqs,
                                           amsgrad ? max_exp_avg_sqs : none, master ? master_params : none, steps};

@@ -40,10 +40,10 @@ class AdamHyper(NamedTuple):
     maximize: bool
     decoupled_weight_decay: bool
     # stochastic rounding (csrc/ops.cpp adam_): the seed (a group's; prepare() gives each call
-    # its own), of the params (bf16, no master copies), of the moments (calls with bf16 states)
+    # its own), of the params (bf16, no master copies), of exp_avg_sq (calls with bf16 states)
     sr_seed: int = 0
     sr_params: bool = False
-    sr_moments: bool = False
+    sr_exp_avg_sq: bool = False
 
 
 class AdamCall(NamedTuple):
@@ -65,7 +65,7 @@ def _fake(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[
           master_params: list[torch.Tensor], lr: float, lr_tensor: Optional[torch.Tensor], beta1: float,
           beta2: float, eps: float, weight_decay: float, amsgrad: bool, maximize: bool,
           decoupled_weight_decay: bool, grad_mult: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
-          sr_seed: int = 0, sr_params: bool = False, sr_moments: bool = False) -> None:
+          sr_seed: int = 0, sr_params: bool = False, sr_exp_avg_sq: bool = False) -> None:
     return None
 
 
@@ -79,15 +79,15 @@ def _reference_op(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg
                   beta2: float, eps: float, weight_decay: float, amsgrad: bool, maximize: bool,
                   decoupled_weight_decay: bool, grad_mult: Optional[torch.Tensor],
                   found_inf: Optional[torch.Tensor], sr_seed: int = 0, sr_params: bool = False,
-                  sr_moments: bool = False) -> None:
+                  sr_exp_avg_sq: bool = False) -> None:
     # a direct call: the lengths at least (the reference takes any dtype, float64 included)
     _check_lengths(AdamTensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params), amsgrad)
-    check_sr(sr_seed, sr_params, sr_moments, params, exp_avgs, master_params)
+    check_sr(sr_seed, sr_params, sr_exp_avg_sq, params, exp_avgs, master_params)
     reference.adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params,
                     lr=lr_tensor if lr_tensor is not None else lr, beta1=beta1, beta2=beta2, eps=eps,
                     weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                     decoupled_weight_decay=decoupled_weight_decay, grad_mult=grad_mult, found_inf=found_inf,
-                    sr_seed=sr_seed, sr_params=sr_params, sr_moments=sr_moments)
+                    sr_seed=sr_seed, sr_params=sr_params, sr_exp_avg_sq=sr_exp_avg_sq)
 
 
 _OPS = _backend.family_ops("adam_", _fake, "adam")
@@ -158,18 +158,19 @@ def check_lists(t: AdamTensors, amsgrad: bool):
         _fail("master_params are for fp16/bf16 params with fp32 or bf16 states", TypeError)
 
 
-def check_sr(sr_seed: int, sr_params: bool, sr_moments: bool, params, exp_avgs, master_params) -> None:
-    """adam_lists.h check_sr: stochastic rounding of bf16 params without master copies, of bf16
-    moments; a 32-bit seed."""
-    if not (sr_params or sr_moments) or not params:
+def check_sr(sr_seed: int, sr_params: bool, sr_exp_avg_sq: bool, params, exp_avgs, master_params) -> None:
+    """adam_lists.h check_sr: stochastic rounding of bf16 params without master copies, of a bf16
+    exp_avg_sq; a 32-bit seed."""
+    if not (sr_params or sr_exp_avg_sq) or not params:
         return
     if not 0 <= sr_seed <= 0xFFFFFFFF:
         _fail(f"sr_seed must be in [0, 2**32), got {sr_seed}", ValueError)
-    if sr_params and (params[0].dtype != torch.bfloat16 or master_params):
-        _fail("stochastic rounding of the params is for bf16 params without master weights, got "
-              f"{params[0].dtype} params{' with master weights' if master_params else ''}", ValueError)
-    if sr_moments and exp_avgs[0].dtype != torch.bfloat16:
-        _fail(f"stochastic rounding of the moments is for bf16 states, got {exp_avgs[0].dtype}", ValueError)
+    if sr_params and (params[0].dtype != torch.bfloat16 or master_params or exp_avgs[0].dtype != torch.bfloat16):
+        _fail("stochastic rounding of the params is for bf16 params with bf16 states and without master weights, "
+              f"got {params[0].dtype} params, {exp_avgs[0].dtype} states{', master weights' if master_params else ''}",
+              ValueError)
+    if sr_exp_avg_sq and exp_avgs[0].dtype != torch.bfloat16:
+        _fail(f"stochastic rounding of exp_avg_sq is for bf16 states, got {exp_avgs[0].dtype}", ValueError)
 
 
 def _check(t: AdamTensors, amsgrad: bool):
@@ -293,9 +294,9 @@ def prepare(tensors: AdamTensors, hyper: AdamHyper, grad_mult=None, found_inf=No
             if backend == "triton":
                 t = _contiguous(t, writeback)
         h = hyper._replace(lr=_one_element("lr", hyper.lr, device)) if torch.is_tensor(hyper.lr) else hyper
-        if h.sr_params or h.sr_moments:  # each call its own seed; moments: calls with bf16 states
+        if h.sr_params or h.sr_exp_avg_sq:  # each call its own seed; exp_avg_sq: calls with bf16 states
             h = h._replace(sr_seed=reference.sr_call_seed(h.sr_seed, len(calls)),
-                           sr_moments=h.sr_moments and t.exp_avgs[0].dtype == torch.bfloat16)
+                           sr_exp_avg_sq=h.sr_exp_avg_sq and t.exp_avgs[0].dtype == torch.bfloat16)
         calls.append(AdamCall(backend, op, t, h, _one_element("grad_mult", grad_mult, device),
                               _one_element("found_inf", found_inf, device), writeback))
     return calls
@@ -305,7 +306,7 @@ def _args(c: AdamCall, found_inf):
     h = c.hyper
     lr, lr_tensor = (0.0, h.lr) if torch.is_tensor(h.lr) else (float(h.lr), None)
     return (*c.tensors, lr, lr_tensor, h.beta1, h.beta2, h.eps, h.weight_decay, h.amsgrad, h.maximize,
-            h.decoupled_weight_decay, c.grad_mult, found_inf, h.sr_seed, h.sr_params, h.sr_moments)
+            h.decoupled_weight_decay, c.grad_mult, found_inf, h.sr_seed, h.sr_params, h.sr_exp_avg_sq)
 
 
 def check_calls(calls) -> None:
@@ -411,7 +412,7 @@ def launch_plan(p: GroupPlan, hyper: AdamHyper, scalars) -> None:
     if p.backend == "native":
         p.plan.launch(lr, lr_tensor, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay, hyper.maximize,
                       hyper.decoupled_weight_decay, grad_mult, found_inf, hyper.sr_seed, hyper.sr_params,
-                      hyper.sr_moments)
+                      hyper.sr_exp_avg_sq)
         return
     from fusedtrain.triton import adam as triton_adam
     try:
@@ -419,11 +420,11 @@ def launch_plan(p: GroupPlan, hyper: AdamHyper, scalars) -> None:
             tables = kept.update(p.plan.addresses(k, triton_adam.COLUMNS))
             with torch.profiler.record_function("fusedtrain_triton::adam_"):  # the op's kernel, launched directly
                 refs = p.plan.refs(k)
-                sr_m = hyper.sr_moments and refs[1].dtype == torch.bfloat16
+                sr_v = hyper.sr_exp_avg_sq and refs[1].dtype == torch.bfloat16
                 triton_adam.launch(tables, block, iters, refs, lr, lr_tensor, hyper.beta1, hyper.beta2,
                                    hyper.eps, hyper.weight_decay, hyper.amsgrad, master, hyper.maximize,
                                    hyper.decoupled_weight_decay, grad_mult, found_inf,
-                                   reference.sr_call_seed(hyper.sr_seed, k), hyper.sr_params, sr_m)
+                                   reference.sr_call_seed(hyper.sr_seed, k), hyper.sr_params, sr_v)
         p.plan.bump_versions()  # as the op would (csrc/include/fusedtrain/versions.h)
     finally:
         p.plan.release()
@@ -431,7 +432,7 @@ def launch_plan(p: GroupPlan, hyper: AdamHyper, scalars) -> None:
 
 def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params=(), *,
           lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay,
-          grad_mult=None, found_inf=None, sr_seed=0, sr_params=False, sr_moments=False) -> None:
+          grad_mult=None, found_inf=None, sr_seed=0, sr_params=False, sr_exp_avg_sq=False) -> None:
     """One Adam (decoupled_weight_decay=False) or AdamW step, in place.
 
     Args:
@@ -440,13 +441,13 @@ def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_p
         lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay: as
             torch.optim.Adam; lr may be a one-element tensor.
         grad_mult, found_inf: see prepare().
-        sr_seed, sr_params, sr_moments: stochastic rounding of bf16 params (without master
-            copies) and of bf16 moments (csrc/ops.cpp); each call gets its own seed from sr_seed.
+        sr_seed, sr_params, sr_exp_avg_sq: stochastic rounding of bf16 params (without master
+            copies) and of a bf16 exp_avg_sq (csrc/ops.cpp); each call gets its own seed from sr_seed.
     """
     tensors = AdamTensors(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
                           list(max_exp_avg_sqs or ()), list(steps), list(master_params or ()))
     hyper = AdamHyper(lr if torch.is_tensor(lr) else float(lr), float(beta1), float(beta2), float(eps),
                       float(weight_decay), bool(amsgrad), bool(maximize), bool(decoupled_weight_decay), int(sr_seed),
-                      bool(sr_params), bool(sr_moments))
+                      bool(sr_params), bool(sr_exp_avg_sq))
     for c in prepare(tensors, hyper, grad_mult, found_inf, check=True):
         launch(c)

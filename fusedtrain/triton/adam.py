@@ -34,29 +34,25 @@ def _sr_mix(x):
 
 
 @triton.jit
-def _sr_stream(key, stream: tl.constexpr):
-    # adam_math.h sr_stream: 0 the param, 1 exp_avg, 2 exp_avg_sq
-    if stream == 0:
-        return key
-    else:
-        return _sr_mix(key ^ (stream * 0x68E31DA4))
+def _sr_bits(key, offs, MULT: tl.constexpr):
+    # adam_math.h sr_bits: the high 16 bits of (key ^ index) * MULT (uint32, wrapping)
+    lo = offs.to(tl.uint32)  # the low 32 bits of the element index (int64 -> uint32 wraps)
+    hi = (offs >> 32).to(tl.uint32)
+    return ((key ^ lo ^ (hi * 0xC2B2AE35)) * MULT) >> 16
 
 
 @triton.jit
-def _sr_bf16(p, key, offs):
-    # adam_math.h sr_bf16: 16 random bits added to p's fp32 bits, the low 16 cleared; the
-    # store then rounds a bf16 value (exact)
-    lo = offs.to(tl.uint32)  # the low 32 bits of the element index (int64 -> uint32 wraps)
-    hi = (offs >> 32).to(tl.uint32)
-    bits = _sr_mix(key ^ lo ^ (hi * 0x85EBCA6B)) & 0xFFFF
-    r = ((p.to(tl.uint32, bitcast=True) + bits) & 0xFFFF0000).to(tl.float32, bitcast=True)
-    return tl.where(p != p, p, r)
+def _sr_round(x, bits16):
+    # adam_math.h sr_round: 16 random bits added to x's fp32 bits, the low 16 cleared; the store
+    # then rounds a bf16 value (exact)
+    r = ((x.to(tl.uint32, bitcast=True) + bits16) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return tl.where(x != x, x, r)
 
 
 @triton.jit
 def _adam_elements(offs, mask, pp, gp, mp, vp, xp, wp, gscale, wd, decay, l2, lerp_low, w1, omw1, b2, omb2,
                    bc2_sqrt, eps, step_size, sr_key, AMSGRAD: tl.constexpr, MASTER: tl.constexpr,
-                   DECOUPLED: tl.constexpr, SR_P: tl.constexpr, SR_M: tl.constexpr):
+                   DECOUPLED: tl.constexpr, SR_P: tl.constexpr, SR_V: tl.constexpr):
     """The update of the elements at offs (where mask) of one tensor: adam_math.h's order."""
     if MASTER:
         p = tl.load(wp + offs, mask=mask, other=0.0)
@@ -89,10 +85,9 @@ def _adam_elements(offs, mask, pp, gp, mp, vp, xp, wp, gscale, wd, decay, l2, le
     if MASTER:
         tl.store(wp + offs, p, mask=mask)
     if SR_P:
-        p = _sr_bf16(p, _sr_stream(sr_key, 0), offs)
-    if SR_M:  # after the param's update, which read the moments unrounded
-        m = _sr_bf16(m, _sr_stream(sr_key, 1), offs)
-        v = _sr_bf16(v, _sr_stream(sr_key, 2), offs)
+        p = _sr_round(p, _sr_bits(sr_key, offs, 0x85EBCA6B))
+    if SR_V:  # after the param's update, which read it unrounded
+        v = _sr_round(v, _sr_bits(sr_key, offs, 0x9E3779B1))
     store_rounded(pp + offs, p, mask)
     store_rounded(mp + offs, m, mask)
     store_rounded(vp + offs, v, mask)
@@ -106,7 +101,7 @@ def _adam_kernel(tab, tile_t, tile_off, counters, p_ref, s_ref, lr_ptr, gm_ptr, 
                  AMSGRAD: tl.constexpr, MASTER: tl.constexpr, LR_TENSOR: tl.constexpr,
                  HAS_MULT: tl.constexpr, HAS_FI: tl.constexpr, MAXIMIZE: tl.constexpr,
                  DECOUPLED: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, ALIGNED: tl.constexpr,
-                 SR_P: tl.constexpr, SR_M: tl.constexpr):
+                 SR_P: tl.constexpr, SR_V: tl.constexpr):
     CHUNK: tl.constexpr = BLOCK * ITERS
     pid = tl.program_id(0)
     t = tl.load(tile_t + pid).to(tl.int64)
@@ -145,7 +140,7 @@ def _adam_kernel(tab, tile_t, tile_off, counters, p_ref, s_ref, lr_ptr, gm_ptr, 
         gscale = -gscale
     lerp_low = tl.abs(w1) < 0.5
     sr_key = tl.zeros((), dtype=tl.uint32)
-    if SR_P or SR_M:  # adam_math.h sr_key(seed, step, tensor)
+    if SR_P or SR_V:  # adam_math.h sr_key(seed, step, tensor)
         seed = sr_seed.to(tl.int64).to(tl.uint32)
         sr_key = _sr_mix(_sr_mix(seed ^ _sr_mix(step.to(tl.uint32))) ^ (t.to(tl.uint32) * 0x9E3779B9))
 
@@ -171,12 +166,12 @@ def _adam_kernel(tab, tile_t, tile_off, counters, p_ref, s_ref, lr_ptr, gm_ptr, 
     for k in tl.range(0, CHUNK, BLOCK):
         offs = off0 + k + tl.arange(0, BLOCK)
         _adam_elements(offs, offs < lim16, pp, gp, mp, vp, xp, wp, gscale, wd, decay, l2, lerp_low, w1, omw1, b2,
-                       omb2, bc2_sqrt, eps, step_size, sr_key, AMSGRAD, MASTER, DECOUPLED, SR_P, SR_M)
+                       omb2, bc2_sqrt, eps, step_size, sr_key, AMSGRAD, MASTER, DECOUPLED, SR_P, SR_V)
     if ALIGNED:  # the last (fewer than 16) elements of the tensor, scalar, by the tile that holds them
         toffs = lim16 + tl.arange(0, 16)
         tmask = (toffs < lim) & (lim16 >= off0) & (lim16 < off0 + CHUNK)
         _adam_elements(toffs, tmask, pp, gp, mp, vp, xp, wp, gscale, wd, decay, l2, lerp_low, w1, omw1, b2,
-                       omb2, bc2_sqrt, eps, step_size, sr_key, AMSGRAD, MASTER, DECOUPLED, SR_P, SR_M)
+                       omb2, bc2_sqrt, eps, step_size, sr_key, AMSGRAD, MASTER, DECOUPLED, SR_P, SR_V)
 
     # the step increment: the last program of this tensor (all others have read the step)
     ntiles = tl.maximum((numel + CHUNK - 1) // CHUNK, 1)  # an empty tensor has one tile
@@ -207,7 +202,7 @@ def tile(max_numel):
 
 
 def launch(tables, block, iters, refs, lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, master, maximize,
-           decoupled_weight_decay, grad_mult, found_inf, sr_seed=0, sr_params=False, sr_moments=False):
+           decoupled_weight_decay, grad_mult, found_inf, sr_seed=0, sr_params=False, sr_exp_avg_sq=False):
     """One launch of the kernel over the tables (rows, tile_t, tile_off) of a call.
 
     Args:
@@ -231,8 +226,8 @@ def launch(tables, block, iters, refs, lr, lr_tensor, beta1, beta2, eps, weight_
                 AMSGRAD=bool(amsgrad), MASTER=bool(master), LR_TENSOR=lr_tensor is not None,
                 HAS_MULT=grad_mult is not None, HAS_FI=found_inf is not None, MAXIMIZE=bool(maximize),
                 DECOUPLED=bool(decoupled_weight_decay), BLOCK=block, ITERS=iters, ALIGNED=aligned,
-                SR_P=bool(sr_params), SR_M=bool(sr_moments),
-                **(SR_OPTIONS if sr_params or sr_moments else {"num_warps": 4}))
+                SR_P=bool(sr_params), SR_V=bool(sr_exp_avg_sq),
+                **(SR_OPTIONS if sr_params or sr_exp_avg_sq else {"num_warps": 4}))
 
 
 @torch.library.custom_op("fusedtrain_triton::adam_",
@@ -243,7 +238,7 @@ def adam_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[
           master_params: list[torch.Tensor], lr: float, lr_tensor: Optional[torch.Tensor], beta1: float,
           beta2: float, eps: float, weight_decay: float, amsgrad: bool, maximize: bool,
           decoupled_weight_decay: bool, grad_mult: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
-          sr_seed: int = 0, sr_params: bool = False, sr_moments: bool = False) -> None:
+          sr_seed: int = 0, sr_params: bool = False, sr_exp_avg_sq: bool = False) -> None:
     # an opaque custom op (not triton_op): the kernel reads addresses from a table, which
     # torch.compile could not trace
     if not params:
@@ -251,7 +246,7 @@ def adam_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[
     _check(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, amsgrad=amsgrad)
     from fusedtrain.ops.adam import check_sr
 
-    check_sr(sr_seed, sr_params, sr_moments, params, exp_avgs, master_params)
+    check_sr(sr_seed, sr_params, sr_exp_avg_sq, params, exp_avgs, master_params)
     block, iters = tile(max(p.numel() for p in params))
     lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params)
     if not amsgrad:
@@ -259,7 +254,7 @@ def adam_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[
     tables = multi_tensor.tables([lists[c] for c in COLUMNS], block * iters, empty_tiles=True)
     launch(tables, block, iters, (params[0], exp_avgs[0], steps[0]), lr, lr_tensor, beta1, beta2, eps, weight_decay,
            amsgrad, bool(master_params), maximize, decoupled_weight_decay, grad_mult, found_inf, sr_seed, sr_params,
-           sr_moments)
+           sr_exp_avg_sq)
 
 
 def _check(*lists, amsgrad):
@@ -281,8 +276,8 @@ def _check(*lists, amsgrad):
                              "contiguous tensors; fusedtrain.ops.adam stages others)")
 
 
-def _spec(pdt, sdt, amsgrad, master, flags, wd_zero=False, amp=False, aligned=True, sr_p=False, sr_m=False):
-    sr = sr_p or sr_m
+def _spec(pdt, sdt, amsgrad, master, flags, wd_zero=False, amp=False, aligned=True, sr_p=False, sr_v=False):
+    sr = sr_p or sr_v
     # an int argument is i32 when its value fits: lr_bits is _bits(0.0) = 0 with an lr tensor,
     # wd_bits with weight_decay=0 (torch Adam's default)
     sig = {"tab": "*i64", "tile_t": "*i64", "tile_off": "*i64", "counters": "*i32", "p_ref": f"*{pdt}",
@@ -290,24 +285,24 @@ def _spec(pdt, sdt, amsgrad, master, flags, wd_zero=False, amp=False, aligned=Tr
            "lr_bits": "i32" if flags else "i64", "beta1_bits": "i64", "beta2_bits": "i64", "eps": "fp32",
            "wd_bits": "i32" if wd_zero else "i64", "sr_seed": "i32"}
     ce = dict(AMSGRAD=amsgrad, MASTER=master, LR_TENSOR=flags, HAS_MULT=flags or amp, HAS_FI=flags or amp,
-              MAXIMIZE=flags, DECOUPLED=not flags, BLOCK=BLOCK, ITERS=ITERS, ALIGNED=aligned, SR_P=sr_p, SR_M=sr_m)
+              MAXIMIZE=flags, DECOUPLED=not flags, BLOCK=BLOCK, ITERS=ITERS, ALIGNED=aligned, SR_P=sr_p, SR_V=sr_v)
     name = f"_adam_kernel[{pdt}/{sdt}{',amsgrad' if amsgrad else ''}{',master' if master else ''}" \
            f"{',lr_t,mult,found_inf,maximize' if flags else ',adamw'}{',amp' if amp else ''}" \
            f"{',wd=0' if wd_zero else ''}{'' if aligned else ',unaligned'}{',sr_params' if sr_p else ''}" \
-           f"{',sr_moments' if sr_m else ''}]"
+           f"{',sr_exp_avg_sq' if sr_v else ''}]"
     return AotSpec(_adam_kernel, sig, ce, name=name, options=dict(SR_OPTIONS) if sr else {"num_warps": 4})
 
 
-AOT_HELPERS = ("_adam_elements", "_sr_mix", "_sr_stream", "_sr_bf16")  # inlined into _adam_kernel
+AOT_HELPERS = ("_adam_elements", "_sr_mix", "_sr_bits", "_sr_round")  # inlined into _adam_kernel
 
 AOT_SPECS = [
     _spec("fp32", "fp32", False, False, False),
     # state_format="bf16" (stochastically rounded moments): of fp32 params, and of bf16 params
     # with fp32 masters; stochastic rounding of bf16 params, with and without lean moments
-    _spec("fp32", "bf16", True, False, False, amp=True, sr_m=True),
-    _spec("bf16", "bf16", True, True, True, amp=True, sr_m=True),
+    _spec("fp32", "bf16", True, False, False, amp=True, sr_v=True),
+    _spec("bf16", "bf16", True, True, True, amp=True, sr_v=True),
     _spec("bf16", "bf16", False, False, False, amp=True, sr_p=True),
-    _spec("bf16", "bf16", True, False, True, sr_p=True, sr_m=True),
+    _spec("bf16", "bf16", True, False, True, sr_p=True, sr_v=True),
     _spec("fp32", "fp32", True, False, True),
     _spec("bf16", "bf16", True, False, False),
     _spec("fp16", "fp16", False, False, True),

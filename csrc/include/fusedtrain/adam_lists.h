@@ -111,18 +111,20 @@ inline void bump_written(at::TensorList params, at::TensorList exp_avgs, at::Ten
   for (at::TensorList l : {params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params}) bump_versions(l);
 }
 
-// Stochastic rounding of the params (bf16 params without master copies) and/or of the moments
+// Stochastic rounding of the params (bf16 params without master copies) and/or of exp_avg_sq
 // (bf16 states); sr_seed is a 32-bit seed.
-inline void check_sr(int64_t sr_seed, bool sr_params, bool sr_moments, at::TensorList params,
+inline void check_sr(int64_t sr_seed, bool sr_params, bool sr_exp_avg_sq, at::TensorList params,
                      at::TensorList exp_avgs, at::TensorList master_params) {
-  if (!(sr_params || sr_moments) || params.empty()) return;
+  if (!(sr_params || sr_exp_avg_sq) || params.empty()) return;
   TORCH_CHECK_VALUE(sr_seed >= 0 && sr_seed <= 0xFFFFFFFFLL, "fusedtrain adam: sr_seed must be in [0, 2**32), got ",
                     sr_seed);
-  TORCH_CHECK_VALUE(!sr_params || (params[0].scalar_type() == at::kBFloat16 && master_params.empty()),
-                    "fusedtrain adam: stochastic rounding of the params is for bf16 params without master weights, "
-                    "got ", params[0].scalar_type(), master_params.empty() ? " params" : " params with master weights");
-  TORCH_CHECK_VALUE(!sr_moments || exp_avgs[0].scalar_type() == at::kBFloat16,
-                    "fusedtrain adam: stochastic rounding of the moments is for bf16 states, got ",
+  TORCH_CHECK_VALUE(!sr_params || (params[0].scalar_type() == at::kBFloat16 && master_params.empty() &&
+                                     exp_avgs[0].scalar_type() == at::kBFloat16),
+                    "fusedtrain adam: stochastic rounding of the params is for bf16 params with bf16 states and "
+                    "without master weights, got ", params[0].scalar_type(), " params, ", exp_avgs[0].scalar_type(),
+                    " states", master_params.empty() ? "" : ", master weights");
+  TORCH_CHECK_VALUE(!sr_exp_avg_sq || exp_avgs[0].scalar_type() == at::kBFloat16,
+                    "fusedtrain adam: stochastic rounding of exp_avg_sq is for bf16 states, got ",
                     exp_avgs[0].scalar_type());
 }
 
