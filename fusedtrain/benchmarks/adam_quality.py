@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="few steps (a smoke run, not a measurement)")
     p.add_argument("--out", default="bench-results")
     a = p.parse_args(argv)
-    steps = {"demo": 30, "char-lm": 15} if a.quick else {"demo": 1500, "char-lm": 1000}
+    steps = {"demo": 30, "char-lm": 15} if a.quick else {"demo": 800, "char-lm": 500}
     curves, table = {}, []
     for model, run in MODELS.items():
         curves[model] = {fmt: run(fmt, steps[model]) for fmt in FORMATS}
