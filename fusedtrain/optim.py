@@ -359,7 +359,9 @@ class FusedAdam(torch.optim.Optimizer):
     def _hyper(group, index):
         beta1, beta2 = group["betas"]
         sr_params = bool(group.get("stochastic_rounding"))
-        sr_exp_avg_sq = group.get("state_format") == "bf16"  # a bf16 exp_avg_sq is rounded stochastically
+        # a bf16 exp_avg_sq is rounded stochastically: the lean format's, and bf16 params' own
+        # (with stochastic_rounding; rounded to nearest it would not decay)
+        sr_exp_avg_sq = group.get("state_format") == "bf16" or sr_params
         return adam_ops.AdamHyper(
             group["lr"] if torch.is_tensor(group["lr"]) else float(group["lr"]), _scalar(beta1), _scalar(beta2),
             float(group["eps"]), float(group["weight_decay"]), bool(group["amsgrad"]), bool(group["maximize"]),

@@ -291,7 +291,7 @@ def sr_key(seed, step, tensor):
     return _sr_mix(_sr_mix(seed ^ _sr_mix(s)) ^ ((tensor * 0x9E3779B9) & _U32))
 
 
-SR_V, SR_P = 0x9E3779B1, 0x85EBCA6B  # adam_math.h: the multipliers of exp_avg_sq's and the param's bits
+SR_V, SR_P = 0x9E3779B1, 0x6A09E667  # adam_math.h: the multipliers of exp_avg_sq's and the param's bits
 
 
 def sr_bits(key, shape, mult, device=None):

@@ -361,20 +361,24 @@ def test_stochastic_rounding_errors_name_the_option():
 
 def test_bf16_exp_avg_sq_decays_as_fp32_does(backend_device):
     """exp_avg_sq moves by (1 - beta2) = 1e-3 of itself a step, less than half a bf16 ulp:
-    rounded to nearest it would never decay (a running max); stochastically rounded it follows
-    the fp32 run on average."""
+    rounded to nearest it would never decay (a running max); stochastically rounded (the lean
+    format's, and bf16 params' own under stochastic_rounding) it follows the fp32 run."""
     _, device = backend_device
     n, steps = (8192, 600) if not INTERPRET else (4096, 600)
     runs = {}
-    for fmt in ("fp32", "bf16"):
-        p = torch.nn.Parameter(torch.zeros(n, device=device))
-        opt = FusedAdamW([p], lr=0.0, weight_decay=0.0, state_format=fmt)
+    for fmt in ("fp32", "bf16", "bf16 params, stochastic rounding"):
+        sr = fmt.startswith("bf16 params")
+        p = torch.nn.Parameter(torch.zeros(n, device=device, dtype=torch.bfloat16 if sr else torch.float32))
+        opt = FusedAdamW([p], lr=0.0, weight_decay=0.0, **({"stochastic_rounding": True} if sr else
+                                                             {"state_format": fmt}))
         for t in range(steps):
             p.grad = torch.full_like(p, 1.0 if t < 10 else 0.01)
             opt.step()
         runs[fmt] = opt.state[p]["exp_avg_sq"].double().mean().item()
     assert runs["fp32"] < 0.6 * 9.95e-3  # it decayed
     assert abs(runs["bf16"] / runs["fp32"] - 1) < 0.02, runs
+    # bf16 params keep bf16 moments: with stochastic_rounding their exp_avg_sq is rounded so too
+    assert abs(runs["bf16 params, stochastic rounding"] / runs["fp32"] - 1) < 0.02, runs
 
 
 def test_loading_a_checkpoint_without_our_keys_keeps_the_groups_settings():

@@ -85,7 +85,7 @@ def _adam_elements(offs, mask, pp, gp, mp, vp, xp, wp, gscale, wd, decay, l2, le
     if MASTER:
         tl.store(wp + offs, p, mask=mask)
     if SR_P:
-        p = _sr_round(p, _sr_bits(sr_key, offs, 0x85EBCA6B))
+        p = _sr_round(p, _sr_bits(sr_key, offs, 0x6A09E667))
     if SR_V:  # after the param's update, which read it unrounded
         v = _sr_round(v, _sr_bits(sr_key, offs, 0x9E3779B1))
     store_rounded(pp + offs, p, mask)

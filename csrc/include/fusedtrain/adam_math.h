@@ -115,12 +115,16 @@ FT_HD void update(V& p, V g, V& m, V& v, V& vmax, const CoefV<V>& c) {
 // tensor and step, then per element one multiplicative hash of key ^ index whose high 16 bits
 // are taken, one multiplier for exp_avg_sq and one for the param. The key is new every step, so
 // each element's bits are uniform and independent from step to step (what unbiased rounding
-// needs); within a step the bits along a tensor are a Weyl-like sequence, even more evenly
-// spread than independent draws. (A full sr_mix per element made the lean step compute-bound:
-// 22M mix 11.8 ms against 10.1 ms.)
+// needs); within a step the bits along a tensor are a Weyl-like sequence (multipliers with
+// small partial quotients: evenly spread from a few elements on). (A full sr_mix per element
+// made the lean step compute-bound: 22M mix 11.8 ms against 10.1 ms.) Limits: only 32 bits
+// vary per element, so two tensors' keys kA, kB give elements i and i ^ (kA ^ kB) the same
+// bits (correlated rounding errors, no bias); FSDP shards hash their local indices (shards of
+// one tensor on different ranks share bits); the step is fp32, so past 2^24 steps the keys
+// stop changing.
 // Nothing depends on chunking, threads or devices, so a run and its resume, and every DDP
 // rank, round alike. The call's seed mixes the group's seed with the group's and the call's
-// index (sr_call_seed), so that no two tensors of an optimizer share bits. The same integer
+// index (sr_call_seed), so that no two tensors of an optimizer draw the same sequence. The same integer
 // steps in fusedtrain/triton/adam.py (_sr_*) and fusedtrain/reference.py (sr_*).
 FT_HD uint32_t sr_mix(uint32_t x) {  // a 32-bit integer hash (Wellons' lowbias32)
   x ^= x >> 16;
@@ -140,7 +144,7 @@ FT_HD uint32_t sr_key(uint32_t seed, float step, uint32_t tensor) {
 }
 
 // The 16 random bits of element i for exp_avg_sq (SR_V) and for the param (SR_P).
-constexpr uint32_t SR_V = 0x9E3779B1U, SR_P = 0x85EBCA6BU;
+constexpr uint32_t SR_V = 0x9E3779B1U, SR_P = 0x6A09E667U;  // golden ratio, sqrt(2) - 1: even spreads
 FT_HD uint32_t sr_bits(uint32_t key, int64_t i, uint32_t mult) {
   const uint64_t u = static_cast<uint64_t>(i);
   return ((key ^ static_cast<uint32_t>(u) ^ (static_cast<uint32_t>(u >> 32) * 0xC2B2AE35U)) * mult) >> 16;
