@@ -24,6 +24,8 @@ def _scalar(x):
 
 
 STATE_FORMATS = ("fp32", "bf16")
+# param-group keys of fusedtrain's own (torch's Adam has none of them)
+_GROUP_KEYS = ("master_weights", "state_format", "stochastic_rounding", "sr_seed")
 LEAN_MIN_NUMEL = 4096  # smaller tensors keep full-precision moments (as bitsandbytes and torchao do)
 
 
@@ -56,8 +58,7 @@ def torch_state_dict(state_dict):
         out["state"][k] = {n: (v.float() if n != "step" and torch.is_tensor(v) and v.dtype == torch.bfloat16 else v)
                            for n, v in st.items() if n != "master_param"}
     for g in state_dict["param_groups"]:
-        out["param_groups"].append({n: v for n, v in g.items()
-                                    if n not in ("master_weights", "state_format", "stochastic_rounding", "sr_seed")})
+        out["param_groups"].append({n: v for n, v in g.items() if n not in _GROUP_KEYS})
     return out
 
 
@@ -142,8 +143,7 @@ class FusedAdam(torch.optim.Optimizer):
 
     def add_param_group(self, param_group):
         # checked before torch appends the group: a refused group leaves nothing behind
-        opt = {k: param_group.get(k, self.defaults.get(k)) for k in ("state_format", "stochastic_rounding", "sr_seed",
-                                                                     "master_weights")}
+        opt = {k: param_group.get(k, self.defaults.get(k)) for k in _GROUP_KEYS}
         _check_state_format(opt["state_format"])
         seed = opt["sr_seed"]
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 0xFFFFFFFF:
@@ -192,9 +192,8 @@ class FusedAdam(torch.optim.Optimizer):
         self.__dict__.pop("_plans", None)  # they hold the states being replaced
         # a checkpoint without fusedtrain's group keys (torch's, or torch_state_dict's) keeps
         # this optimizer's settings instead of falling back to the defaults
-        ours = ("master_weights", "state_format", "stochastic_rounding", "sr_seed")
         state_dict = {**state_dict, "param_groups": [
-            {**{k: mine[k] for k in ours if k in mine and k not in saved}, **saved}
+            {**{k: mine[k] for k in _GROUP_KEYS if k in mine and k not in saved}, **saved}
             for saved, mine in zip(state_dict["param_groups"], self.param_groups)]}
         saved_groups = state_dict["param_groups"]
         saved_state = state_dict["state"]
@@ -208,15 +207,12 @@ class FusedAdam(torch.optim.Optimizer):
             if not st:
                 continue
             sv = saved_state.get(sid, {})
-            lean = _lean_dtype(group, p)
-            if lean is not None:  # a lean format keeps (or converts a torch checkpoint's states to) its dtype
+            sdtype = self._state_dtype(group, p)
+            if sdtype != p.dtype:  # from the saved values (a torch checkpoint's fp32 is rounded once)
                 for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
                     if k in sv:
-                        st[k] = sv[k].detach().to(device=p.device, dtype=lean, copy=True)
+                        st[k] = sv[k].detach().to(device=p.device, dtype=sdtype, copy=True)
             if self._uses_master(group, p):
-                for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-                    if k in sv and lean is None:
-                        st[k] = sv[k].detach().to(device=p.device, dtype=torch.float32, copy=True)
                 if "master_param" in sv:
                     st["master_param"] = sv["master_param"].detach().to(device=p.device, dtype=torch.float32,
                                                                           copy=True)
@@ -229,11 +225,16 @@ class FusedAdam(torch.optim.Optimizer):
     def _uses_master(group, p):
         return bool(group.get("master_weights")) and p.dtype in _LOW
 
+    @classmethod
+    def _state_dtype(cls, group, p):
+        """The moments' dtype of param p: the lean format's, fp32 with master weights, else p's."""
+        lean = _lean_dtype(group, p)
+        return lean if lean is not None else torch.float32 if cls._uses_master(group, p) else p.dtype
+
     def _init_state(self, group, p):
         state = self.state[p]
         master = self._uses_master(group, p)
-        lean = _lean_dtype(group, p)
-        sdtype = lean if lean is not None else torch.float32 if master else p.dtype
+        sdtype = self._state_dtype(group, p)
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         state["exp_avg"] = torch.zeros_like(p, dtype=sdtype, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, dtype=sdtype, memory_format=torch.preserve_format)

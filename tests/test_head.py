@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import fusedtrain
 from fusedtrain.functional import linear_binary_cross_entropy_with_logits as head_loss
 from fusedtrain.ops import head as head_ops
-from helpers import DT_IDS, INTERPRET, ROOT, normal_only, seed_for
+from helpers import DT_IDS, ROOT, normal_only, seed_for
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # per-tensor tolerance relative to the tensor's largest value: fp32 math everywhere, inputs and

@@ -60,7 +60,7 @@ inline void prefetch_at(const TensorJob& j, int64_t i) {
 
 // Elements [lo, hi) of one tensor. P: param/grad storage, S: state storage. With MASTER the
 // update reads and writes the fp32 master and stores its rounding into the param; with SR
-// the job's stochastic roundings (of a bf16 param, of bf16 moments) apply. next: the
+// the job's stochastic roundings (of a bf16 param, of a bf16 exp_avg_sq) apply. next: the
 // tensor this thread goes on with (or null); near the end of this one, the prefetch runs on
 // into its first elements, so that many small tensors read as one continuous stream.
 template <typename P, typename S, bool AMS, bool MASTER, bool SR>
@@ -196,6 +196,7 @@ void adam_cpu(at::TensorList params_in, at::TensorList grads_in, at::TensorList 
   const float mult = grad_mult ? read_scalar(*grad_mult) : 1.f;
   const double lr_v = lr_tensor ? lr_tensor->to(at::kDouble).item<double>() : lr;
   const bool master = !master_params.empty();
+  const bool sr = sr_params || sr_exp_avg_sq;
   const auto pdt = params[0].scalar_type();
 
   std::vector<TensorJob> jobs(n);
@@ -221,14 +222,13 @@ void adam_cpu(at::TensorList params_in, at::TensorList grads_in, at::TensorList 
     j.coef = coef;
     j.sr_param = sr_params;
     j.sr_exp_avg_sq = sr_exp_avg_sq;
-    j.sr_key = sr_params || sr_exp_avg_sq ? adam::sr_key(static_cast<uint32_t>(sr_seed), s, static_cast<uint32_t>(i))
-                                          : 0U;
+    j.sr_key = sr ? adam::sr_key(static_cast<uint32_t>(sr_seed), s, static_cast<uint32_t>(i)) : 0U;
   }
   const mta::Units units(static_cast<int64_t>(n), kUnit, [&](int64_t t) { return jobs[t].numel; });
   switch (pdt) {
-    case at::kFloat: run_param<float>(jobs, units, amsgrad, sdt, master, sr_params || sr_exp_avg_sq); break;
-    case at::kBFloat16: run_param<at::BFloat16>(jobs, units, amsgrad, sdt, master, sr_params || sr_exp_avg_sq); break;
-    case at::kHalf: run_param<at::Half>(jobs, units, amsgrad, sdt, master, sr_params || sr_exp_avg_sq); break;
+    case at::kFloat: run_param<float>(jobs, units, amsgrad, sdt, master, sr); break;
+    case at::kBFloat16: run_param<at::BFloat16>(jobs, units, amsgrad, sdt, master, sr); break;
+    case at::kHalf: run_param<at::Half>(jobs, units, amsgrad, sdt, master, sr); break;
     default: TORCH_CHECK(false, "adam_: unsupported param dtype ", pdt);
   }
   contiguous.write_back();  // before the steps: a failing copy leaves every count as it was

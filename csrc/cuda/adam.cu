@@ -53,11 +53,9 @@ struct AdamOp {
   // found_inf nonzero: write nothing at all
   __device__ __forceinline__ bool skip() const { return h.fi_ptr != nullptr && *h.fi_ptr != 0.f; }
 
-  // The elements of the block: a function of its own (not inlined, one call per block), so
-  // that the values its loops keep are not live across make_coef's call of pow (inlined,
-  // the peeled head spilled registers there).
-  // sr: stochastic rounding's seed (low 32 bits) and flags (bit 32 params, bit 33 moments),
-  // one register: reading them from `this` made the call copy the functor to local memory
+  // The elements of the block. sr: stochastic rounding's seed (low 32 bits) and flags (bit 32
+  // the param, bit 33 exp_avg_sq) in one value: reading them from `this` copied the functor to
+  // an 88-byte local frame.
   __device__ __forceinline__ void elements_body(const mta::Chunk ch, const adam::CoefV<float> c,
                                                 const uint64_t sr) const {
     const bool sr_params = SR && ((sr >> 32) & 1U), sr_exp_avg_sq = SR && ((sr >> 33) & 1U);
@@ -131,10 +129,12 @@ struct AdamOp {
     }
   }
 
+  // elements_body as a function of its own (one call per block), so that the values its loops
+  // keep are not live across make_coef's call of pow (inlined, the peeled head spilled
+  // registers there); operator() inlines it for the combinations whose call spills instead.
   __device__ __noinline__ void elements(const mta::Chunk ch, const adam::CoefV<float> c, const uint64_t sr) const {
     elements_body(ch, c, sr);
   }
-  // (elements_body is the loop itself, for the combinations whose call costs a spill: below)
 
   __device__ __forceinline__ void operator()(const mta::Chunk& ch) const {
     const int64_t numel = ch.numel;

@@ -20,6 +20,7 @@ import math
 import torch
 
 from fusedtrain import _backend, _dtensor, _ext, reference
+from fusedtrain.ops import bce as _bce
 
 OP = "linear_bce_with_logits"
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -257,12 +258,7 @@ _FN = "linear_binary_cross_entropy_with_logits"
 
 
 def _check_float(name, t, optional=False):
-    if t is None and optional:
-        return
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{_FN}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{_FN}: {name} must be a floating tensor, got dtype {t.dtype}")
+    _bce._check_tensor(_FN, name, t, optional)  # type and floating dtype, the BCE family's messages
 
 
 def _check_vector(name, t, L, device):

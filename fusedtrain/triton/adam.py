@@ -18,9 +18,15 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedtrain import reference
 from fusedtrain.triton import device_guard, multi_tensor
 from fusedtrain.triton.aot import AotSpec
 from fusedtrain.triton.rounding import store_rounded
+
+
+# the multipliers of the param's and exp_avg_sq's bits (adam_math.h SR_P, SR_V; the reference's)
+_SR_P = tl.constexpr(reference.SR_P)
+_SR_V = tl.constexpr(reference.SR_V)
 
 
 @triton.jit
@@ -85,9 +91,9 @@ def _adam_elements(offs, mask, pp, gp, mp, vp, xp, wp, gscale, wd, decay, l2, le
     if MASTER:
         tl.store(wp + offs, p, mask=mask)
     if SR_P:
-        p = _sr_round(p, _sr_bits(sr_key, offs, 0x6A09E667))
+        p = _sr_round(p, _sr_bits(sr_key, offs, _SR_P))
     if SR_V:  # after the param's update, which read it unrounded
-        v = _sr_round(v, _sr_bits(sr_key, offs, 0x9E3779B1))
+        v = _sr_round(v, _sr_bits(sr_key, offs, _SR_V))
     store_rounded(pp + offs, p, mask)
     store_rounded(mp + offs, m, mask)
     store_rounded(vp + offs, v, mask)
@@ -186,10 +192,10 @@ def _bits(x: float) -> int:
 
 
 BLOCK = 1024   # elements per loop iteration of a program
+ITERS = 4      # iterations per program: a tile of 4096 elements
 # stochastic rounding's hash needs registers: with ptxas's own choice (96 on sm_90) the amsgrad
 # variant spilled 12 bytes; more warps would cost the 128-bit accesses of bf16 tensors
 SR_OPTIONS = {"num_warps": 4, "maxnreg": 128}
-ITERS = 4      # iterations per program: a tile of 4096 elements
 
 # the table's columns as AdamTensors fields (fusedtrain/ops/adam.py): param, grad, exp_avg,
 # exp_avg_sq, max_exp_avg_sq, master, step
@@ -297,8 +303,8 @@ AOT_HELPERS = ("_adam_elements", "_sr_mix", "_sr_bits", "_sr_round")  # inlined 
 
 AOT_SPECS = [
     _spec("fp32", "fp32", False, False, False),
-    # state_format="bf16" (stochastically rounded moments): of fp32 params, and of bf16 params
-    # with fp32 masters; stochastic rounding of bf16 params, with and without lean moments
+    # state_format="bf16" (a stochastically rounded exp_avg_sq): of fp32 params, and of bf16
+    # params with fp32 masters; stochastic rounding of bf16 params, with and without lean moments
     _spec("fp32", "bf16", True, False, False, amp=True, sr_v=True),
     _spec("bf16", "bf16", True, True, True, amp=True, sr_v=True),
     _spec("bf16", "bf16", False, False, False, amp=True, sr_p=True),
