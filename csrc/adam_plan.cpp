@@ -139,7 +139,7 @@ class AdamPlan {
         c10::Dispatcher::singleton()
             .findSchemaOrThrow("fusedtrain::adam_", "")
             .typed<void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
-                        at::TensorList, double, const std::optional<at::Tensor>&, double, double, double, double, bool,
+                        at::TensorList, at::TensorList, at::TensorList, at::TensorList, double, const std::optional<at::Tensor>&, double, double, double, double, bool,
                         bool, bool, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t, bool,
                         bool)>();
     struct Release {
@@ -156,7 +156,9 @@ class AdamPlan {
       const mta::UseTables use(&c.tables);  // the CUDA kernel reads tables the plan keeps
       const bool sr_v = sr_exp_avg_sq && c.exp_avgs[0].scalar_type() == at::kBFloat16;
       const int64_t seed = adam::sr_call_seed(static_cast<uint32_t>(sr_seed), static_cast<uint32_t>(k));
-      op.call(c.params, c.grads, c.exp_avgs, c.exp_avg_sqs, c.max_exp_avg_sqs, c.steps, c.master_params, lr, lr_tensor,
+      // no absmax lists: groups with 8-bit states are not planned (fusedtrain/ops/adam.py plan_group)
+      op.call(c.params, c.grads, c.exp_avgs, c.exp_avg_sqs, c.max_exp_avg_sqs, c.steps, c.master_params, {}, {}, {}, lr,
+              lr_tensor,
               beta1, beta2, eps, weight_decay, amsgrad_, maximize, decoupled_weight_decay, grad_mult, found_inf, seed,
               sr_params, sr_v);
     }
@@ -272,7 +274,7 @@ class AdamPlan {
     try {
       for (const Call& c : calls_) {
         adam::check_lists(c.params, c.grads, c.exp_avgs, c.exp_avg_sqs, c.max_exp_avg_sqs, c.steps, c.master_params,
-                          amsgrad_);
+                          {}, {}, {}, amsgrad_);
         if (!contiguous_) continue;
         for (const Tensors* l : {&c.params, &c.grads, &c.exp_avgs, &c.exp_avg_sqs, &c.max_exp_avg_sqs, &c.master_params})
           for (const at::Tensor& t : *l) TORCH_CHECK(t.is_contiguous(), "AdamPlan: a tensor is not contiguous");

@@ -15,8 +15,11 @@ using Tensors = std::vector<at::Tensor>;
 // cost about 3 ms per step at 1000 params, this about 0.2 ms (fusedtrain/ops/adam.py calls it
 // for the Triton and reference calls, and for every native call of a step after the first).
 void adam_check_(const Tensors& params, const Tensors& grads, const Tensors& exp_avgs, const Tensors& exp_avg_sqs,
-                 const Tensors& max_exp_avg_sqs, const Tensors& steps, const Tensors& master_params, bool amsgrad) {
-  fusedtrain::adam::check_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, amsgrad);
+                 const Tensors& max_exp_avg_sqs, const Tensors& steps, const Tensors& master_params,
+                 const Tensors& exp_avg_absmax, const Tensors& exp_avg_sq_absmax,
+                 const Tensors& max_exp_avg_sq_absmax, bool amsgrad) {
+  fusedtrain::adam::check_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params,
+                                exp_avg_absmax, exp_avg_sq_absmax, max_exp_avg_sq_absmax, amsgrad);
 }
 
 // The rows table of lists (multi_tensor_tables.h) as an (n, len(lists) + 1) int64 tensor: the

@@ -46,8 +46,14 @@ TORCH_LIBRARY(fusedtrain, m) {
   // a bf16 exp_avg_sq is; the random bits from (sr_seed (32-bit), the new step, the tensor's
   // index in the lists, the element's index) (adam_math.h sr_*). Every other store rounds to
   // nearest even.
+  // 8-bit blockwise states (adam_math.h q8_*): exp_avgs, exp_avg_sqs (and max_exp_avg_sqs) uint8
+  // codes, and per param one contiguous fp32 absmax tensor of ceil(numel / 256) blocks in each of
+  // exp_avg_absmax, exp_avg_sq_absmax (and max_exp_avg_sq_absmax with amsgrad); the lists are
+  // empty for any other state dtype. Every block is decoded, updated and encoded again with the
+  // new absmax of its values.
   m.def("adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-        "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, Tensor(f!)[] master_params, float lr, "
+        "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, Tensor(f!)[] master_params, "
+        "Tensor(g!)[] exp_avg_absmax, Tensor(h!)[] exp_avg_sq_absmax, Tensor(i!)[] max_exp_avg_sq_absmax, float lr, "
         "Tensor? lr_tensor, float beta1, float beta2, float eps, float weight_decay, bool amsgrad, "
         "bool maximize, bool decoupled_weight_decay, Tensor? grad_mult, Tensor? found_inf, int sr_seed=0, "
         "bool sr_params=False, bool sr_exp_avg_sq=False) -> ()");

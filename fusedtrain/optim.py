@@ -23,16 +23,16 @@ def _scalar(x):
     return float(x.item()) if torch.is_tensor(x) else float(x)
 
 
-STATE_FORMATS = ("fp32", "bf16")
+STATE_FORMATS = ("fp32", "bf16", "8bit")
+# the 8-bit states' block absmax, under these keys next to their states (reference.q8_*)
+_ABSMAX_KEYS = {"exp_avg": "exp_avg_absmax", "exp_avg_sq": "exp_avg_sq_absmax",
+                "max_exp_avg_sq": "max_exp_avg_sq_absmax"}
 # param-group keys of fusedtrain's own (torch's Adam has none of them)
 _GROUP_KEYS = ("master_weights", "state_format", "stochastic_rounding", "sr_seed")
 LEAN_MIN_NUMEL = 4096  # smaller tensors keep full-precision moments (as bitsandbytes and torchao do)
 
 
 def _check_state_format(fmt):
-    if fmt == "8bit":
-        raise NotImplementedError("state_format='8bit' (blockwise 8-bit moments) is not implemented yet; "
-                                  "use 'fp32' or 'bf16'")
     if fmt not in STATE_FORMATS:
         raise ValueError(f"state_format must be one of {STATE_FORMATS}, got {fmt!r}")
     return fmt
@@ -46,17 +46,40 @@ def _lean_dtype(group, p):
     if p.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"state_format={fmt!r} is for float32/float16/bfloat16 params; a param of shape "
                          f"{tuple(p.shape)} is {p.dtype} (put it in a param group with state_format='fp32')")
-    return torch.bfloat16
+    return torch.bfloat16 if fmt == "bf16" else torch.uint8
+
+
+def _local_numel(p):
+    return _dtensor.local(p).numel()
+
+
+def _quantize(x, key, device):
+    """(codes, absmax) of a float state x for the 8-bit state `key` (reference.q8_encode), on device."""
+    x = _dtensor.local(x).detach().to(device=device, dtype=torch.float32)
+    return reference.q8_encode(x, signed=key == "exp_avg")
+
+
+def _dequantize(codes, absmax, key):
+    return reference.q8_decode(codes, absmax.float(), signed=key == "exp_avg")
 
 
 def torch_state_dict(state_dict):
     """A copy of a fusedtrain optimizer's state_dict whose moments are fp32 (bf16 moments
-    widened exactly), fusedtrain-only keys dropped: what torch.optim.Adam/AdamW loads as its
-    own (it would also load the bf16 moments as they are, casting them to the param dtype)."""
+    widened exactly, 8-bit ones decoded), fusedtrain-only keys dropped: what
+    torch.optim.Adam/AdamW loads as its own (it would also load the bf16 moments as they are,
+    casting them to the param dtype)."""
     out = {"state": {}, "param_groups": []}
     for k, st in state_dict["state"].items():
-        out["state"][k] = {n: (v.float() if n != "step" and torch.is_tensor(v) and v.dtype == torch.bfloat16 else v)
-                           for n, v in st.items() if n != "master_param"}
+        new = {}
+        for n, v in st.items():
+            if n == "master_param" or n in _ABSMAX_KEYS.values():
+                continue
+            if torch.is_tensor(v) and v.dtype == torch.uint8 and n in _ABSMAX_KEYS:
+                v = _dequantize(v, st[_ABSMAX_KEYS[n]], n)
+            elif n != "step" and torch.is_tensor(v) and v.dtype == torch.bfloat16:
+                v = v.float()
+            new[n] = v
+        out["state"][k] = new
     for g in state_dict["param_groups"]:
         out["param_groups"].append({n: v for n, v in g.items() if n not in _GROUP_KEYS})
     return out
@@ -78,7 +101,12 @@ class FusedAdam(torch.optim.Optimizer):
             the param dtype, or fp32 with master_weights, as before) or "bf16" (exp_avg,
             exp_avg_sq and max_exp_avg_sq in bf16, rounded once per step after fp32 math:
             4 bytes per parameter instead of 8) for params of at least 4096 elements
-            (smaller ones keep the default). "8bit" is not implemented yet.
+            (smaller ones keep the default), or "8bit": blockwise 8-bit moments, about 2.03
+            bytes per parameter: uint8 codes under the usual keys and one fp32 absmax per
+            block of 256 elements under "exp_avg_absmax", "exp_avg_sq_absmax" (and
+            "max_exp_avg_sq_absmax"), decoded before and encoded after the fp32 math of every
+            step (the map: csrc/include/fusedtrain/adam_math.h, q8_*; a torch checkpoint is
+            quantized on load, torch_state_dict() decodes one for torch).
         stochastic_rounding: (also a param-group key) round each updated bf16 param up or
             down with probability proportional to the distance, instead of to the nearest:
             small updates then survive bf16 on average. For bf16 params without master
@@ -208,10 +236,27 @@ class FusedAdam(torch.optim.Optimizer):
                 continue
             sv = saved_state.get(sid, {})
             sdtype = self._state_dtype(group, p)
-            if sdtype != p.dtype:  # from the saved values (a torch checkpoint's fp32 is rounded once)
+            if sdtype == torch.uint8:  # 8-bit: saved codes as they are, other states quantized
+                for k, ak in _ABSMAX_KEYS.items():
+                    if k not in sv:
+                        st.pop(ak, None)
+                    elif sv[k].dtype == torch.uint8 and ak in sv:
+                        st[k] = sv[k].detach().to(device=p.device, copy=True)
+                        st[ak] = sv[ak].detach().to(device=p.device, dtype=torch.float32, copy=True)
+                    else:
+                        if sv[k].dtype == torch.uint8:
+                            raise ValueError(f"load_state_dict: the 8-bit {k!r} of a param has no {ak!r}")
+                        codes, st[ak] = _quantize(sv[k], k, p.device)
+                        st[k] = codes if not _dtensor.is_dtensor(st.get(k)) else \
+                            type(st[k]).from_local(codes, st[k].device_mesh, st[k].placements)
+            elif sdtype != p.dtype:  # from the saved values (a torch checkpoint's fp32 is rounded once)
                 for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
                     if k in sv:
-                        st[k] = sv[k].detach().to(device=p.device, dtype=sdtype, copy=True)
+                        if sv[k].dtype == torch.uint8 and _ABSMAX_KEYS[k] in sv:  # an 8-bit checkpoint
+                            st[k] = _dequantize(sv[k], sv[_ABSMAX_KEYS[k]], k).to(device=p.device, dtype=sdtype)
+                        else:
+                            st[k] = sv[k].detach().to(device=p.device, dtype=sdtype, copy=True)
+                    st.pop(_ABSMAX_KEYS[k], None)
             if self._uses_master(group, p):
                 if "master_param" in sv:
                     st["master_param"] = sv["master_param"].detach().to(device=p.device, dtype=torch.float32,
@@ -236,20 +281,25 @@ class FusedAdam(torch.optim.Optimizer):
         master = self._uses_master(group, p)
         sdtype = self._state_dtype(group, p)
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        state["exp_avg"] = torch.zeros_like(p, dtype=sdtype, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, dtype=sdtype, memory_format=torch.preserve_format)
-        if group["amsgrad"]:
-            state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=sdtype, memory_format=torch.preserve_format)
+        # 8-bit codes are read as a flat array: contiguous (their absmax: per local shard)
+        fmt = torch.contiguous_format if sdtype == torch.uint8 else torch.preserve_format
+        keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
+        for k in keys:
+            state[k] = torch.zeros_like(p, dtype=sdtype, memory_format=fmt)
+            if sdtype == torch.uint8:
+                state[_ABSMAX_KEYS[k]] = torch.zeros(reference.q8_num_blocks(_local_numel(p)), dtype=torch.float32,
+                                                     device=_dtensor.local(p).device)
         if master:
             state["master_param"] = p.detach().float().clone(memory_format=torch.preserve_format)
 
     def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params,
-                    created):
+                    exp_avg_absmax, exp_avg_sq_absmax, max_exp_avg_sq_absmax, created):
         """Append the group's params that have a grad, their grads and their states to the
         lists, as torch.optim.Adam's _init_group does, creating the states of a param's first
         step (those params are appended to `created`); DTensor params (FSDP2) give their local
         shards. master_params gets one entry per param, None where the param keeps no fp32
-        copy (fusedtrain/ops/adam.py drops them per (device, dtype) call). A sparse grad raises
+        copy (fusedtrain/ops/adam.py drops them per (device, dtype) call); the absmax lists
+        likewise, one entry per param with 8-bit states (state_format="8bit"). A sparse grad raises
         before any state exists for its param. Written with map() over the lists: at 1000
         params this is most of the step's host time."""
         ps = group["params"]
@@ -277,6 +327,11 @@ class FusedAdam(torch.optim.Optimizer):
         steps += map(_STEP, sts)
         if group.get("master_weights"):
             master_params += map(dict.get, sts, itertools.repeat("master_param"))
+        if group.get("state_format") == "8bit":
+            exp_avg_absmax += map(dict.get, sts, itertools.repeat("exp_avg_absmax"))
+            exp_avg_sq_absmax += map(dict.get, sts, itertools.repeat("exp_avg_sq_absmax"))
+            if group["amsgrad"]:
+                max_exp_avg_sq_absmax += map(dict.get, sts, itertools.repeat("max_exp_avg_sq_absmax"))
         if _dtensor.any_dtensor(ps):
             for lst in (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params):
                 lst[:] = map(_dtensor.local, lst)
@@ -324,7 +379,7 @@ class FusedAdam(torch.optim.Optimizer):
                 if plan is not None and not adam_ops.gather(plan, group, self.state, hyper):
                     plan = None  # its states may be garbage by now
                 if plan is None:
-                    lists = adam_ops.AdamTensors([], [], [], [], [], [], [])
+                    lists = adam_ops.AdamTensors(*([] for _ in adam_ops.AdamTensors._fields))
                     self._init_group(group, *lists, created)
                     group_calls = adam_ops.prepare(lists, hyper, grad_mult, found_inf)
                     plan = None if tracing else adam_ops.plan_group(group, self.state, group_calls)

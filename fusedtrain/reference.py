@@ -308,21 +308,91 @@ def sr_round(x, bits16):
     return torch.where(x != x, x, r)
 
 
-def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, *,
+# 8-bit blockwise states (adam_math.h q8_*): uint8 codes, one fp32 absmax per Q8_BLOCK elements.
+Q8_BLOCK = 256
+Q8_SIGNED_MAX = 30720.0         # exp_avg: sign + e4m3 with subnormals, 2^14 * 1.875
+Q8_UNSIGNED_MAX = 4026531840.0  # exp_avg_sq, max_exp_avg_sq: e5m3, no zero, 2^31 * 1.875
+_FLT_MAX = 3.4028234663852886e38
+
+
+def q8_num_blocks(numel: int) -> int:
+    """The number of absmax entries of an 8-bit state of numel elements."""
+    return (numel + Q8_BLOCK - 1) // Q8_BLOCK
+
+
+def _f32_bits(x):
+    return x.view(torch.int32).to(torch.int64) & _U32
+
+
+def _bits_f32(u):
+    return u.to(torch.int32).view(torch.float32)  # int64 -> int32 keeps the low 32 bits
+
+
+def _q8_round3(b):
+    return (b + 0x7FFFF + ((b >> 20) & 1)) >> 20
+
+
+def _q8_blocks(x):
+    """fp32 x flattened into (blocks, Q8_BLOCK), the last block padded with zeros."""
+    flat = x.reshape(-1).float()
+    pad = (-flat.numel()) % Q8_BLOCK
+    return torch.nn.functional.pad(flat, (0, pad)).view(-1, Q8_BLOCK)
+
+
+def q8_encode(x, signed: bool):
+    """adam_math.h q8_*: (uint8 codes of x's shape, fp32 absmax per block) of a float tensor."""
+    blocks = _q8_blocks(x)
+    absmax = blocks.abs().amax(dim=1) if blocks.numel() else blocks.new_zeros(0)  # NaN propagates
+    qmax = Q8_SIGNED_MAX if signed else Q8_UNSIGNED_MAX
+    inv = torch.where(absmax > 0, torch.clamp(qmax / absmax, max=_FLT_MAX), 0.0).unsqueeze(1)
+    if signed:
+        xs = blocks.abs() * inv
+        sub = _q8_round3(_f32_bits(xs + 1.0)) - (127 << 3)
+        norm = torch.clamp(_q8_round3(_f32_bits(xs)) - (126 << 3), max=127)
+        mag = torch.where(xs != xs, 0, torch.where(xs < 1.0, sub, norm))
+        code = mag | torch.where(blocks < 0, 0x80, 0)
+    else:
+        xs = blocks * inv
+        code = torch.where(xs > 1.0, torch.clamp(_q8_round3(_f32_bits(xs)) - (127 << 3), max=255), 0)
+    return code.reshape(-1)[:x.numel()].to(torch.uint8).view(x.shape), absmax
+
+
+def q8_decode(codes, absmax, signed: bool):
+    """adam_math.h q8_decode_*: the fp32 values of uint8 codes with their blocks' absmax."""
+    c = codes.reshape(-1).to(torch.int64)
+    scale = (absmax / (Q8_SIGNED_MAX if signed else Q8_UNSIGNED_MAX)).repeat_interleave(Q8_BLOCK)[:c.numel()]
+    if signed:
+        m = _bits_f32(((c & 0x7F) << 20) + (126 << 23))
+        mag = torch.where((c & 0x7F) < 8, m * 2.0 - 1.0, m)
+        val = torch.where((c & 0x80) != 0, -mag, mag) * scale
+    else:
+        val = _bits_f32((c << 20) + (127 << 23)) * scale
+    return val.view(codes.shape)
+
+
+def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params,
+          exp_avg_absmax=(), exp_avg_sq_absmax=(), max_exp_avg_sq_absmax=(), *,
           lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay,
           grad_mult=None, found_inf=None, sr_seed=0, sr_params=False, sr_exp_avg_sq=False):
     """Plain torch ops, one tensor at a time, in fp32 (float64 for float64 params); the
     per-tensor scalars (bias corrections, step size) in float64 from the per-tensor step.
-    With found_inf nonzero nothing changes (a device-side select, no host read)."""
+    With found_inf nonzero nothing changes (a device-side select, no host read). uint8
+    states are 8-bit blockwise (q8_decode before the update, q8_encode after it; their
+    absmax lists hold one fp32 tensor per param)."""
     keep = None if found_inf is None else (found_inf.reshape(()) != 0)
     for i, param in enumerate(params):
         master = master_params[i] if master_params else None
         src = master if master is not None else param
         ct = torch.float64 if src.dtype == torch.float64 else torch.float32
+        q8 = exp_avgs[i].dtype == torch.uint8
         p = src.to(ct)
         g = grads[i].to(ct)
-        m = exp_avgs[i].to(ct)
-        v = exp_avg_sqs[i].to(ct)
+        if q8:
+            m = q8_decode(exp_avgs[i], exp_avg_absmax[i], True)
+            v = q8_decode(exp_avg_sqs[i], exp_avg_sq_absmax[i], False)
+        else:
+            m = exp_avgs[i].to(ct)
+            v = exp_avg_sqs[i].to(ct)
         step = steps[i] + 1
         if grad_mult is not None:
             g = g * grad_mult.reshape(()).to(ct)
@@ -342,7 +412,9 @@ def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_p
         step_size = (lr_d / bc1).to(ct)
         bc2_sqrt = bc2.sqrt().to(ct)
         if amsgrad:
-            vmax = torch.maximum(max_exp_avg_sqs[i].to(ct), v)
+            old_max = q8_decode(max_exp_avg_sqs[i], max_exp_avg_sq_absmax[i], False) if q8 else \
+                max_exp_avg_sqs[i].to(ct)
+            vmax = torch.maximum(old_max, v)
             denom = vmax.sqrt() / bc2_sqrt + eps
         else:
             denom = v.sqrt() / bc2_sqrt + eps
@@ -353,11 +425,15 @@ def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_p
                 p = sr_round(p.float(), sr_bits(key, p.shape, SR_P, p.device))
             if sr_exp_avg_sq:  # bf16 states; after the param's update, which read it unrounded
                 v = sr_round(v.float(), sr_bits(key, p.shape, SR_V, p.device))
-        outs = [(src, p), (exp_avgs[i], m), (exp_avg_sqs[i], v)]
+        states = [(exp_avgs[i], m), (exp_avg_sqs[i], v)] + ([(max_exp_avg_sqs[i], vmax)] if amsgrad else [])
+        if q8:
+            absmaxes = (exp_avg_absmax[i], exp_avg_sq_absmax[i]) + ((max_exp_avg_sq_absmax[i],) if amsgrad else ())
+            coded = [q8_encode(x, k == 0) for k, (_, x) in enumerate(states)]
+            states = [(dst, c) for (dst, _), (c, _) in zip(states, coded)] + \
+                [(a, am) for a, (_, am) in zip(absmaxes, coded)]
+        outs = [(src, p)] + states
         if master is not None:
             outs.append((param, p))
-        if amsgrad:
-            outs.append((max_exp_avg_sqs[i], vmax))
         if keep is None:
             for dst, new in outs:
                 dst.copy_(new)

@@ -690,7 +690,7 @@ def test_op_called_directly_checks_its_lists(backend_device, bad):
     if bad == "non-contiguous param" and backend != "triton":
         pytest.skip("the native and reference ops take non-contiguous tensors (they stage them)")
     with pytest.raises((ValueError, RuntimeError, TypeError), match=match):
-        op(params, grads, ms, vs, [], steps, [], 1e-3, None, 0.9, 0.999, 1e-8, 0.0, False, False, True, None, None)
+        op(params, grads, ms, vs, [], steps, [], [], [], [], 1e-3, None, 0.9, 0.999, 1e-8, 0.0, False, False, True, None, None)
     assert all(torch.equal(a, b) for a, b in zip(before, params + ms + vs + steps))
 
 

@@ -504,7 +504,7 @@ def test_dispatcher_cpu_op_matches_torch(request, dtype, master, decoupled, amsg
         topt.state[r] = st
         before.append({"param": r.detach().clone(), **{k: v.clone() for k, v in st.items()}})
     topt.step()
-    args = lambda fi: (ps, gs, ms, vs, xs, steps, masters, 0.0 if lr_tensor else lr,
+    args = lambda fi: (ps, gs, ms, vs, xs, steps, masters, [], [], [], 0.0 if lr_tensor else lr,
                        torch.tensor([lr]) if lr_tensor else None, beta1, beta2, eps, wd, amsgrad, maximize,
                        decoupled, torch.tensor([mult]), torch.tensor([fi]))
     torch.ops.fusedtrain.adam_(*args(0.0))

@@ -55,7 +55,7 @@ def _adam_args(dtype, *, amsgrad, master, lr_tensor, grad_mult, found_inf, seed)
     max_sqs = [v * 1.5 for v in exp_avg_sqs] if amsgrad else []
     steps = [torch.full((1,), 3.0) for _ in shapes]
     masters = [p.float() for p in params] if master else []
-    return (params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, masters,
+    return (params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, masters, [], [], [],
             1e-3, torch.full((1,), 2e-3) if lr_tensor else None, 0.9, 0.999, 1e-8, 0.01, amsgrad, False, True,
             torch.full((1,), 1 / 1024.0) if grad_mult else None, torch.zeros(1) if found_inf else None)
 

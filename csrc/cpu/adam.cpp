@@ -41,6 +41,8 @@ struct TensorJob {
   void* v;          // exp_avg_sq (S)
   void* vmax;       // max_exp_avg_sq (S) or null
   float* master;    // fp32 master copy or null
+  // 8-bit states (m, v, vmax uint8 codes): their blocks' absmax (vmax's null without amsgrad)
+  float *am_m, *am_v, *am_vmax;
   int64_t numel;
   Coef coef;
   // stochastic rounding (adam_math.h sr_*): of the param, of exp_avg_sq; the tensor's key
@@ -127,6 +129,132 @@ void run_range(const TensorJob& j, int64_t lo, int64_t hi, const TensorJob* next
   }
 }
 
+// 8-bit states (adam_math.h q8_*), elements [lo, hi) of one tensor (lo a multiple of the unit,
+// hence of Q8_BLOCK): block by block, the codes decoded with the block's absmax, the updated
+// moments kept in fp32 buffers until the block's new absmax is known, then encoded with it.
+template <typename P, bool AMS, bool MASTER, bool SR>
+void run_range_q8(const TensorJob& j, int64_t lo, int64_t hi) {
+  using IV = Vectorized<int32_t>;
+  using adam::Q8_BLOCK;
+  using adam::Q8_SIGNED_MAX;
+  using adam::Q8_UNSIGNED_MAX;
+  constexpr int64_t h = fVec::size();
+  P* p = static_cast<P*>(j.p);
+  const P* g = static_cast<const P*>(j.g);
+  uint8_t* m = static_cast<uint8_t*>(j.m);
+  uint8_t* v = static_cast<uint8_t*>(j.v);
+  uint8_t* vm = static_cast<uint8_t*>(j.vmax);
+  float* w = j.master;
+  const CoefV<fVec> cv(j.coef);
+  const CoefV<float> cs(j.coef);
+  alignas(64) float mb[Q8_BLOCK], vb[Q8_BLOCK], xb[Q8_BLOCK], fold[h];
+  const auto max_of = [&](const fVec& x) {
+    x.store(fold);
+    float r = fold[0];
+    for (int64_t k = 1; k < h; ++k) r = adam::ft_max(r, fold[k]);
+    return r;
+  };
+  for (int64_t b0 = lo; b0 < hi; b0 += Q8_BLOCK) {
+    const int64_t blk = b0 / Q8_BLOCK, len = std::min(Q8_BLOCK, hi - b0);
+    const float sm = adam::q8_scale(j.am_m[blk], Q8_SIGNED_MAX), sv = adam::q8_scale(j.am_v[blk], Q8_UNSIGNED_MAX);
+    const float sx = AMS ? adam::q8_scale(j.am_vmax[blk], Q8_UNSIGNED_MAX) : 0.f;
+    fVec mmax(0.f), vmax(0.f), xmax(0.f);
+    int64_t k = 0;
+    for (; k + kVec <= len; k += kVec) {
+      const int64_t i = b0 + k;
+      fVec p0, p1, g0, g1, x0, x1;
+      IV c0, c1;
+      if constexpr (MASTER) load2(w + i, p0, p1); else load2(p + i, p0, p1);
+      load2(g + i, g0, g1);
+      vec_io::load_codes(m + i, c0, c1);
+      fVec m0 = adam::q8_decode_signed(c0, sm), m1 = adam::q8_decode_signed(c1, sm);
+      vec_io::load_codes(v + i, c0, c1);
+      fVec v0 = adam::q8_decode_unsigned(c0, sv), v1 = adam::q8_decode_unsigned(c1, sv);
+      if constexpr (AMS) {
+        vec_io::load_codes(vm + i, c0, c1);
+        x0 = adam::q8_decode_unsigned(c0, sx);
+        x1 = adam::q8_decode_unsigned(c1, sx);
+      }
+      adam::update<AMS>(p0, g0, m0, v0, x0, cv);
+      adam::update<AMS>(p1, g1, m1, v1, x1, cv);
+      if constexpr (MASTER) store2(w + i, p0, p1);
+      if constexpr (SR) {
+        p0 = adam::sr_round(p0, adam::sr_bits_vec(j.sr_key, i, adam::SR_P));
+        p1 = adam::sr_round(p1, adam::sr_bits_vec(j.sr_key, i + h, adam::SR_P));
+      }
+      store2(p + i, p0, p1);
+      m0.store(mb + k);
+      m1.store(mb + k + h);
+      v0.store(vb + k);
+      v1.store(vb + k + h);
+      mmax = at::vec::maximum(mmax, at::vec::maximum(m0.abs(), m1.abs()));
+      vmax = at::vec::maximum(vmax, at::vec::maximum(v0, v1));
+      if constexpr (AMS) {
+        x0.store(xb + k);
+        x1.store(xb + k + h);
+        xmax = at::vec::maximum(xmax, at::vec::maximum(x0, x1));
+      }
+    }
+    float mmx = max_of(mmax), vmx = max_of(vmax), xmx = AMS ? max_of(xmax) : 0.f;
+    for (; k < len; ++k) {
+      const int64_t i = b0 + k;
+      float pv = MASTER ? w[i] : static_cast<float>(p[i]);
+      float mv = adam::q8_decode_signed(m[i], sm), vv = adam::q8_decode_unsigned(v[i], sv);
+      float xv = AMS ? adam::q8_decode_unsigned(vm[i], sx) : 0.f;
+      adam::update<AMS>(pv, static_cast<float>(g[i]), mv, vv, xv, cs);
+      if constexpr (MASTER) w[i] = pv;
+      if constexpr (SR) pv = adam::sr_round(pv, adam::sr_bits(j.sr_key, i, adam::SR_P));
+      p[i] = static_cast<P>(pv);
+      mb[k] = mv;
+      vb[k] = vv;
+      xb[k] = xv;
+      mmx = adam::ft_max(mmx, fabsf(mv));
+      vmx = adam::ft_max(vmx, vv);
+      xmx = adam::ft_max(xmx, xv);
+    }
+    j.am_m[blk] = mmx;
+    j.am_v[blk] = vmx;
+    if constexpr (AMS) j.am_vmax[blk] = xmx;
+    const float im = adam::q8_inv(mmx, Q8_SIGNED_MAX), iv = adam::q8_inv(vmx, Q8_UNSIGNED_MAX);
+    const float ix = adam::q8_inv(xmx, Q8_UNSIGNED_MAX);
+    for (k = 0; k + kVec <= len; k += kVec) {
+      const int64_t i = b0 + k;
+      vec_io::store_codes(m + i, adam::q8_encode_signed(fVec::loadu(mb + k), im),
+                          adam::q8_encode_signed(fVec::loadu(mb + k + h), im));
+      vec_io::store_codes(v + i, adam::q8_encode_unsigned(fVec::loadu(vb + k), iv),
+                          adam::q8_encode_unsigned(fVec::loadu(vb + k + h), iv));
+      if constexpr (AMS)
+        vec_io::store_codes(vm + i, adam::q8_encode_unsigned(fVec::loadu(xb + k), ix),
+                            adam::q8_encode_unsigned(fVec::loadu(xb + k + h), ix));
+    }
+    for (; k < len; ++k) {
+      m[b0 + k] = static_cast<uint8_t>(adam::q8_encode_signed(mb[k], im));
+      v[b0 + k] = static_cast<uint8_t>(adam::q8_encode_unsigned(vb[k], iv));
+      if constexpr (AMS) vm[b0 + k] = static_cast<uint8_t>(adam::q8_encode_unsigned(xb[k], ix));
+    }
+  }
+}
+
+template <typename P, bool MASTER, bool SR>
+void run_q8_all(const std::vector<TensorJob>& jobs, const mta::Units& units, bool amsgrad) {
+  units.parallel(kGrain, /*serial=*/false, [&](int64_t t, int64_t lo, int64_t hi, bool) {
+    if (amsgrad) run_range_q8<P, true, MASTER, SR>(jobs[t], lo, hi);
+    else run_range_q8<P, false, MASTER, SR>(jobs[t], lo, hi);
+  });
+}
+
+// 8-bit states: MASTER for fp16/bf16 params, SR (of the params) for bf16 params.
+template <typename P>
+void run_q8(const std::vector<TensorJob>& jobs, const mta::Units& units, bool amsgrad, bool master, bool sr) {
+  if constexpr (!std::is_same_v<P, float>) {
+    if (master) return run_q8_all<P, true, false>(jobs, units, amsgrad);
+  }
+  if constexpr (std::is_same_v<P, at::BFloat16>) {
+    if (sr) return run_q8_all<P, false, true>(jobs, units, amsgrad);
+  }
+  run_q8_all<P, false, false>(jobs, units, amsgrad);
+}
+
 template <typename P, typename S, bool AMS, bool MASTER, bool SR>
 void run_all(const std::vector<TensorJob>& jobs, const mta::Units& units) {
   units.parallel(kGrain, /*serial=*/false, [&](int64_t t, int64_t lo, int64_t hi, bool next) {
@@ -163,6 +291,7 @@ void run_state(const std::vector<TensorJob>& jobs, const mta::Units& units, bool
 template <typename P>
 void run_param(const std::vector<TensorJob>& jobs, const mta::Units& units, bool amsgrad, at::ScalarType sdt,
                bool master, bool sr) {
+  if (sdt == at::kByte) return run_q8<P>(jobs, units, amsgrad, master, sr);
   if (sdt == at::kFloat) return run_state<P, float>(jobs, units, amsgrad, master, sr);
   if (sdt == at::kBFloat16) return run_state<P, at::BFloat16>(jobs, units, amsgrad, master, sr);
   if constexpr (std::is_same_v<P, at::Half>) return run_state<P, at::Half>(jobs, units, amsgrad, master, sr);
@@ -173,13 +302,15 @@ float read_scalar(const at::Tensor& t) { return t.to(at::kFloat).item<float>(); 
 
 void adam_cpu(at::TensorList params_in, at::TensorList grads_in, at::TensorList exp_avgs_in,
               at::TensorList exp_avg_sqs_in, at::TensorList max_exp_avg_sqs_in, at::TensorList steps,
-              at::TensorList master_params_in, double lr, const std::optional<at::Tensor>& lr_tensor,
+              at::TensorList master_params_in, at::TensorList exp_avg_absmax, at::TensorList exp_avg_sq_absmax,
+              at::TensorList max_exp_avg_sq_absmax, double lr, const std::optional<at::Tensor>& lr_tensor,
               double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
               bool maximize, bool decoupled_weight_decay,
               const std::optional<at::Tensor>& grad_mult, const std::optional<at::Tensor>& found_inf,
               int64_t sr_seed, bool sr_params, bool sr_exp_avg_sq) {
   const auto sdt = adam::check_lists(params_in, grads_in, exp_avgs_in, exp_avg_sqs_in, max_exp_avg_sqs_in, steps,
-                                     master_params_in, amsgrad);
+                                     master_params_in, exp_avg_absmax, exp_avg_sq_absmax, max_exp_avg_sq_absmax,
+                                     amsgrad);
   adam::check_sr(sr_seed, sr_params, sr_exp_avg_sq, params_in, exp_avgs_in, master_params_in);
   const size_t n = params_in.size();
   if (n == 0) return;
@@ -210,6 +341,10 @@ void adam_cpu(at::TensorList params_in, at::TensorList grads_in, at::TensorList 
     j.v = exp_avg_sqs[i].data_ptr();
     j.vmax = amsgrad ? max_exp_avg_sqs[i].data_ptr() : nullptr;
     j.master = master ? master_params[i].data_ptr<float>() : nullptr;
+    const bool q8 = sdt == at::kByte;  // the absmax tensors are contiguous (check_lists)
+    j.am_m = q8 ? exp_avg_absmax[i].data_ptr<float>() : nullptr;
+    j.am_v = q8 ? exp_avg_sq_absmax[i].data_ptr<float>() : nullptr;
+    j.am_vmax = q8 && amsgrad ? max_exp_avg_sq_absmax[i].data_ptr<float>() : nullptr;
     j.numel = params[i].numel();
     const float s = *steps[i].data_ptr<float>() + 1.f;  // torch: step_t += 1 (fp32)
     new_steps[i] = s;
@@ -233,7 +368,8 @@ void adam_cpu(at::TensorList params_in, at::TensorList grads_in, at::TensorList 
   }
   contiguous.write_back();  // before the steps: a failing copy leaves every count as it was
   for (size_t i = 0; i < n; ++i) *steps[i].data_ptr<float>() = new_steps[i];
-  adam::bump_written(params_in, exp_avgs_in, exp_avg_sqs_in, max_exp_avg_sqs_in, steps, master_params_in);
+  adam::bump_written(params_in, exp_avgs_in, exp_avg_sqs_in, max_exp_avg_sqs_in, steps, master_params_in,
+                     exp_avg_absmax, exp_avg_sq_absmax, max_exp_avg_sq_absmax);
 }
 
 }  // namespace

@@ -36,5 +36,28 @@ inline void store2(T* p, const at::vec::Vectorized<op_t>& a, const at::vec::Vect
   }
 }
 
+// 8-bit codes (adam_math.h q8_*): 2 * Vectorized<float>::size() bytes as two int32 vectors.
+inline void load_codes(const uint8_t* p, at::vec::Vectorized<int32_t>& a, at::vec::Vectorized<int32_t>& b) {
+  constexpr int h = at::vec::Vectorized<int32_t>::size();
+  a = at::vec::convert_to_int32<uint8_t>(p);
+  b = at::vec::convert_to_int32<uint8_t>(p + h);
+}
+
+// Codes in [0, 255] in int32 lanes, stored as bytes.
+inline void store_codes(uint8_t* p, const at::vec::Vectorized<int32_t>& a, const at::vec::Vectorized<int32_t>& b) {
+#if defined(CPU_CAPABILITY_AVX2)
+  __m256i w = _mm256_packus_epi32(a, b);  // 16-bit: a0..3 b0..3 | a4..7 b4..7
+  w = _mm256_permute4x64_epi64(w, 0xD8);  // a0..7 | b0..7
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1)));
+#else
+  constexpr int h = at::vec::Vectorized<int32_t>::size();
+  alignas(64) int32_t tmp[2 * h];
+  a.store(tmp);
+  b.store(tmp + h);
+  for (int k = 0; k < 2 * h; ++k) p[k] = static_cast<uint8_t>(tmp[k]);
+#endif
+}
+
 }  // namespace vec_io
 }  // namespace fusedtrain

@@ -210,12 +210,15 @@ const float* opt_ptr(const std::optional<at::Tensor>& t, const at::Device& dev, 
 
 void adam_cuda(at::TensorList params_in, at::TensorList grads_in, at::TensorList exp_avgs_in,
                at::TensorList exp_avg_sqs_in, at::TensorList max_exp_avg_sqs_in, at::TensorList steps,
-               at::TensorList master_params_in, double lr, const std::optional<at::Tensor>& lr_tensor, double beta1,
+               at::TensorList master_params_in, at::TensorList exp_avg_absmax, at::TensorList exp_avg_sq_absmax,
+               at::TensorList max_exp_avg_sq_absmax, double lr, const std::optional<at::Tensor>& lr_tensor, double beta1,
                double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
                bool decoupled_weight_decay, const std::optional<at::Tensor>& grad_mult,
                const std::optional<at::Tensor>& found_inf, int64_t sr_seed, bool sr_params, bool sr_exp_avg_sq) {
   const auto sdt = adam::check_lists(params_in, grads_in, exp_avgs_in, exp_avg_sqs_in, max_exp_avg_sqs_in, steps,
-                                     master_params_in, amsgrad);
+                                     master_params_in, exp_avg_absmax, exp_avg_sq_absmax, max_exp_avg_sq_absmax,
+                                     amsgrad);
+  TORCH_CHECK(sdt != at::kByte, "fusedtrain adam: 8-bit states on CUDA: not built yet");
   adam::check_sr(sr_seed, sr_params, sr_exp_avg_sq, params_in, exp_avgs_in, master_params_in);
   const size_t n = params_in.size();
   if (n == 0) return;
@@ -248,7 +251,8 @@ void adam_cuda(at::TensorList params_in, at::TensorList grads_in, at::TensorList
     default: TORCH_CHECK(false, "adam_: unsupported param dtype ", pdt);
   }
   contiguous.write_back();
-  adam::bump_written(params_in, exp_avgs_in, exp_avg_sqs_in, max_exp_avg_sqs_in, steps, master_params_in);
+  adam::bump_written(params_in, exp_avgs_in, exp_avg_sqs_in, max_exp_avg_sqs_in, steps, master_params_in,
+                     exp_avg_absmax, exp_avg_sq_absmax, max_exp_avg_sq_absmax);
 }
 
 }  // namespace

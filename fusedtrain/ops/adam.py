@@ -26,6 +26,11 @@ class AdamTensors(NamedTuple):
     max_exp_avg_sqs: list  # empty unless amsgrad
     steps: list            # one fp32 one-element tensor per param, on its device
     master_params: list    # empty, or fp32 copies of fp16/bf16 params
+    # 8-bit (uint8) states: one fp32 tensor of ceil(numel / 256) block absmax per param and
+    # state (reference.q8_*); empty for other states
+    exp_avg_absmax: list
+    exp_avg_sq_absmax: list
+    max_exp_avg_sq_absmax: list  # empty unless amsgrad
 
 
 class AdamHyper(NamedTuple):
@@ -62,28 +67,34 @@ class AdamCall(NamedTuple):
 
 def _fake(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
           exp_avg_sqs: list[torch.Tensor], max_exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor],
-          master_params: list[torch.Tensor], lr: float, lr_tensor: Optional[torch.Tensor], beta1: float,
+          master_params: list[torch.Tensor], exp_avg_absmax: list[torch.Tensor], exp_avg_sq_absmax: list[torch.Tensor],
+          max_exp_avg_sq_absmax: list[torch.Tensor], lr: float, lr_tensor: Optional[torch.Tensor], beta1: float,
           beta2: float, eps: float, weight_decay: float, amsgrad: bool, maximize: bool,
           decoupled_weight_decay: bool, grad_mult: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
           sr_seed: int = 0, sr_params: bool = False, sr_exp_avg_sq: bool = False) -> None:
     return None
 
 
-_MUTATED = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps", "master_params")
+_MUTATED = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps", "master_params", "exp_avg_absmax",
+            "exp_avg_sq_absmax", "max_exp_avg_sq_absmax")
 
 
 @torch.library.custom_op("fusedtrain_ref::adam_", mutates_args=_MUTATED)
 def _reference_op(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
                   exp_avg_sqs: list[torch.Tensor], max_exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor],
-                  master_params: list[torch.Tensor], lr: float, lr_tensor: Optional[torch.Tensor], beta1: float,
+                  master_params: list[torch.Tensor], exp_avg_absmax: list[torch.Tensor],
+                  exp_avg_sq_absmax: list[torch.Tensor], max_exp_avg_sq_absmax: list[torch.Tensor], lr: float,
+                  lr_tensor: Optional[torch.Tensor], beta1: float,
                   beta2: float, eps: float, weight_decay: float, amsgrad: bool, maximize: bool,
                   decoupled_weight_decay: bool, grad_mult: Optional[torch.Tensor],
                   found_inf: Optional[torch.Tensor], sr_seed: int = 0, sr_params: bool = False,
                   sr_exp_avg_sq: bool = False) -> None:
     # a direct call: the lengths at least (the reference takes any dtype, float64 included)
-    _check_lengths(AdamTensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params), amsgrad)
+    _check_lengths(AdamTensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params,
+                               exp_avg_absmax, exp_avg_sq_absmax, max_exp_avg_sq_absmax), amsgrad)
     check_sr(sr_seed, sr_params, sr_exp_avg_sq, params, exp_avgs, master_params)
     reference.adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params,
+                    exp_avg_absmax, exp_avg_sq_absmax, max_exp_avg_sq_absmax,
                     lr=lr_tensor if lr_tensor is not None else lr, beta1=beta1, beta2=beta2, eps=eps,
                     weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                     decoupled_weight_decay=decoupled_weight_decay, grad_mult=grad_mult, found_inf=found_inf,
@@ -109,12 +120,19 @@ def _check_lengths(t: AdamTensors, amsgrad: bool):
         _fail(f"amsgrad needs one max_exp_avg_sq per param ({len(t.max_exp_avg_sqs)} for {n})", ValueError)
     if t.master_params and len(t.master_params) != n:
         _fail(f"master_params: {len(t.master_params)} for {n} params", ValueError)
+    na = n if n and t.exp_avgs[0].dtype == torch.uint8 else 0
+    lens = (len(t.exp_avg_absmax), len(t.exp_avg_sq_absmax), len(t.max_exp_avg_sq_absmax))
+    if lens != (na, na, na if amsgrad else 0):
+        _fail(f"exp_avg_absmax, exp_avg_sq_absmax, max_exp_avg_sq_absmax have lengths {lens}; expected {na} each"
+              f"{'' if amsgrad else ' (the last 0 without amsgrad)'}"
+              f"{' for 8-bit states' if na else ': they are for 8-bit (uint8) states only'}", ValueError)
 
 
 def check_lists(t: AdamTensors, amsgrad: bool):
     """Raise a clear error unless the lists are what fusedtrain::adam_ takes: equal lengths,
     one device and dtype, dense grads of their params' dtype and shape, states in the params'
-    dtype, fp32 or bf16 (master weights: fp32), fp32 one-element steps."""
+    dtype, fp32, bf16 or uint8 (8-bit, with their absmax tensors; master weights: not in
+    fp16), fp32 one-element steps."""
     _check_lengths(t, amsgrad)
     if not t.params:
         return
@@ -124,6 +142,8 @@ def check_lists(t: AdamTensors, amsgrad: bool):
         states.append(("max_exp_avg_sq", t.max_exp_avg_sqs, sdtype))
     if t.master_params:
         states.append(("master param", t.master_params, torch.float32))
+    absmax = [("exp_avg_absmax", t.exp_avg_absmax), ("exp_avg_sq_absmax", t.exp_avg_sq_absmax)] + \
+        ([("max_exp_avg_sq_absmax", t.max_exp_avg_sq_absmax)] if amsgrad else [])
     for i, (p, g, s) in enumerate(zip(t.params, t.grads, t.steps)):
         if not (torch.is_tensor(p) and torch.is_tensor(g)):
             _fail(f"param {i} and its grad must be tensors, got {type(p).__name__} and {type(g).__name__} "
@@ -151,11 +171,20 @@ def check_lists(t: AdamTensors, amsgrad: bool):
             if x.layout != torch.strided or x.device != device or x.dtype != dt or x.shape != p.shape:
                 _fail(f"{name} of param {i} is {x.dtype} {tuple(x.shape)} on {x.device}; expected "
                       f"{dt} {tuple(p.shape)} on {device}")
+        if sdtype == torch.uint8:
+            blocks = reference.q8_num_blocks(p.numel())
+            for name, lst in absmax:
+                a = lst[i]
+                if (a.layout != torch.strided or a.device != device or a.dtype != torch.float32
+                        or tuple(a.shape) != (blocks,) or not a.is_contiguous()):
+                    _fail(f"{name} of param {i} is {a.dtype} {list(a.shape)} on {a.device}; expected a contiguous "
+                          f"float32 [{blocks}] on {device} (one per block of {reference.Q8_BLOCK} elements)")
     low = pdtype in LOW_PRECISION
-    if sdtype != pdtype and not (sdtype == torch.float32 and low) and sdtype != torch.bfloat16:
-        _fail(f"states must be in the param dtype, fp32 or bf16 (params {pdtype}, states {sdtype})", TypeError)
-    if t.master_params and not (low and sdtype in (torch.float32, torch.bfloat16)):
-        _fail("master_params are for fp16/bf16 params with fp32 or bf16 states", TypeError)
+    if sdtype != pdtype and not (sdtype == torch.float32 and low) and sdtype not in (torch.bfloat16, torch.uint8):
+        _fail(f"states must be in the param dtype, fp32, bf16 or uint8 (8-bit) (params {pdtype}, states {sdtype})",
+              TypeError)
+    if t.master_params and not (low and sdtype != torch.float16):
+        _fail("master_params are for fp16/bf16 params with fp32, bf16 or 8-bit states", TypeError)
 
 
 def check_sr(sr_seed: int, sr_params: bool, sr_exp_avg_sq: bool, params, exp_avgs, master_params) -> None:
@@ -165,8 +194,10 @@ def check_sr(sr_seed: int, sr_params: bool, sr_exp_avg_sq: bool, params, exp_avg
         return
     if not 0 <= sr_seed <= 0xFFFFFFFF:
         _fail(f"sr_seed must be in [0, 2**32), got {sr_seed}", ValueError)
-    if sr_params and (params[0].dtype != torch.bfloat16 or master_params or exp_avgs[0].dtype != torch.bfloat16):
-        _fail("stochastic rounding of the params is for bf16 params with bf16 states and without master weights, "
+    if sr_params and (params[0].dtype != torch.bfloat16 or master_params
+                      or exp_avgs[0].dtype not in (torch.bfloat16, torch.uint8)):
+        _fail("stochastic rounding of the params is for bf16 params with bf16 or 8-bit states and without master "
+              "weights, "
               f"got {params[0].dtype} params, {exp_avgs[0].dtype} states{', master weights' if master_params else ''}",
               ValueError)
     if sr_exp_avg_sq and exp_avgs[0].dtype != torch.bfloat16:
@@ -243,12 +274,12 @@ def _contiguous(t: AdamTensors, writeback):
 
     grads = t.grads if all(g.is_contiguous() for g in t.grads) else [g.contiguous() for g in t.grads]
     return AdamTensors(staged(t.params), grads, staged(t.exp_avgs), staged(t.exp_avg_sqs),
-                       staged(t.max_exp_avg_sqs), t.steps, staged(t.master_params))
+                       staged(t.max_exp_avg_sqs), t.steps, staged(t.master_params), *t[7:])
 
 
 def _real_view(t: AdamTensors):
     # complex params are updated as their real views, as torch does
-    return AdamTensors(*(lst if k in (5, 6) else [torch.view_as_real(x) for x in lst] for k, lst in enumerate(t)))
+    return AdamTensors(*(lst if k >= 5 else [torch.view_as_real(x) for x in lst] for k, lst in enumerate(t)))
 
 
 def _tracing():
@@ -274,12 +305,14 @@ def prepare(tensors: AdamTensors, hyper: AdamHyper, grad_mult=None, found_inf=No
         return []
     _check_hyper(hyper)
     if not hyper.amsgrad:
-        tensors = tensors._replace(max_exp_avg_sqs=[])
+        tensors = tensors._replace(max_exp_avg_sqs=[], max_exp_avg_sq_absmax=[])
     _check_lengths(tensors, hyper.amsgrad)
     calls = []
     for t in _split(tensors, device_dtype_buckets(tensors.params, tensors.exp_avgs)):
         if t.master_params and t.master_params[0] is None:  # params of this dtype keep no fp32 copy
             t = t._replace(master_params=[])
+        if t.exp_avg_absmax and t.exp_avg_absmax[0] is None:  # states that are not 8-bit
+            t = t._replace(exp_avg_absmax=[], exp_avg_sq_absmax=[], max_exp_avg_sq_absmax=[])
         device, dtype = t.params[0].device, t.params[0].dtype
         real = dtype.to_real() if dtype.is_complex else dtype
         if not real.is_floating_point:
@@ -356,6 +389,10 @@ def plan_group(group, state, calls) -> Optional[GroupPlan]:
             or not (type(state) is dict or type(state) is collections.defaultdict)):
         return None
     backend = calls[0].backend
+    # 8-bit states: their absmax lists are not planned (a step of large tensors, whose host
+    # work per param does not show)
+    if any(c.tensors.exp_avg_absmax for c in calls):
+        return None
     if (backend not in ("native", "triton") or any(c.backend != backend or c.writeback for c in calls)
             or len({c.tensors.params[0].device for c in calls}) != 1):
         return None
@@ -430,14 +467,16 @@ def launch_plan(p: GroupPlan, hyper: AdamHyper, scalars) -> None:
         p.plan.release()
 
 
-def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params=(), *,
-          lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay,
-          grad_mult=None, found_inf=None, sr_seed=0, sr_params=False, sr_exp_avg_sq=False) -> None:
+def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params=(), exp_avg_absmax=(),
+          exp_avg_sq_absmax=(), max_exp_avg_sq_absmax=(), *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
+          decoupled_weight_decay, grad_mult=None, found_inf=None, sr_seed=0, sr_params=False,
+          sr_exp_avg_sq=False) -> None:
     """One Adam (decoupled_weight_decay=False) or AdamW step, in place.
 
     Args:
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params: the
-            tensor lists of AdamTensors (any devices and dtypes; one launch per each pair).
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params,
+            exp_avg_absmax, exp_avg_sq_absmax, max_exp_avg_sq_absmax: the tensor lists of
+            AdamTensors (any devices and dtypes; one launch per each pair).
         lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay: as
             torch.optim.Adam; lr may be a one-element tensor.
         grad_mult, found_inf: see prepare().
@@ -445,7 +484,8 @@ def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_p
             copies) and of a bf16 exp_avg_sq (csrc/ops.cpp); each call gets its own seed from sr_seed.
     """
     tensors = AdamTensors(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
-                          list(max_exp_avg_sqs or ()), list(steps), list(master_params or ()))
+                          list(max_exp_avg_sqs or ()), list(steps), list(master_params or ()),
+                          list(exp_avg_absmax or ()), list(exp_avg_sq_absmax or ()), list(max_exp_avg_sq_absmax or ()))
     hyper = AdamHyper(lr if torch.is_tensor(lr) else float(lr), float(beta1), float(beta2), float(eps),
                       float(weight_decay), bool(amsgrad), bool(maximize), bool(decoupled_weight_decay), int(sr_seed),
                       bool(sr_params), bool(sr_exp_avg_sq))

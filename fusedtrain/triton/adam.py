@@ -238,10 +238,12 @@ def launch(tables, block, iters, refs, lr, lr_tensor, beta1, beta2, eps, weight_
 
 @torch.library.custom_op("fusedtrain_triton::adam_",
                          mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps",
-                                       "master_params"))
+                                       "master_params", "exp_avg_absmax", "exp_avg_sq_absmax",
+                                       "max_exp_avg_sq_absmax"))
 def adam_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
           exp_avg_sqs: list[torch.Tensor], max_exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor],
-          master_params: list[torch.Tensor], lr: float, lr_tensor: Optional[torch.Tensor], beta1: float,
+          master_params: list[torch.Tensor], exp_avg_absmax: list[torch.Tensor], exp_avg_sq_absmax: list[torch.Tensor],
+          max_exp_avg_sq_absmax: list[torch.Tensor], lr: float, lr_tensor: Optional[torch.Tensor], beta1: float,
           beta2: float, eps: float, weight_decay: float, amsgrad: bool, maximize: bool,
           decoupled_weight_decay: bool, grad_mult: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
           sr_seed: int = 0, sr_params: bool = False, sr_exp_avg_sq: bool = False) -> None:
@@ -249,7 +251,10 @@ def adam_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[
     # torch.compile could not trace
     if not params:
         return
-    _check(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, amsgrad=amsgrad)
+    _check(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, exp_avg_absmax,
+           exp_avg_sq_absmax, max_exp_avg_sq_absmax, amsgrad=amsgrad)
+    if exp_avgs[0].dtype == torch.uint8:
+        raise NotImplementedError("fusedtrain_triton::adam_: 8-bit states are not built yet")
     from fusedtrain.ops.adam import check_sr
 
     check_sr(sr_seed, sr_params, sr_exp_avg_sq, params, exp_avgs, master_params)
@@ -268,7 +273,7 @@ def _check(*lists, amsgrad):
     kernel's tables assume: a call with bad lists raises instead of reading past a tensor.
 
     Args:
-        lists: the op's seven tensor lists, in its order (AdamTensors).
+        lists: the op's ten tensor lists, in its order (AdamTensors).
         amsgrad: the op's flag.
     """
     from fusedtrain.ops.adam import AdamTensors, _check as check_lists

@@ -13,6 +13,7 @@
 #include <utility>
 #include <vector>
 
+#include "fusedtrain/adam_math.h"
 #include "fusedtrain/versions.h"
 
 #define FT_ADAM_CHECK(cond, ...) TORCH_CHECK(cond, "fusedtrain adam: ", __VA_ARGS__)
@@ -20,10 +21,13 @@
 namespace fusedtrain {
 namespace adam {
 
-// The lists as the op takes them. Returns the state dtype of the call.
+// The lists as the op takes them. Returns the state dtype of the call (uint8: 8-bit blockwise
+// states, with one fp32 absmax tensor of Q8 blocks per state in the absmax lists).
 inline at::ScalarType check_lists(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                                   at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
-                                  at::TensorList master_params, bool amsgrad) {
+                                  at::TensorList master_params, at::TensorList exp_avg_absmax,
+                                  at::TensorList exp_avg_sq_absmax, at::TensorList max_exp_avg_sq_absmax,
+                                  bool amsgrad) {
   const size_t n = params.size();
   TORCH_CHECK_VALUE(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && steps.size() == n,
                     "fusedtrain adam: params, grads, exp_avgs, exp_avg_sqs, steps differ in length (", n, ", ",
@@ -32,10 +36,26 @@ inline at::ScalarType check_lists(at::TensorList params, at::TensorList grads, a
                     "per param (", max_exp_avg_sqs.size(), " for ", n, ")");
   TORCH_CHECK_VALUE(master_params.empty() || master_params.size() == n, "fusedtrain adam: master_params: ",
                     master_params.size(), " for ", n, " params");
+  const bool q8 = n > 0 && exp_avgs[0].scalar_type() == at::kByte;
+  const size_t na = q8 ? n : 0;  // absmax lists: one per param for 8-bit states, else empty
+  TORCH_CHECK_VALUE(exp_avg_absmax.size() == na && exp_avg_sq_absmax.size() == na &&
+                        max_exp_avg_sq_absmax.size() == (amsgrad ? na : 0),
+                    "fusedtrain adam: exp_avg_absmax, exp_avg_sq_absmax, max_exp_avg_sq_absmax have lengths (",
+                    exp_avg_absmax.size(), ", ", exp_avg_sq_absmax.size(), ", ", max_exp_avg_sq_absmax.size(),
+                    "); expected ", na, " each", amsgrad ? "" : " (the last 0 without amsgrad)",
+                    q8 ? " for 8-bit states" : ": they are for 8-bit (uint8) states only");
   if (n == 0) return at::kFloat;
   const auto dev = params[0].device();
   const auto pdt = params[0].scalar_type();
   const auto sdt = exp_avgs[0].scalar_type();
+  const auto absmax = [&](const char* name, const at::Tensor& a, const at::Tensor& p, size_t i) {
+    const int64_t blocks = (p.numel() + Q8_BLOCK - 1) / Q8_BLOCK;
+    FT_ADAM_CHECK(a.layout() == at::kStrided && a.device() == dev && a.scalar_type() == at::kFloat &&
+                      a.dim() == 1 && a.size(0) == blocks && a.is_contiguous(),
+                  name, " of param ", i, " is ", a.scalar_type(), " ", a.sizes(), " on ", a.device(),
+                  "; expected a contiguous float32 [", blocks, "] on ", dev, " (one per block of ", Q8_BLOCK,
+                  " elements)");
+  };
   const auto state = [&](const char* name, const at::Tensor& s, const at::Tensor& p, size_t i, at::ScalarType dt) {
     FT_ADAM_CHECK(s.layout() == at::kStrided && s.device() == dev && s.scalar_type() == dt && s.sizes() == p.sizes(),
                   name, " of param ", i, " is ", s.scalar_type(), " ", s.sizes(), " on ", s.device(), "; expected ",
@@ -61,13 +81,19 @@ inline at::ScalarType check_lists(at::TensorList params, at::TensorList grads, a
     state("exp_avg_sq", exp_avg_sqs[i], p, i, sdt);
     if (amsgrad) state("max_exp_avg_sq", max_exp_avg_sqs[i], p, i, sdt);
     if (!master_params.empty()) state("master param", master_params[i], p, i, at::kFloat);
+    if (q8) {
+      absmax("exp_avg_absmax", exp_avg_absmax[i], p, i);
+      absmax("exp_avg_sq_absmax", exp_avg_sq_absmax[i], p, i);
+      if (amsgrad) absmax("max_exp_avg_sq_absmax", max_exp_avg_sq_absmax[i], p, i);
+    }
   }
   const bool low = pdt == at::kHalf || pdt == at::kBFloat16;
-  // bf16 states for any param dtype: the optimizers' state_format="bf16" (lean state)
-  TORCH_CHECK_TYPE(sdt == pdt || (sdt == at::kFloat && low) || sdt == at::kBFloat16, "fusedtrain adam: states must "
-                   "be in the param dtype, fp32 or bf16 (params ", pdt, ", states ", sdt, ")");
-  TORCH_CHECK_TYPE(master_params.empty() || (low && (sdt == at::kFloat || sdt == at::kBFloat16)),
-                   "fusedtrain adam: master_params are for fp16/bf16 params with fp32 or bf16 states");
+  // bf16 or 8-bit states for any param dtype: the optimizers' state_format="bf16"/"8bit" (lean state)
+  TORCH_CHECK_TYPE(sdt == pdt || (sdt == at::kFloat && low) || sdt == at::kBFloat16 || sdt == at::kByte,
+                   "fusedtrain adam: states must be in the param dtype, fp32, bf16 or uint8 (8-bit) (params ", pdt,
+                   ", states ", sdt, ")");
+  TORCH_CHECK_TYPE(master_params.empty() || (low && sdt != at::kHalf),
+                   "fusedtrain adam: master_params are for fp16/bf16 params with fp32, bf16 or 8-bit states");
   return sdt;
 }
 
@@ -107,8 +133,12 @@ class Contiguous {
 
 // After a step: the version counters of what it wrote (versions.h), the op's mutated lists.
 inline void bump_written(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                         at::TensorList max_exp_avg_sqs, at::TensorList steps, at::TensorList master_params) {
-  for (at::TensorList l : {params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params}) bump_versions(l);
+                         at::TensorList max_exp_avg_sqs, at::TensorList steps, at::TensorList master_params,
+                         at::TensorList exp_avg_absmax = {}, at::TensorList exp_avg_sq_absmax = {},
+                         at::TensorList max_exp_avg_sq_absmax = {}) {
+  for (at::TensorList l : {params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, exp_avg_absmax,
+                           exp_avg_sq_absmax, max_exp_avg_sq_absmax})
+    bump_versions(l);
 }
 
 // Stochastic rounding of the params (bf16 params without master copies) and/or of exp_avg_sq
@@ -119,10 +149,11 @@ inline void check_sr(int64_t sr_seed, bool sr_params, bool sr_exp_avg_sq, at::Te
   TORCH_CHECK_VALUE(sr_seed >= 0 && sr_seed <= 0xFFFFFFFFLL, "fusedtrain adam: sr_seed must be in [0, 2**32), got ",
                     sr_seed);
   TORCH_CHECK_VALUE(!sr_params || (params[0].scalar_type() == at::kBFloat16 && master_params.empty() &&
-                                     exp_avgs[0].scalar_type() == at::kBFloat16),
-                    "fusedtrain adam: stochastic rounding of the params is for bf16 params with bf16 states and "
-                    "without master weights, got ", params[0].scalar_type(), " params, ", exp_avgs[0].scalar_type(),
-                    " states", master_params.empty() ? "" : ", master weights");
+                                     (exp_avgs[0].scalar_type() == at::kBFloat16 ||
+                                      exp_avgs[0].scalar_type() == at::kByte)),
+                    "fusedtrain adam: stochastic rounding of the params is for bf16 params with bf16 or 8-bit states "
+                    "and without master weights, got ", params[0].scalar_type(), " params, ",
+                    exp_avgs[0].scalar_type(), " states", master_params.empty() ? "" : ", master weights");
   TORCH_CHECK_VALUE(!sr_exp_avg_sq || exp_avgs[0].scalar_type() == at::kBFloat16,
                     "fusedtrain adam: stochastic rounding of exp_avg_sq is for bf16 states, got ",
                     exp_avgs[0].scalar_type());

@@ -206,5 +206,102 @@ inline at::vec::Vectorized<float> sr_round(const at::vec::Vectorized<float>& x, 
 }
 #endif
 
+
+// ---- 8-bit blockwise states (state_format="8bit"; docs/design.md §7, "8-bit moments") ----
+// A state tensor of n elements is stored as n uint8 codes and one fp32 absmax per block of
+// Q8_BLOCK consecutive elements (the block's largest |value|; blocks start at element 0 of the
+// tensor, so they never cross tensors or FSDP shards). A code is a small float scaled so that
+// the block's absmax is the largest magnitude:
+//   exp_avg (signed): sign, 4 exponent and 3 mantissa bits with subnormals (as fp8 e4m3, but
+//     every code a number): |code| = e ? 2^(e-1) (1 + f/8) : f/8, from 1/8 to Q8_SIGNED_MAX;
+//     value = +-|code| * (absmax / Q8_SIGNED_MAX).
+//   exp_avg_sq, max_exp_avg_sq (unsigned): 5 exponent and 3 mantissa bits, no zero:
+//     code = 2^e (1 + f/8), from 1 to Q8_UNSIGNED_MAX; value = code * (absmax / Q8_UNSIGNED_MAX),
+//     0 only in a block whose absmax is 0.
+// Why these maps (bitsandbytes' "dynamic" map is a table of 256 decimal values): equal relative
+// precision (3 mantissa bits: at most 1/16 off) over 18 binades for exp_avg and 31 for
+// exp_avg_sq (whose values are squares: twice the range in log space), encoded and decoded with
+// a few integer operations instead of a search in a table; and no zero code for exp_avg_sq, so
+// that a small v never decodes to 0 under a nonzero m (the "zero-point" failure of 4-bit Adam,
+// Li et al. 2023: the update m / (sqrt(v) + eps) would explode); 2^-31 of the block's v
+// (2^-15.5 of its sqrt) decodes to at least that, which only shortens a tiny element's step.
+// Rounding is to the nearest code (ties to even mantissa). A block whose absmax is not finite
+// decodes as non-finite (NaN, or inf), as an fp32 state holding a NaN would; its codes are 0.
+constexpr int64_t Q8_BLOCK = 256;
+constexpr float Q8_SIGNED_MAX = 30720.f;          // 2^14 * 1.875
+constexpr float Q8_UNSIGNED_MAX = 4026531840.f;   // 2^31 * 1.875
+
+// The multiplier of a block's values before encoding: qmax / absmax, 0 for an absmax of 0 or NaN.
+FT_HD float q8_inv(float absmax, float qmax) {
+  return absmax > 0.f ? fminf(qmax / absmax, 3.4028234663852886e38f) : 0.f;
+}
+// The multiplier of a block's decoded magnitudes: absmax / qmax.
+FT_HD float q8_scale(float absmax, float qmax) { return absmax / qmax; }
+
+// The top 12 bits of an fp32 bit pattern rounded at its 3rd mantissa bit (to nearest even).
+FT_HD uint32_t q8_round3(uint32_t b) { return (b + 0x7FFFFu + ((b >> 20) & 1u)) >> 20; }
+
+// value's exp_avg code with inv = q8_inv(absmax, Q8_SIGNED_MAX).
+FT_HD uint32_t q8_encode_signed(float value, float inv) {
+  const float x = fabsf(value) * inv;
+  // below 1 (the codes f/8) the 3 mantissa bits of 1 + x are f
+  uint32_t mag = x < 1.f ? q8_round3(float_bits(x + 1.f)) - (127u << 3) : q8_round3(float_bits(x)) - (126u << 3);
+  mag = x != x ? 0u : (mag > 127u ? 127u : mag);
+  return mag | (value < 0.f ? 0x80u : 0u);
+}
+FT_HD float q8_decode_signed(uint32_t code, float scale) {
+  const uint32_t c = code & 0x7Fu;
+  const float m = bits_float((c << 20) + (126u << 23));  // 2^(e-1) (1 + f/8)
+  const float mag = c < 8u ? m * 2.f - 1.f : m;           // e = 0: f/8 = (1 + f/8) - 1, exact
+  return (code & 0x80u ? -mag : mag) * scale;
+}
+// value's exp_avg_sq code with inv = q8_inv(absmax, Q8_UNSIGNED_MAX) (value >= 0).
+FT_HD uint32_t q8_encode_unsigned(float value, float inv) {
+  const float x = value * inv;
+  const uint32_t c = q8_round3(float_bits(x)) - (127u << 3);
+  return x > 1.f ? (c > 255u ? 255u : c) : 0u;  // below the smallest code, and NaN: code 0
+}
+FT_HD float q8_decode_unsigned(uint32_t code, float scale) {
+  return bits_float((code << 20) + (127u << 23)) * scale;  // 2^e (1 + f/8)
+}
+
+#if defined(FT_ADAM_WITH_ATEN_VEC) && !defined(__CUDACC__)
+// The same on vectors (codes as int32 lanes).
+inline at::vec::Vectorized<int32_t> q8_round3(const at::vec::Vectorized<int32_t>& b) {
+  using IV = at::vec::Vectorized<int32_t>;
+  return sr_srl(b + IV(0x7FFFF) + (sr_srl(b, 20) & IV(1)), 20);
+}
+inline at::vec::Vectorized<int32_t> q8_encode_signed(const at::vec::Vectorized<float>& value, float inv) {
+  using FV = at::vec::Vectorized<float>;
+  using IV = at::vec::Vectorized<int32_t>;
+  const FV x = value.abs() * FV(inv);
+  const IV sub = q8_round3(at::vec::cast<int32_t>(x + FV(1.f))) - IV(127 << 3);
+  const IV norm = at::vec::minimum(q8_round3(at::vec::cast<int32_t>(x)) - IV(126 << 3), IV(127));
+  IV mag = IV::blendv(norm, sub, at::vec::cast<int32_t>(x < FV(1.f)));
+  mag = mag & ~at::vec::cast<int32_t>(x != x);
+  return mag | (at::vec::cast<int32_t>(value < FV(0.f)) & IV(0x80));
+}
+inline at::vec::Vectorized<float> q8_decode_signed(const at::vec::Vectorized<int32_t>& code, float scale) {
+  using FV = at::vec::Vectorized<float>;
+  using IV = at::vec::Vectorized<int32_t>;
+  const IV c = code & IV(0x7F);
+  const FV m = at::vec::cast<float>((c << IV(20)) + IV(126 << 23));
+  const FV mag = FV::blendv(m, m * FV(2.f) - FV(1.f), at::vec::cast<float>(c < IV(8)));
+  return (mag ^ at::vec::cast<float>((code & IV(0x80)) << IV(24))) * FV(scale);
+}
+inline at::vec::Vectorized<int32_t> q8_encode_unsigned(const at::vec::Vectorized<float>& value, float inv) {
+  using FV = at::vec::Vectorized<float>;
+  using IV = at::vec::Vectorized<int32_t>;
+  const FV x = value * FV(inv);
+  const IV c = at::vec::minimum(q8_round3(at::vec::cast<int32_t>(x)) - IV(127 << 3), IV(255));
+  return c & at::vec::cast<int32_t>(x > FV(1.f));
+}
+inline at::vec::Vectorized<float> q8_decode_unsigned(const at::vec::Vectorized<int32_t>& code, float scale) {
+  using FV = at::vec::Vectorized<float>;
+  using IV = at::vec::Vectorized<int32_t>;
+  return at::vec::cast<float>((code << IV(20)) + IV(127 << 23)) * FV(scale);
+}
+#endif
+
 }  // namespace adam
 }  // namespace fusedtrain
