@@ -249,14 +249,15 @@ class FusedAdam(torch.optim.Optimizer):
                         codes, st[ak] = _quantize(sv[k], k, p.device)
                         st[k] = codes if not _dtensor.is_dtensor(st.get(k)) else \
                             type(st[k]).from_local(codes, st[k].device_mesh, st[k].placements)
-            elif sdtype != p.dtype:  # from the saved values (a torch checkpoint's fp32 is rounded once)
-                for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-                    if k in sv:
-                        if sv[k].dtype == torch.uint8 and _ABSMAX_KEYS[k] in sv:  # an 8-bit checkpoint
-                            st[k] = _dequantize(sv[k], sv[_ABSMAX_KEYS[k]], k).to(device=p.device, dtype=sdtype)
-                        else:
-                            st[k] = sv[k].detach().to(device=p.device, dtype=sdtype, copy=True)
-                    st.pop(_ABSMAX_KEYS[k], None)
+            else:  # from the saved values (a torch checkpoint's fp32 is rounded once, an 8-bit one decoded)
+                for k, ak in _ABSMAX_KEYS.items():
+                    st.pop(ak, None)
+                    if k not in sv:
+                        continue
+                    if sv[k].dtype == torch.uint8 and ak in sv:
+                        st[k] = _dequantize(sv[k], sv[ak], k).to(device=p.device, dtype=sdtype)
+                    elif sdtype != p.dtype:
+                        st[k] = sv[k].detach().to(device=p.device, dtype=sdtype, copy=True)
             if self._uses_master(group, p):
                 if "master_param" in sv:
                     st["master_param"] = sv["master_param"].detach().to(device=p.device, dtype=torch.float32,

@@ -89,9 +89,11 @@ def _reference_op(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg
                   decoupled_weight_decay: bool, grad_mult: Optional[torch.Tensor],
                   found_inf: Optional[torch.Tensor], sr_seed: int = 0, sr_params: bool = False,
                   sr_exp_avg_sq: bool = False) -> None:
-    # a direct call: the lengths at least (the reference takes any dtype, float64 included)
-    _check_lengths(AdamTensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params,
-                               exp_avg_absmax, exp_avg_sq_absmax, max_exp_avg_sq_absmax), amsgrad)
+    # a direct call: the lengths and 8-bit scales at least (the reference takes any dtype, float64 included)
+    t = AdamTensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, exp_avg_absmax,
+                    exp_avg_sq_absmax, max_exp_avg_sq_absmax)
+    _check_lengths(t, amsgrad)
+    _check_absmax(t, amsgrad)
     check_sr(sr_seed, sr_params, sr_exp_avg_sq, params, exp_avgs, master_params)
     reference.adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params,
                     exp_avg_absmax, exp_avg_sq_absmax, max_exp_avg_sq_absmax,
@@ -128,6 +130,20 @@ def _check_lengths(t: AdamTensors, amsgrad: bool):
               f"{' for 8-bit states' if na else ': they are for 8-bit (uint8) states only'}", ValueError)
 
 
+def _check_absmax(t: AdamTensors, amsgrad: bool):
+    """The 8-bit states' absmax tensors: contiguous fp32, one per block, on the params' device."""
+    lists = [("exp_avg_absmax", t.exp_avg_absmax), ("exp_avg_sq_absmax", t.exp_avg_sq_absmax)] + \
+        ([("max_exp_avg_sq_absmax", t.max_exp_avg_sq_absmax)] if amsgrad else [])
+    for i, p in enumerate(t.params if t.exp_avg_absmax else ()):
+        blocks = reference.q8_num_blocks(p.numel())
+        for name, lst in lists:
+            a = lst[i]
+            if (a.layout != torch.strided or a.device != p.device or a.dtype != torch.float32
+                    or tuple(a.shape) != (blocks,) or not a.is_contiguous()):
+                _fail(f"{name} of param {i} is {a.dtype} {list(a.shape)} on {a.device}; expected a contiguous "
+                      f"float32 [{blocks}] on {p.device} (one per block of {reference.Q8_BLOCK} elements)")
+
+
 def check_lists(t: AdamTensors, amsgrad: bool):
     """Raise a clear error unless the lists are what fusedtrain::adam_ takes: equal lengths,
     one device and dtype, dense grads of their params' dtype and shape, states in the params'
@@ -142,8 +158,7 @@ def check_lists(t: AdamTensors, amsgrad: bool):
         states.append(("max_exp_avg_sq", t.max_exp_avg_sqs, sdtype))
     if t.master_params:
         states.append(("master param", t.master_params, torch.float32))
-    absmax = [("exp_avg_absmax", t.exp_avg_absmax), ("exp_avg_sq_absmax", t.exp_avg_sq_absmax)] + \
-        ([("max_exp_avg_sq_absmax", t.max_exp_avg_sq_absmax)] if amsgrad else [])
+    _check_absmax(t, amsgrad)
     for i, (p, g, s) in enumerate(zip(t.params, t.grads, t.steps)):
         if not (torch.is_tensor(p) and torch.is_tensor(g)):
             _fail(f"param {i} and its grad must be tensors, got {type(p).__name__} and {type(g).__name__} "
@@ -171,14 +186,6 @@ def check_lists(t: AdamTensors, amsgrad: bool):
             if x.layout != torch.strided or x.device != device or x.dtype != dt or x.shape != p.shape:
                 _fail(f"{name} of param {i} is {x.dtype} {tuple(x.shape)} on {x.device}; expected "
                       f"{dt} {tuple(p.shape)} on {device}")
-        if sdtype == torch.uint8:
-            blocks = reference.q8_num_blocks(p.numel())
-            for name, lst in absmax:
-                a = lst[i]
-                if (a.layout != torch.strided or a.device != device or a.dtype != torch.float32
-                        or tuple(a.shape) != (blocks,) or not a.is_contiguous()):
-                    _fail(f"{name} of param {i} is {a.dtype} {list(a.shape)} on {a.device}; expected a contiguous "
-                          f"float32 [{blocks}] on {device} (one per block of {reference.Q8_BLOCK} elements)")
     low = pdtype in LOW_PRECISION
     if sdtype != pdtype and not (sdtype == torch.float32 and low) and sdtype not in (torch.bfloat16, torch.uint8):
         _fail(f"states must be in the param dtype, fp32, bf16 or uint8 (8-bit) (params {pdtype}, states {sdtype})",
