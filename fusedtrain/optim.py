@@ -6,6 +6,7 @@ eagerly under torch.compile), then one fusedtrain::adam_ call per group. How the
 protocol and master weights work: docs/design.md §7.
 """
 import itertools
+import math
 import operator
 
 import torch
@@ -49,8 +50,22 @@ def _lean_dtype(group, p):
     return torch.bfloat16 if fmt == "bf16" else torch.uint8
 
 
-def _local_numel(p):
-    return _dtensor.local(p).numel()
+def _new_absmax(p):
+    """Zeros for the block absmax of an 8-bit state of p. A DTensor param (FSDP2) gets a DTensor:
+    every rank holds the blocks of its own shard, padded to the blocks of the largest shard, sharded
+    on dim 0 where p is sharded (torch.distributed.checkpoint then saves and loads each rank's);
+    _init_group hands the kernel the blocks of the local shard."""
+    if not _dtensor.is_dtensor(p):
+        return torch.zeros(reference.q8_num_blocks(p.numel()), dtype=torch.float32, device=p.device)
+    from torch.distributed.tensor import Replicate, Shard
+
+    shape, mesh = list(p.shape), p.device_mesh
+    for dim, place in enumerate(p.placements):
+        if place.is_shard():  # the first shard of a chunked dimension is the largest
+            shape[place.dim] = -(-shape[place.dim] // mesh.size(dim))
+    local = torch.zeros(reference.q8_num_blocks(math.prod(shape)), dtype=torch.float32, device=p.to_local().device)
+    places = [Shard(0) if place.is_shard() else Replicate() for place in p.placements]
+    return type(p).from_local(local, mesh, places, run_check=False)
 
 
 def _quantize(x, key, device):
@@ -246,9 +261,14 @@ class FusedAdam(torch.optim.Optimizer):
                     else:
                         if sv[k].dtype == torch.uint8:
                             raise ValueError(f"load_state_dict: the 8-bit {k!r} of a param has no {ak!r}")
-                        codes, st[ak] = _quantize(sv[k], k, p.device)
-                        st[k] = codes if not _dtensor.is_dtensor(st.get(k)) else \
-                            type(st[k]).from_local(codes, st[k].device_mesh, st[k].placements)
+                        codes, absmax = _quantize(sv[k], k, p.device)  # of the local shard
+                        if _dtensor.is_dtensor(p):
+                            st[ak] = _new_absmax(p)
+                            st[ak].to_local()[:absmax.numel()].copy_(absmax)
+                            st[k] = type(p).from_local(codes, p.device_mesh, p.placements, run_check=False,
+                                                       shape=p.shape, stride=p.stride())
+                        else:
+                            st[k], st[ak] = codes, absmax
             else:  # from the saved values (a torch checkpoint's fp32 is rounded once, an 8-bit one decoded)
                 for k, ak in _ABSMAX_KEYS.items():
                     st.pop(ak, None)
@@ -288,8 +308,7 @@ class FusedAdam(torch.optim.Optimizer):
         for k in keys:
             state[k] = torch.zeros_like(p, dtype=sdtype, memory_format=fmt)
             if sdtype == torch.uint8:
-                state[_ABSMAX_KEYS[k]] = torch.zeros(reference.q8_num_blocks(_local_numel(p)), dtype=torch.float32,
-                                                     device=_dtensor.local(p).device)
+                state[_ABSMAX_KEYS[k]] = _new_absmax(p)
         if master:
             state["master_param"] = p.detach().float().clone(memory_format=torch.preserve_format)
 
@@ -336,6 +355,9 @@ class FusedAdam(torch.optim.Optimizer):
         if _dtensor.any_dtensor(ps):
             for lst in (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params):
                 lst[:] = map(_dtensor.local, lst)
+            for lst in (exp_avg_absmax, exp_avg_sq_absmax, max_exp_avg_sq_absmax):  # the local shard's blocks
+                lst[:] = [a if a is None else _dtensor.local(a)[:reference.q8_num_blocks(p.numel())]
+                          for a, p in zip(lst, params)]
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -242,7 +242,8 @@ def test_formats_per_param_group_and_state_bytes(backend_device):
     emb = torch.nn.Parameter(torch.randn(128, 64, device=device))
     w = torch.nn.Parameter(torch.randn(256, 64, device=device))
     small = torch.nn.Parameter(torch.randn(10, device=device))
-    opt = FusedAdamW([{"params": [emb], "state_format": "fp32"}, {"params": [w, small]}], state_format="8bit")
+    # a small param first: a group whose first call is not the 8-bit one
+    opt = FusedAdamW([{"params": [emb], "state_format": "fp32"}, {"params": [small, w]}], state_format="8bit")
     for t in (emb, w, small):
         t.grad = torch.randn_like(t)
     opt.step()

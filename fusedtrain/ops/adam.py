@@ -113,7 +113,9 @@ def _fail(msg, exc=RuntimeError):
     raise exc(f"fusedtrain adam: {msg}")
 
 
-def _check_lengths(t: AdamTensors, amsgrad: bool):
+def _check_lengths(t: AdamTensors, amsgrad: bool, one_call: bool = True):
+    """The lists' lengths; one_call=False: a list of several calls' tensors (a param group's,
+    before prepare() cuts it), whose absmax lists may hold None for the params without 8-bit states."""
     n = len(t.params)
     if not (len(t.grads) == len(t.exp_avgs) == len(t.exp_avg_sqs) == len(t.steps) == n):
         _fail(f"params, grads, exp_avgs, exp_avg_sqs, steps differ in length "
@@ -122,7 +124,10 @@ def _check_lengths(t: AdamTensors, amsgrad: bool):
         _fail(f"amsgrad needs one max_exp_avg_sq per param ({len(t.max_exp_avg_sqs)} for {n})", ValueError)
     if t.master_params and len(t.master_params) != n:
         _fail(f"master_params: {len(t.master_params)} for {n} params", ValueError)
-    na = n if n and t.exp_avgs[0].dtype == torch.uint8 else 0
+    if one_call:
+        na = n if n and t.exp_avgs[0].dtype == torch.uint8 else 0
+    else:
+        na = n if t.exp_avg_absmax else 0
     lens = (len(t.exp_avg_absmax), len(t.exp_avg_sq_absmax), len(t.max_exp_avg_sq_absmax))
     if lens != (na, na, na if amsgrad else 0):
         _fail(f"exp_avg_absmax, exp_avg_sq_absmax, max_exp_avg_sq_absmax have lengths {lens}; expected {na} each"
@@ -313,7 +318,7 @@ def prepare(tensors: AdamTensors, hyper: AdamHyper, grad_mult=None, found_inf=No
     _check_hyper(hyper)
     if not hyper.amsgrad:
         tensors = tensors._replace(max_exp_avg_sqs=[], max_exp_avg_sq_absmax=[])
-    _check_lengths(tensors, hyper.amsgrad)
+    _check_lengths(tensors, hyper.amsgrad, one_call=False)
     calls = []
     for t in _split(tensors, device_dtype_buckets(tensors.params, tensors.exp_avgs)):
         if t.master_params and t.master_params[0] is None:  # params of this dtype keep no fp32 copy
