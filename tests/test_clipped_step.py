@@ -242,6 +242,51 @@ def test_cuda_graph_capture_of_the_whole_step():
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt", ["bf16", "8bit"])
+def test_cuda_graph_capture_with_lean_states_matches_eager(fmt):
+    """The one-read clipped step with lean states captured in a CUDA graph: three replays give
+    the bits of three eager steps of a twin (8192-element weight: lean states)."""
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 8)).cuda()
+        opt = fusedtrain.FusedAdamW(model.parameters(), lr=1e-3, capturable=True, state_format=fmt, amsgrad=True)
+        return model, opt, fusedtrain.GradScaler("cuda", init_scale=2.0 ** 10)
+
+    x = torch.randn(64, 64, device="cuda")
+
+    def step(model, opt, scaler):
+        opt.zero_grad(set_to_none=False)  # captured too: every replay starts from zero grads
+        loss = model(x).square().mean()
+        scaler.scale(loss).backward()
+        scaler.step(opt, max_norm=1.0)
+        scaler.update()
+
+    models = [make(), make()]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for m in models:
+            for _ in range(3):
+                step(*m)
+    torch.cuda.current_stream().wait_stream(s)
+    model, opt, scaler = models[0]
+    assert opt.state[model[0].weight]["exp_avg"].dtype == (torch.uint8 if fmt == "8bit" else torch.bfloat16)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(model, opt, scaler)
+    twin, topt, tscaler = models[1]
+    for _ in range(3):
+        graph.replay()
+        step(twin, topt, tscaler)
+    torch.cuda.synchronize()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+    for k, v in opt.state[model[0].weight].items():
+        assert torch.equal(v, topt.state[twin[0].weight][k]), k
+
+
 def test_scaler_clip_grad_norm_as_clipping_turns_on_and_off(backend_device):
     """GradScaler.clip_grad_norm_ plans its passes from the previous call (on CPU: unscale in
     the norm pass while clipping is off); every on/off sequence must give torch's gradients."""
