@@ -131,11 +131,19 @@ def _host_rows(device, warmup, reps, rounds):
                         unplanned_ms, "FusedAdamW", planned_ms)]
 
 
+def _tensor_bytes(t):
+    if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):  # a subclass (torchao's 8-bit state)
+        names, _ = t.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(t, name)) for name in names)
+    return t.numel() * t.element_size()
+
+
 def state_bytes_per_param(opt, ps):
-    """Bytes of optimizer state (moments) per parameter, measured from the state tensors."""
-    keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    """Bytes of optimizer state per parameter (moments and their scales; not the step, not
+    master weights), measured from the state tensors."""
     n = sum(p.numel() for p in ps)
-    return sum(v.numel() * v.element_size() for p in ps for k, v in opt.state[p].items() if k in keys) / n
+    return sum(_tensor_bytes(v) for p in ps for k, v in opt.state[p].items()
+               if torch.is_tensor(v) and k not in ("step", "master_param") and v.numel() > 1) / n
 
 
 def _lean_rows(case, shapes, device, warmup, reps, rounds):
@@ -155,6 +163,42 @@ def _lean_rows(case, shapes, device, warmup, reps, rounds):
                                 base_ms, f"FusedAdamW state_format={fmt}", ours_ms, nbytes * n,
                                 note=f"moments {state_bytes_per_param(opt, ps):.2f} B/param "
                                      f"(torch: {state_bytes_per_param(base, ps):.2f})"))
+    return rows
+
+
+def _8bit_peers():
+    """The 8-bit AdamW of bitsandbytes and torchao (optional extras: `pip install
+    fusedtrain[bench-peers]`), those installed."""
+    peers = []
+    try:
+        import bitsandbytes as bnb
+        peers.append(("bitsandbytes AdamW8bit", lambda ps: bnb.optim.AdamW8bit(ps, **HYPER)))
+    except Exception:  # noqa: BLE001 - absent, or no backend for this machine
+        pass
+    try:
+        from torchao.optim import AdamW8bit
+        peers.append(("torchao AdamW8bit", lambda ps: AdamW8bit(ps, **HYPER)))
+    except Exception:  # noqa: BLE001
+        pass
+    return peers
+
+
+def _8bit_peer_rows(case, shapes, device, quick):
+    """state_format="8bit" against the 8-bit AdamW of bitsandbytes and torchao (one launch, or
+    one compiled graph, per param; on CPU their slow paths): a few steps each."""
+    rows = []
+    n = sum(torch.Size(s).numel() for s in shapes)
+    for name, make in _8bit_peers():
+        ps = _params(shapes, device, torch.float32, seed=2)
+        base = make(ps)
+        ours = fusedtrain.FusedAdamW(ps, state_format="8bit", **HYPER)
+        base.step()
+        ours.step()
+        ours_ms, base_ms = _paired(ours.step, base.step, device, 1, 2 if quick else 3, 1 if quick else 2)
+        rows.append(harness.Row("adam", f"AdamW step {case}, 8bit moments", "float32", name, base_ms,
+                                "FusedAdamW state_format=8bit", ours_ms, int((16 + 4 * 2 * 2 / 256) * n),
+                                note=f"moments {state_bytes_per_param(ours, ps):.2f} B/param "
+                                     f"({name.split()[0]}: {state_bytes_per_param(base, ps):.2f})"))
     return rows
 
 
@@ -204,6 +248,7 @@ def run(device: str, quick: bool) -> list:
                     rows.append(row("memory floor (no math)", floor_ms, ours_ms))
             if dtype == torch.float32:
                 rows += _lean_rows(case, shapes, device, warmup, reps, rounds)
+                rows += _8bit_peer_rows(case, shapes, device, quick)
             if cpu and dtype == torch.float32:
                 r = _deepspeed_row(case, shapes, quick)
                 if r is not None:
