@@ -1,5 +1,6 @@
 """Training quality of the lean optimizer states: the same seeded runs with fp32 AdamW moments,
-bf16 moments (state_format="bf16"), bf16 params rounded to nearest and stochastically
+bf16 moments (state_format="bf16"), 8-bit moments (state_format="8bit"), bf16 params rounded
+to nearest and stochastically
 (stochastic_rounding=True), and bf16 params with fp32 master weights, on two models:
 
 - "demo": the multi-label MLP of `fusedtrain demo` (BCE with pos_weight, its data);
@@ -8,7 +9,7 @@ bf16 moments (state_format="bf16"), bf16 params rounded to nearest and stochasti
 
 Each run has the same data order and initial weights; the reported loss is the mean training
 loss of the last 10% of steps. Targets (#14): within 1% of fp32 AdamW for bf16 moments, within
-2% for stochastic rounding. Writes quality.json and quality.png (the loss curves).
+2% for 8-bit moments and for stochastic rounding. Writes quality.json and quality.png (the loss curves).
 
     python -m fusedtrain.benchmarks.adam_quality [--quick] [--out DIR]
 """
@@ -27,11 +28,12 @@ from fusedtrain import _plot
 FORMATS = {
     "fp32 AdamW": (torch.float32, {}),
     "bf16 moments": (torch.float32, {"state_format": "bf16"}),
+    "8-bit moments": (torch.float32, {"state_format": "8bit"}),
     "bf16 params, nearest": (torch.bfloat16, {}),
     "bf16 params, stochastic rounding": (torch.bfloat16, {"stochastic_rounding": True, "sr_seed": 0}),
     "bf16 params, fp32 master weights": (torch.bfloat16, {"master_weights": True}),
 }
-TARGETS = {"bf16 moments": 0.01, "bf16 params, stochastic rounding": 0.02}
+TARGETS = {"bf16 moments": 0.01, "8-bit moments": 0.02, "bf16 params, stochastic rounding": 0.02}
 
 
 class CharLM(nn.Module):
