@@ -6,6 +6,7 @@ The scaler hands the scale to fusedtrain's optimizers instead of unscaling the g
 and never syncs the host; how each method works: docs/design.md §7.
 """
 import functools
+import operator
 from collections import defaultdict
 
 import torch
@@ -15,6 +16,28 @@ from fusedtrain import _dtensor, _tables
 from fusedtrain.ops.unscale import combine_norm, unscale_sumsq_
 
 __all__ = ["GradScaler", "OptState", "clipped_step_"]
+
+
+# per-tensor attribute reads as C-level maps in eager mode: the host's share of a step at a
+# thousand params (fusedtrain/benchmarks/amp.py, the "host:" rows). Dynamo cannot call an
+# attrgetter: while torch.compile traces, the same reads are spelled as comprehensions.
+_GRAD = operator.attrgetter("grad")
+_IS_SPARSE = operator.attrgetter("is_sparse")
+_DTYPE = operator.attrgetter("dtype")
+_DEVICE = operator.attrgetter("device")
+
+
+def _grads_of(optimizer):
+    """The grads of the optimizer's params that have one, in parameter order."""
+    if torch.compiler.is_compiling():
+        return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    return [g for group in optimizer.param_groups for g in map(_GRAD, group["params"]) if g is not None]
+
+
+def _any_sparse(grads):
+    if torch.compiler.is_compiling():
+        return any(g.is_sparse for g in grads)
+    return any(map(_IS_SPARSE, grads))
 
 
 def _has_step_scaled(optimizer):
@@ -48,11 +71,13 @@ def clipped_step_(optimizer, max_norm, *, inv_scale=None, found_inf=None):
     if not _has_step_scaled(optimizer):
         raise TypeError(f"clipped_step_: optimizer must be a fusedtrain FusedAdam/FusedAdamW (an optimizer with "
                         f"_step_supports_grad_mult), got {type(optimizer).__name__}")
-    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    if any(g.is_sparse for g in grads):
+    grads = _grads_of(optimizer)
+    if _any_sparse(grads):
         raise RuntimeError("clipped_step_: sparse gradients are not supported (FusedAdam does not support them)")
-    sharded = [g for g in grads if _dtensor.is_dtensor(g)]
-    grads = [_dtensor.local(g) for g in grads]
+    sharded = []
+    if _dtensor.any_dtensor(grads):  # one look at the grads' types, not a call per grad
+        sharded = [g for g in grads if _dtensor.is_dtensor(g)]
+        grads = [_dtensor.local(g) for g in grads]
     if found_inf is None:
         device = inv_scale.device if inv_scale is not None else (grads[0].device if grads else torch.device("cpu"))
         found_inf = torch.zeros((), dtype=torch.float32, device=device)
@@ -104,6 +129,16 @@ class GradScaler(torch.amp.GradScaler):
         """({device: [grad tensors to process]} in parameter order, [DTensor grads]). Sparse
         grads: their values, fp16 sparse grads coalesced first, exactly as torch does; DTensor
         grads (FSDP2): their local shards."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if not torch.compiler.is_compiling() and all(issubclass(t, torch.Tensor) for t in set(map(type, params))):
+            # the common case without a Python step per grad: dense local grads on one device
+            grads = [g for g in map(_GRAD, params) if g is not None]
+            if not any(map(_IS_SPARSE, grads)) and not _dtensor.any_dtensor(grads):
+                if not allow_fp16 and torch.float16 in set(map(_DTYPE, grads)):
+                    raise ValueError("Attempting to unscale FP16 gradients.")
+                devices = set(map(_DEVICE, grads))
+                if len(devices) == 1:
+                    return {devices.pop(): grads}, []
         per_device = defaultdict(list)
         sharded = []
         with torch.no_grad():

@@ -10,12 +10,23 @@ Rows (same inputs, same process, median after warm-up):
   + update) vs fusedtrain's one-read step (GradScaler.step(FusedAdamW, max_norm=...) +
   update): one read of the gradients, then the fused AdamW kernel.
 on the 22M mix (4096x4096, 4096x1024, 1024x1024, 40x4096) and on 1000 tensors of 4096.
+* host: the host's share of the Triton path at 1000 params of 4 elements, with every Triton
+  kernel launch replaced by a no-op (what is left is Python and torch dispatch: issue #13
+  item 6): the one-read step (GradScaler.step(FusedAdamW, max_norm) + update), the step
+  without clipping (GradScaler.step(FusedAdamW) + update) and the functional
+  fusedtrain.unscale_and_check_, each against torch's composition of the same step (its
+  kernels run: at 4 elements a call is its dispatch). Where the Triton backend runs: CUDA, or
+  CPU tensors under TRITON_INTERPRET=1 (the interpreter's own tile choice is switched off,
+  so the host path is the GPU's less its pinned uploads).
 
 The scale is 1 and max_norm large, so the gradients keep their values from call to call
 (torch still multiplies by the clamped coefficient, and so do we).
 
     python -m fusedtrain.benchmarks.amp [--quick] [--device cpu|cuda] [--json out.json]
+    TRITON_INTERPRET=1 python -m fusedtrain.benchmarks.amp --host --device cpu   # host rows only
 """
+import contextlib
+import sys
 from collections import defaultdict
 
 import torch
@@ -130,7 +141,7 @@ def run(device, quick):
                             bytes_moved=words * numel * 4,
                             note=f"ours: {words} fp32 words per element; torch: 3 reads + 2 writes"))
         rows += _whole_step_rows(case, shapes, numel, device, reps, rounds)
-    return rows
+    return rows + host_run(device, quick)
 
 
 def _whole_step_rows(case, shapes, numel, device, reps, rounds):
@@ -176,5 +187,98 @@ def _whole_step_rows(case, shapes, numel, device, reps, rounds):
     return rows
 
 
+@contextlib.contextmanager
+def _no_triton_launches():
+    """Every Triton kernel of the AMP step (unscale, Adam) launches nothing inside the block:
+    their host work (argument checks, tables, launch arguments) still runs. Under the
+    interpreter, multi_tensor.tile takes the GPU's tile (no scan of the tensors' sizes)."""
+    from fusedtrain.triton import adam as triton_adam
+    from fusedtrain.triton import multi_tensor
+    from fusedtrain.triton import unscale as triton_unscale
+
+    kernels = [triton_unscale.unscale_kernel, triton_adam._adam_kernel]
+    saved = [k.__dict__.get("run") for k in kernels]
+    interpret = multi_tensor._INTERPRET
+    try:
+        for k in kernels:
+            k.run = lambda *args, **kwargs: None  # what kernel[grid](...) calls
+        multi_tensor._INTERPRET = False
+        yield
+    finally:
+        multi_tensor._INTERPRET = interpret
+        for k, r in zip(kernels, saved):
+            if r is None:
+                del k.run
+            else:
+                k.run = r
+
+
+def _host_rows(device, quick):
+    """The host rows (module docstring): 1000 fp32 params of 4 elements."""
+    dev = torch.device(device)
+    reps, rounds = (20, 2) if quick else (50, 5)
+    shapes = [(4,)] * 1000
+    ps, tps = _params(shapes, torch.float32, device), _params(shapes, torch.float32, device)
+    one = torch.ones((), device=dev)
+    max_norm = 1e30
+    topt = torch.optim.AdamW(tps, lr=1e-6, fused=True)
+    oopt = fusedtrain.FusedAdamW(ps, lr=1e-6)
+    tscaler = torch.amp.GradScaler(dev.type, init_scale=1.0, growth_interval=10**9)
+    oscaler = fusedtrain.GradScaler(dev.type, init_scale=1.0, growth_interval=10**9)
+
+    def torch_step(clip):
+        tscaler.scale(one)
+        tscaler.unscale_(topt)
+        if clip:
+            torch.nn.utils.clip_grad_norm_(tps, max_norm, foreach=True)
+        tscaler.step(topt)
+        tscaler.update()
+
+    def ours_step(clip):
+        oscaler.scale(one)
+        oscaler.step(oopt, max_norm=max_norm if clip else None)
+        oscaler.update()
+
+    grads, tgrads = [p.grad for p in ps], [p.grad for p in tps]
+    inv = torch.ones((), device=dev)
+    found = torch.zeros((), device=dev)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny host ops: one thread (a busy host's spinning OpenMP team adds ms of noise)
+    try:
+        rows = _host_pairs(device, reps, rounds, torch_step, ours_step, tgrads, grads, inv, found)
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def _host_pairs(device, reps, rounds, torch_step, ours_step, tgrads, grads, inv, found):
+    rows = []
+    with fusedtrain.use_backend("triton"), _no_triton_launches():
+        for clip, what in ((True, "one-read step (GradScaler.step max_norm + update)"),
+                           (False, "GradScaler.step + update")):
+            base, ours = _best_of([lambda: torch_step(clip), lambda: ours_step(clip)], device, reps, rounds)
+            rows.append(Row("amp", f"host: {what}, 1000 params of 4", "float32",
+                            "torch GradScaler + AdamW(fused)" + (" + clip(foreach)" if clip else ""), base,
+                            "triton (no-op launches)", ours))
+        base, ours = _best_of([lambda: torch._amp_foreach_non_finite_check_and_unscale_(tgrads, found, inv),
+                               lambda: fusedtrain.unscale_and_check_(grads, inv, found)], device, reps, rounds)
+        rows.append(Row("amp", "host: unscale_and_check_, 1000 tensors of 4", "float32",
+                        "_amp_foreach_non_finite_check_and_unscale_", base, "triton (no-op launch)", ours))
+    return rows
+
+
+def host_run(device, quick):
+    """The host rows alone (empty where the Triton backend does not run on `device`)."""
+    if not _backend.availability("triton", torch.device(device))[0]:
+        print(f"host rows: the triton backend does not run on {device} here "
+              f"({_backend.availability('triton', torch.device(device))[1]})", file=sys.stderr)
+        return []
+    return _host_rows(device, quick)
+
+
 if __name__ == "__main__":
-    harness.main(run)
+    if "--host" in sys.argv:
+        sys.argv.remove("--host")
+        harness.main(host_run)
+    else:
+        harness.main(run)

@@ -258,7 +258,8 @@ def _bce_fwd_kernel(x_ptr, y_ptr, w_ptr, pw_ptr, loss_ptr, grad_ptr, part_ptr,
         store_rounded(loss_ptr + offs, loss, mask)
 
 
-@triton.jit(do_not_specialize=["divisor"])  # N of a mean: one compiled variant for every N
+# N of a mean and P (programs of the forward, from N): one compiled variant for every size
+@triton.jit(do_not_specialize=["P", "divisor"])
 def _bce_sum_kernel(part_ptr, out_ptr, P, divisor, SUM_BLOCK: tl.constexpr):
     # one program: partials summed in a fixed order (lane i takes i, i + SUM_BLOCK, ...; then a tree)
     acc = tl.zeros((SUM_BLOCK,), dtype=part_ptr.dtype.element_ty)
@@ -431,19 +432,24 @@ def bce_with_logits_backward(grad_output: torch.Tensor, input: torch.Tensor, tar
 def _specs():
     """The launches of bce_with_logits and its backward (tests/test_aot_specs.py captures the
     common ones): for each dtype the plain loss (no weights) and the weighted one, flat, reduced
-    and not; broadcast weights and pos_weight of shape (C,) in (R, C) tiles; the generic kinds;
-    the sum. All with N and C multiples of 16 and aligned tensors (the vectorized variant), the
+    and not; broadcast weights and pos_weight of shape (C,) in (R, C) tiles; the generic kinds
+    (focal, ASL, BCE with label smoothing) with and without a weight and an ignore_index; the
+    sum. All with N and C multiples of 16 and aligned tensors (the vectorized variant), the
     plain fp32 ones also for odd sizes and offset views."""
     specs = []
     ints = {n: "i32" for n in ("N", "C", "ws0", "ws1", "pws0", "pws1")}
     floats = {f"{n}_{part}": "fp32" for n in ("keep", "heps", "ign", "a", "b", "c") for part in ("hi", "lo")}
     plain = {"KIND": 0, "GENERIC": False, "HAS_IGNORE": False}
 
+    # N >= 2^31 (WIDE): Triton passes N, C (= N, flat) and a mean's divisor (= N) as i64
+    wide_ints = {"N": "i64", "C": "i64", "divisor": "i64"}
+
     def fwd(dt, label, aligned=True, **ce):
         return AotSpec(
             _bce_fwd_kernel,
             {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "w_ptr": "*fp32", "pw_ptr": "*fp32", "loss_ptr": "*fp32",
-             "grad_ptr": f"*{dt}", "part_ptr": "*fp32", **ints, "divisor": "i32", **floats},
+             "grad_ptr": f"*{dt}", "part_ptr": "*fp32", **ints, "divisor": "i32", **floats,
+             **(wide_ints if ce.get("WIDE") else {})},
             {"GRAD": False, "ACC": tl.float32, "BLOCK": BLOCK, **ce}, name=f"_bce_fwd_kernel[{dt},{label}]",
             options={"num_warps": NUM_WARPS}, aligned=aligned, divisible=("N", "C") if aligned else ())
 
@@ -451,7 +457,8 @@ def _specs():
         return AotSpec(
             _bce_bwd_kernel,
             {"go_ptr": "*fp32", "x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "w_ptr": "*fp32", "pw_ptr": "*fp32",
-             "gi_ptr": f"*{dt}", "gt_ptr": f"*{dt}", **ints, "divisor": "i32", **floats},
+             "gi_ptr": f"*{dt}", "gt_ptr": f"*{dt}", **ints, "divisor": "i32", **floats,
+             **(wide_ints if ce.get("WIDE") else {})},
             {"ACC": tl.float32, "BLOCK": BLOCK, **ce}, name=f"_bce_bwd_kernel[{dt},{label}]",
             options={"num_warps": NUM_WARPS}, aligned=aligned, divisible=("N", "C") if aligned else ())
 
@@ -472,6 +479,9 @@ def _specs():
             wide = dict(HAS_W=False, HAS_PW=False, FLAT=True, WIDE=True, BLOCK_C=1, **plain)
             specs.append(fwd(dt, "plain,reduce,flat,wide", REDUCE=True, **wide))
             specs.append(bwd(dt, "plain,reduce,flat,wide", PER_ELEM=False, GI=True, GT=False, **wide))
+            specs.append(AotSpec(_bce_sum_kernel, {"part_ptr": "*fp32", "out_ptr": "*fp32", "P": "i32",
+                                                   "divisor": "i64"}, {"SUM_BLOCK": SUM_BLOCK},
+                                 name="_bce_sum_kernel[fp32,wide]", options={"num_warps": NUM_WARPS}))
         weighted = dict(HAS_W=True, HAS_PW=True, **plain)
         specs.append(bwd(dt, "weighted,reduce,flat,target grad", PER_ELEM=False, GI=True, GT=True, **flat,
                          **weighted))
@@ -485,10 +495,20 @@ def _specs():
             pw = dict(HAS_W=False, HAS_PW=True, **rc, **plain)
             specs.append(fwd(dt, f"pos_weight,reduce,rc{block_c}", REDUCE=True, **pw))
             specs.append(bwd(dt, f"pos_weight,reduce,rc{block_c}", PER_ELEM=False, GI=True, GT=False, **pw))
-        for kind, name in ((0, "bce+smoothing+ignore"), (1, "focal"), (2, "asl")):
-            gen = dict(HAS_W=True, HAS_PW=kind == 0, **flat, KIND=kind, GENERIC=True, HAS_IGNORE=True)
-            specs.append(fwd(dt, name, REDUCE=True, **gen))
-            specs.append(bwd(dt, name, PER_ELEM=False, GI=True, GT=False, **gen))
+        # the generic kinds: focal loss and ASL with their defaults (no weight, no ignore_index),
+        # BCE with label smoothing, each with a full-shape weight, an ignore_index or both,
+        # reduced (a mean over the known elements is a sum) and not
+        for kind, name in ((0, "bce+smoothing"), (1, "focal"), (2, "asl")):
+            for has_w, has_ignore in ((False, False), (True, False), (False, True), (True, True)):
+                for reduce_ in (True, False):
+                    label = (f"{name}{'+weight' if has_w else ''}{'+ignore' if has_ignore else ''},"
+                             f"{'reduce' if reduce_ else 'none'}")
+                    gen = dict(HAS_W=has_w, HAS_PW=False, **flat, KIND=kind, GENERIC=True, HAS_IGNORE=has_ignore)
+                    specs.append(fwd(dt, label, REDUCE=reduce_, **gen))
+                    specs.append(bwd(dt, label, PER_ELEM=not reduce_, GI=True, GT=False, **gen))
+        gen = dict(HAS_W=True, HAS_PW=True, **flat, KIND=0, GENERIC=True, HAS_IGNORE=True)
+        specs.append(fwd(dt, "bce+pos_weight+weight+ignore,reduce", REDUCE=True, **gen))
+        specs.append(bwd(dt, "bce+pos_weight+weight+ignore,reduce", PER_ELEM=False, GI=True, GT=False, **gen))
         specs.append(AotSpec(_bce_sum_kernel, {"part_ptr": "*fp32", "out_ptr": f"*{dt}", "P": "i32",
                                                "divisor": "i32"}, {"SUM_BLOCK": SUM_BLOCK},
                              options={"num_warps": NUM_WARPS}))

@@ -21,7 +21,9 @@ BM, BN, BK = 64, 64, 32
 NUM_WARPS = 8  # 4 warps hold 32 accumulators per thread beside the epilogue's terms: spills
 
 
-@triton.jit
+# R: a chunk's rows, the batch size (which varies: an epoch's last batch, evaluation): one
+# compiled variant for all (Triton would compile another for R = 1 and for multiples of 16)
+@triton.jit(do_not_specialize=["R"])
 def _linear_bce_kernel(h_ptr, w_ptr, b_ptr, y_ptr, pw_ptr, lw_ptr, u_ptr, g_ptr, part_ptr,
                        R, C, K, s_h, s_w, s_y, s_u,
                        HAS_B: tl.constexpr, HAS_PW: tl.constexpr, HAS_LW: tl.constexpr, HAS_U: tl.constexpr,
@@ -105,16 +107,23 @@ def linear_bce_chunk(h, w, bias, target, pos_weight, label_weight, unknown, writ
     return partials.sum(dtype=torch.float64), grad
 
 
-def _spec(dt, y_dt, grad):
+def _spec(dt, y_dt, grad, options=True):
+    """A launch of linear_bce_chunk: h and W in dt, targets in y_dt, with the gradient (training)
+    or without (evaluation); options: pos_weight, label_weight and an unknown mask all given,
+    else none of them (tests/test_aot_specs.py captures both). Always with a bias (the
+    module's default), and with the sizes a launch has as multiples of 16 (labels of a chunk,
+    features, row strides) divisible; R is not specialized (do_not_specialize)."""
     sig = {"h_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": "*fp32", "y_ptr": f"*{y_dt}", "pw_ptr": "*fp32",
            "lw_ptr": "*fp32", "u_ptr": "*u8", "g_ptr": f"*{dt}", "part_ptr": "*fp32",
            "R": "i32", "C": "i32", "K": "i32", "s_h": "i32", "s_w": "i32", "s_y": "i32", "s_u": "i32"}
     return AotSpec(_linear_bce_kernel, sig,
-                   dict(HAS_B=True, HAS_PW=True, HAS_LW=True, HAS_U=True, GRAD=grad, IEEE=dt == "fp32", UPCAST=False,
-                        BM=BM, BN=BN, BK=BK),
-                   name=f"_linear_bce_kernel[{dt},y={y_dt},grad={grad}]", options={"num_warps": NUM_WARPS},
-                   divisible=("K", "s_h", "s_w", "s_y", "s_u"))
+                   dict(HAS_B=True, HAS_PW=options, HAS_LW=options, HAS_U=options, GRAD=grad, IEEE=dt == "fp32",
+                        UPCAST=False, BM=BM, BN=BN, BK=BK),
+                   name=f"_linear_bce_kernel[{dt},y={y_dt},grad={grad}{'' if options else ',plain'}]",
+                   options={"num_warps": NUM_WARPS}, divisible=("C", "K", "s_h", "s_w", "s_y", "s_u"))
 
 
 AOT_SPECS = [_spec("bf16", "bf16", True), _spec("fp16", "fp32", True), _spec("fp32", "fp32", True),
-             _spec("bf16", "fp32", False)]
+             _spec("bf16", "fp32", False), _spec("fp16", "fp16", False), _spec("fp32", "fp32", False)]
+AOT_SPECS += [_spec(dt, y_dt, grad, options=False)
+              for dt, y_dt in (("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "fp32")) for grad in (True, False)]

@@ -34,6 +34,15 @@ def tile(max_numel, block, iters):
     return min(1 << 16, max(16, triton.next_power_of_2(max(int(max_numel), 1)))), 1
 
 
+def tile_of(tensors, block, iters):
+    """tile() of a launch over `tensors`, whose sizes are read only under the interpreter: on a
+    GPU the tile is the kernel's, and a scan of a thousand sizes per call would be host work
+    for nothing."""
+    if not _INTERPRET:
+        return block, iters
+    return tile(max(t.numel() for t in tensors), block, iters)
+
+
 def _capturing(device):
     """Whether the current stream of `device` (not of the current device) is capturing."""
     with torch.cuda.device(device):

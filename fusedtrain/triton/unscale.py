@@ -26,7 +26,9 @@ RBLOCK = 1024
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
-@triton.jit
+# n_tiles: one compiled variant for any number of tiles (Triton would compile another for 1 and
+# for multiples of 16; a second, unaligned launch often has one tile)
+@triton.jit(do_not_specialize=["n_tiles"])
 def unscale_kernel(rows, tile_t, tile_off, n_tiles, inv_scale_ptr, found_inf_ptr, partial_ptr, out_ptr, ticket_ptr,
                    DTYPE: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, RBLOCK: tl.constexpr,
                    WRITE: tl.constexpr, NORM: tl.constexpr, ALIGNED: tl.constexpr):
@@ -90,7 +92,7 @@ def unscale_and_check_(tensors: list[torch.Tensor], inv_scale: torch.Tensor, fou
         torch.empty((0,), dtype=torch.float32, device=dev)
     if not tensors:
         return empty
-    block, iters = multi_tensor.tile(max(t.numel() for t in tensors), BLOCK, ITERS)
+    block, iters = multi_tensor.tile_of(tensors, BLOCK, ITERS)
     total = None
     # one launch, or two where some tensors start off a 16-byte boundary (multi_tensor.tables)
     for rows, tile_t, tile_off, aligned in multi_tensor.tables([tensors], block * iters, empty_tiles=False):
