@@ -206,7 +206,7 @@ def _train(opt_factory, steps, device, dtype=torch.float32, seed=0):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     return losses, (w, b), opt
 
 
