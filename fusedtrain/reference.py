@@ -347,7 +347,7 @@ def q8_encode(x, signed: bool):
     inv = torch.where(absmax > 0, torch.clamp(qmax / absmax, max=_FLT_MAX), 0.0).unsqueeze(1)
     if signed:
         xs = blocks.abs() * inv
-        sub = _q8_round3(_f32_bits(xs + 1.0)) - (127 << 3)
+        sub = _f32_bits(xs * 8.0 + 12582912.0) - 0x4B400000  # 8x rounded to an integer (adam_math.h q8_round8x)
         norm = torch.clamp(_q8_round3(_f32_bits(xs)) - (126 << 3), max=127)
         mag = torch.where(xs != xs, 0, torch.where(xs < 1.0, sub, norm))
         code = mag | torch.where(blocks < 0, 0x80, 0)

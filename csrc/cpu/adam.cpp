@@ -166,8 +166,8 @@ void run_range_q8(const TensorJob& j, int64_t lo, int64_t hi) {
       IV c0, c1;
       if constexpr (MASTER) load2(w + i, p0, p1); else load2(p + i, p0, p1);
       load2(g + i, g0, g1);
-      vec_io::load_codes(m + i, c0, c1);
-      fVec m0 = adam::q8_decode_signed(c0, sm), m1 = adam::q8_decode_signed(c1, sm);
+      fVec m0, m1;
+      vec_io::load_signed_codes(m + i, sm, m0, m1);
       vec_io::load_codes(v + i, c0, c1);
       fVec v0 = adam::q8_decode_unsigned(c0, sv), v1 = adam::q8_decode_unsigned(c1, sv);
       if constexpr (AMS) {

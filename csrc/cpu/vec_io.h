@@ -6,6 +6,8 @@
 // again (rounded once) by the store.
 #include <ATen/cpu/vec/vec.h>
 
+#include "fusedtrain/adam_math.h"
+
 #include <tuple>
 #include <type_traits>
 
@@ -41,6 +43,27 @@ inline void load_codes(const uint8_t* p, at::vec::Vectorized<int32_t>& a, at::ve
   constexpr int h = at::vec::Vectorized<int32_t>::size();
   a = at::vec::convert_to_int32<uint8_t>(p);
   b = at::vec::convert_to_int32<uint8_t>(p + h);
+}
+
+// exp_avg's 8-bit codes decoded (adam_math.h q8_decode_signed): their sign and magnitude bits
+// are an fp16's (times 2^14), which F16C converts, so the values are those of q8_decode_signed
+// bit for bit (mag * 2^-14 * (scale * 2^14) is the same single rounding of mag * scale).
+inline void load_signed_codes(const uint8_t* p, float scale, at::vec::Vectorized<float>& a,
+                              at::vec::Vectorized<float>& b) {
+#if defined(CPU_CAPABILITY_AVX2)
+  const __m256i c = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(c, _mm256_set1_epi16(0x7F)), 7),
+                                    _mm256_slli_epi16(_mm256_and_si256(c, _mm256_set1_epi16(0x80)), 8));
+  const __m256 s = _mm256_set1_ps(scale * 16384.f);
+  a = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h)), s);
+  b = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)), s);
+#else
+  constexpr int h = at::vec::Vectorized<float>::size();
+  alignas(64) float tmp[2 * h];
+  for (int k = 0; k < 2 * h; ++k) tmp[k] = adam::q8_decode_signed(p[k], scale);
+  a = at::vec::Vectorized<float>::loadu(tmp);
+  b = at::vec::Vectorized<float>::loadu(tmp + h);
+#endif
 }
 
 // Codes in [0, 255] in int32 lanes, stored as bytes.

@@ -225,7 +225,9 @@ inline at::vec::Vectorized<float> sr_round(const at::vec::Vectorized<float>& x, 
 // that a small v never decodes to 0 under a nonzero m (the "zero-point" failure of 4-bit Adam,
 // Li et al. 2023: the update m / (sqrt(v) + eps) would explode); 2^-31 of the block's v
 // (2^-15.5 of its sqrt) decodes to at least that, which only shortens a tiny element's step.
-// Rounding is to the nearest code (ties to even mantissa). A block whose absmax is not finite
+// Rounding is to the nearest code (ties to even mantissa). exp_avg's magnitude bits are those of
+// an fp16 (exponent bias 15, subnormals included) times 2^14: the CPU kernel decodes them with
+// F16C's conversion (csrc/cpu/vec_io.h). A block whose absmax is not finite
 // decodes as non-finite (NaN, or inf), as an fp32 state holding a NaN would; its codes are 0.
 constexpr int64_t Q8_BLOCK = 256;
 constexpr float Q8_SIGNED_MAX = 30720.f;          // 2^14 * 1.875
@@ -241,11 +243,15 @@ FT_HD float q8_scale(float absmax, float qmax) { return absmax / qmax; }
 // The top 12 bits of an fp32 bit pattern rounded at its 3rd mantissa bit (to nearest even).
 FT_HD uint32_t q8_round3(uint32_t b) { return (b + 0x7FFFFu + ((b >> 20) & 1u)) >> 20; }
 
+// 8x rounded to the nearest integer (ties to even) for 0 <= x < 2^20: added to 1.5 * 2^23,
+// whose ulp is 1, it lands on the integer (one rounding: 8x is exact); the low bits are it.
+FT_HD uint32_t q8_round8x(float x) { return float_bits(x * 8.f + 12582912.f) - 0x4B400000u; }
+
 // value's exp_avg code with inv = q8_inv(absmax, Q8_SIGNED_MAX).
 FT_HD uint32_t q8_encode_signed(float value, float inv) {
   const float x = fabsf(value) * inv;
-  // below 1 (the codes f/8) the 3 mantissa bits of 1 + x are f
-  uint32_t mag = x < 1.f ? q8_round3(float_bits(x + 1.f)) - (127u << 3) : q8_round3(float_bits(x)) - (126u << 3);
+  // below 1 the codes are f/8: f = 8x rounded (8 is the code of 1)
+  uint32_t mag = x < 1.f ? q8_round8x(x) : q8_round3(float_bits(x)) - (126u << 3);
   mag = x != x ? 0u : (mag > 127u ? 127u : mag);
   return mag | (value < 0.f ? 0x80u : 0u);
 }
@@ -266,34 +272,27 @@ FT_HD float q8_decode_unsigned(uint32_t code, float scale) {
 }
 
 #if defined(FT_ADAM_WITH_ATEN_VEC) && !defined(__CUDACC__)
-// The same on vectors (codes as int32 lanes).
-inline at::vec::Vectorized<int32_t> q8_round3(const at::vec::Vectorized<int32_t>& b) {
+// The same on vectors (codes as int32 lanes). q8_round3 less (e << 3): for the bit patterns of
+// x >= 1 (positive as int32, so the arithmetic shifts are logical ones); others are masked off.
+inline at::vec::Vectorized<int32_t> q8_round3_less(const at::vec::Vectorized<int32_t>& b, int32_t e) {
   using IV = at::vec::Vectorized<int32_t>;
-  return sr_srl(b + IV(0x7FFFF) + (sr_srl(b, 20) & IV(1)), 20);
+  return (b + IV(0x7FFFF - (e << 23)) + ((b >> IV(20)) & IV(1))) >> IV(20);
 }
 inline at::vec::Vectorized<int32_t> q8_encode_signed(const at::vec::Vectorized<float>& value, float inv) {
   using FV = at::vec::Vectorized<float>;
   using IV = at::vec::Vectorized<int32_t>;
   const FV x = value.abs() * FV(inv);
-  const IV sub = q8_round3(at::vec::cast<int32_t>(x + FV(1.f))) - IV(127 << 3);
-  const IV norm = at::vec::minimum(q8_round3(at::vec::cast<int32_t>(x)) - IV(126 << 3), IV(127));
+  const IV sub = at::vec::cast<int32_t>(x * FV(8.f) + FV(12582912.f)) - IV(0x4B400000);
+  const IV norm = at::vec::minimum(q8_round3_less(at::vec::cast<int32_t>(x), 126), IV(127));
   IV mag = IV::blendv(norm, sub, at::vec::cast<int32_t>(x < FV(1.f)));
   mag = mag & ~at::vec::cast<int32_t>(x != x);
   return mag | (at::vec::cast<int32_t>(value < FV(0.f)) & IV(0x80));
-}
-inline at::vec::Vectorized<float> q8_decode_signed(const at::vec::Vectorized<int32_t>& code, float scale) {
-  using FV = at::vec::Vectorized<float>;
-  using IV = at::vec::Vectorized<int32_t>;
-  const IV c = code & IV(0x7F);
-  const FV m = at::vec::cast<float>((c << IV(20)) + IV(126 << 23));
-  const FV mag = FV::blendv(m, m * FV(2.f) - FV(1.f), at::vec::cast<float>(c < IV(8)));
-  return (mag ^ at::vec::cast<float>((code & IV(0x80)) << IV(24))) * FV(scale);
 }
 inline at::vec::Vectorized<int32_t> q8_encode_unsigned(const at::vec::Vectorized<float>& value, float inv) {
   using FV = at::vec::Vectorized<float>;
   using IV = at::vec::Vectorized<int32_t>;
   const FV x = value * FV(inv);
-  const IV c = at::vec::minimum(q8_round3(at::vec::cast<int32_t>(x)) - IV(127 << 3), IV(255));
+  const IV c = at::vec::minimum(q8_round3_less(at::vec::cast<int32_t>(x), 127), IV(255));
   return c & at::vec::cast<int32_t>(x > FV(1.f));
 }
 inline at::vec::Vectorized<float> q8_decode_unsigned(const at::vec::Vectorized<int32_t>& code, float scale) {
