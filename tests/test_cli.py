@@ -139,6 +139,6 @@ def test_adam_quality_quick_runs_every_format(tmp_path):
                           str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     rows = json.loads((tmp_path / "quality.json").read_text())["rows"]
-    assert {r["model"] for r in rows} == {"demo", "char-lm"} and len(rows) == 10
+    assert {r["model"] for r in rows} == {"demo", "char-lm"} and len(rows) == 12
     assert all(r["finite"] for r in rows), rows
     assert (tmp_path / "quality.png").stat().st_size > 1000
