@@ -226,7 +226,7 @@ def test_8bit_adamw_trains_like_torch_adamw(backend_device):
 @pytest.mark.parametrize("variant", ["bf16-master", "bf16-stochastic-rounding", "amsgrad", "adam-l2"])
 def test_8bit_combinations_train(backend_device, variant):
     _, device = backend_device
-    steps = 40 if not INTERPRET else 5
+    steps = 40 if not INTERPRET else 10
     dtype = torch.bfloat16 if variant.startswith("bf16") else torch.float32
     kw = {"bf16-master": dict(master_weights=True), "bf16-stochastic-rounding": dict(stochastic_rounding=True),
           "amsgrad": dict(amsgrad=True), "adam-l2": dict(weight_decay=1e-3)}[variant]
