@@ -48,6 +48,29 @@ struct Hyper {
   bool sr_params, sr_exp_avg_sq;  // and what it rounds
 };
 
+// The coefficients of a tensor's step (step: its count after this step's increment).
+__device__ __forceinline__ adam::CoefV<float> coef_of(const Hyper& h, float step) {
+  const double lr = h.lr_ptr != nullptr ? static_cast<double>(*h.lr_ptr) : h.lr;
+  const float mult = h.gm_ptr != nullptr ? *h.gm_ptr : 1.f;
+  return adam::CoefV<float>(adam::make_coef(lr, h.beta1, h.beta2, h.eps, h.wd, h.decoupled, static_cast<double>(step),
+                                            mult, h.maximize));
+}
+
+// After a block's elements: every thread of it has read the step; the last block of the
+// tensor (counted in the launch's own counters) writes the new one.
+__device__ __forceinline__ void finish_step(const mta::Chunk& ch, int32_t* counters, float* step_ptr, float step) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    const int64_t nb = (ch.numel + ch.chunk - 1) / ch.chunk;
+    const int32_t nblocks = static_cast<int32_t>(nb > 0 ? nb : 1);  // an empty tensor has one block
+    if (atomicAdd(&counters[ch.tensor], 1) == nblocks - 1) {
+      *step_ptr = step;
+      counters[ch.tensor] = 0;
+    }
+  }
+}
+
 template <typename T>
 __device__ __forceinline__ bool aligned4(const void* p) {
   return vec_io::aligned<T, kIlp>(p);
@@ -146,13 +169,9 @@ struct AdamOp {
   }
 
   __device__ __forceinline__ void operator()(const mta::Chunk& ch) const {
-    const int64_t numel = ch.numel;
     float* step_ptr = ch.ptr<float>(kStep);
     const float step = *step_ptr + 1.f;  // torch: step_t += 1 (fp32)
-    const double lr = h.lr_ptr != nullptr ? static_cast<double>(*h.lr_ptr) : h.lr;
-    const float mult = h.gm_ptr != nullptr ? *h.gm_ptr : 1.f;
-    const adam::CoefV<float> c(adam::make_coef(lr, h.beta1, h.beta2, h.eps, h.wd, h.decoupled,
-                                               static_cast<double>(step), mult, h.maximize));
+    const adam::CoefV<float> c = coef_of(h, step);
     // a call (see elements), except for bf16 moments with fp32 masters and for stochastic
     // rounding, whose calls spilled 8 bytes around them (sm_80; sm_90) and which inlined do not
     const uint64_t sr = SR ? (uint64_t(h.sr_seed) | (uint64_t(h.sr_params) << 32) | (uint64_t(h.sr_exp_avg_sq) << 33)) : 0;
@@ -160,18 +179,7 @@ struct AdamOp {
       elements_body(ch, c, sr);
     else
       elements(ch, c, sr);
-
-    // every thread of this block has read the step; the last block of the tensor writes it
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      __threadfence();
-      const int64_t nb = (numel + ch.chunk - 1) / ch.chunk;
-      const int32_t nblocks = static_cast<int32_t>(nb > 0 ? nb : 1);  // an empty tensor has one block
-      if (atomicAdd(&counters[ch.tensor], 1) == nblocks - 1) {
-        *step_ptr = step;
-        counters[ch.tensor] = 0;
-      }
-    }
+    finish_step(ch, counters, step_ptr, step);
   }
 };
 
@@ -334,27 +342,12 @@ struct AdamQ8Op {
   }
 
   __device__ __forceinline__ void operator()(const mta::Chunk& ch) const {
-    const int64_t numel = ch.numel;
     float* step_ptr = ch.ptr<float>(kStep);
     const float step = *step_ptr + 1.f;  // torch: step_t += 1 (fp32)
-    const double lr = h.lr_ptr != nullptr ? static_cast<double>(*h.lr_ptr) : h.lr;
-    const float mult = h.gm_ptr != nullptr ? *h.gm_ptr : 1.f;
-    const adam::CoefV<float> c(adam::make_coef(lr, h.beta1, h.beta2, h.eps, h.wd, h.decoupled,
-                                               static_cast<double>(step), mult, h.maximize));
+    const adam::CoefV<float> c = coef_of(h, step);
     const uint32_t sr_key = SR ? adam::sr_key(h.sr_seed, step, static_cast<uint32_t>(ch.tensor)) : 0U;
     elements(ch, c, sr_key);
-
-    // every thread of this block has read the step; the last block of the tensor writes it
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      __threadfence();
-      const int64_t nb = (numel + ch.chunk - 1) / ch.chunk;
-      const int32_t nblocks = static_cast<int32_t>(nb > 0 ? nb : 1);  // an empty tensor has one block
-      if (atomicAdd(&counters[ch.tensor], 1) == nblocks - 1) {
-        *step_ptr = step;
-        counters[ch.tensor] = 0;
-      }
-    }
+    finish_step(ch, counters, step_ptr, step);
   }
 };
 
