@@ -162,18 +162,9 @@ void run_range_q8(const TensorJob& j, int64_t lo, int64_t hi) {
     int64_t k = 0;
     for (; k + kVec <= len; k += kVec) {
       const int64_t i = b0 + k;
-      // software prefetch, as run_range: a block's compute is long enough for the hardware
-      // prefetchers to fall behind on five streams
-      if (i + 2 * kPrefetch < hi) {
-        const int64_t a = i + 2 * kPrefetch;
-        __builtin_prefetch(MASTER ? static_cast<const void*>(w + a) : static_cast<const void*>(p + a), 1);
-        __builtin_prefetch(g + a, 0);
-        if ((a & 63) < kVec) {  // the codes: one cache line per 64 elements
-          __builtin_prefetch(m + a, 1);
-          __builtin_prefetch(v + a, 1);
-          if constexpr (AMS) __builtin_prefetch(vm + a, 1);
-        }
-      }
+      // software prefetch, as run_range, twice as far: a block's compute is long enough for the
+      // hardware prefetchers to fall behind on five streams (22M mix 20.5 -> 11.2 ms)
+      if (i + 2 * kPrefetch < hi) prefetch_at<P, uint8_t, AMS, MASTER>(j, i + 2 * kPrefetch);
       fVec p0, p1, g0, g1, x0, x1;
       IV c0, c1;
       if constexpr (MASTER) load2(w + i, p0, p1); else load2(p + i, p0, p1);
