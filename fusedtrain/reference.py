@@ -301,11 +301,19 @@ def sr_bits(key, shape, mult, device=None):
     return ((x * mult) & _U32) >> 16
 
 
+def _f32_bits(x):
+    """The bit patterns of fp32 x as int64 (uint32 values)."""
+    return x.view(torch.int32).to(torch.int64) & _U32
+
+
+def _bits_f32(u):
+    """The fp32 values of the low 32 bits of int64 u."""
+    return u.to(torch.int32).view(torch.float32)  # int64 -> int32 keeps the low 32 bits
+
+
 def sr_round(x, bits16):
     """adam_math.h sr_round: fp32 x rounded stochastically to bf16 values (as fp32)."""
-    u = x.view(torch.int32).to(torch.int64) & _U32
-    r = ((u + bits16) & 0xFFFF0000).to(torch.int32).view(torch.float32)  # int64 -> int32 keeps the low 32 bits
-    return torch.where(x != x, x, r)
+    return torch.where(x != x, x, _bits_f32((_f32_bits(x) + bits16) & 0xFFFF0000))
 
 
 # 8-bit blockwise states (adam_math.h q8_*): uint8 codes, one fp32 absmax per Q8_BLOCK elements.
@@ -318,14 +326,6 @@ _FLT_MAX = 3.4028234663852886e38
 def q8_num_blocks(numel: int) -> int:
     """The number of absmax entries of an 8-bit state of numel elements."""
     return (numel + Q8_BLOCK - 1) // Q8_BLOCK
-
-
-def _f32_bits(x):
-    return x.view(torch.int32).to(torch.int64) & _U32
-
-
-def _bits_f32(u):
-    return u.to(torch.int32).view(torch.float32)  # int64 -> int32 keeps the low 32 bits
 
 
 def _q8_round3(b):
