@@ -541,6 +541,10 @@ def test_hyper_parameters_are_not_specialized():
 
     names = {p.name for p in tk._adam_kernel.params if p.do_not_specialize}
     assert names == {"lr_bits", "beta1_bits", "beta2_bits", "eps", "wd_bits", "sr_seed"}
+    # a seed's type is the i32 of the AOT specs for every 32-bit seed (the kernel keeps its bits)
+    for seed in (0, 1, 2**31 - 1, 2**31, 2**32 - 1, 0xDEADBEEF):
+        arg = tk.as_int32(seed)
+        assert -2**31 <= arg < 2**31 and arg & 0xFFFFFFFF == seed, seed
     if not torch.cuda.is_available():
         return
     ps = [torch.randn(4096, device="cuda", requires_grad=True)]
@@ -553,7 +557,14 @@ def test_hyper_parameters_are_not_specialized():
         for lr in (3e-4, 7.5e-5, 1.2e-2):
             opt.param_groups[0]["lr"] = lr
             opt.step()
-    assert len(caches) == before, "a new learning rate compiled a new kernel"
+        assert len(caches) == before, "a new learning rate compiled a new kernel"
+        bf = [torch.randn(4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)]
+        bf[0].grad = torch.randn_like(bf[0])
+        FusedAdamW(bf, lr=1e-3, stochastic_rounding=True, sr_seed=1).step()
+        before = len(caches)
+        for seed in (2, 2**31 + 5, 2**32 - 1):  # call seeds on both sides of 2^31
+            FusedAdamW(bf, lr=1e-3, stochastic_rounding=True, sr_seed=seed).step()
+    assert len(caches) == before, "a new seed compiled a new kernel"
 
 
 @pytest.mark.parametrize("bad", ["second-group", "second-dtype", "new-param-group"])

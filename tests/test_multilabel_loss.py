@@ -352,3 +352,38 @@ def test_forward_gradient_is_dropped_once_it_goes_unused(backend_device, monkeyp
         assert_close(x.grad / scale, expect, torch.float32, what=f"grad (scale {scale})")
     # asked at first, then not after a backward of 0.5, then again after one of 1
     assert asked == [True, False, False, True], asked
+
+
+try:  # a Triton kernel storing _f64 of its two words and _small_int of that
+    import triton
+    import triton.language as tl
+
+    from fusedtrain.triton import bce as triton_bce
+
+    @triton.jit
+    def _spec_probe(out_ptr, int_ptr, hi, lo):
+        v = triton_bce._f64(hi, lo)
+        tl.store(out_ptr, v)
+        tl.store(int_ptr, triton_bce._small_int(v))
+except ImportError:
+    _spec_probe = None
+
+
+@pytest.mark.parametrize("value", [0.6, 0.25, -1.0, 1.0 / 3.0, 1e-300, -0.0, 0.0, 2.0, 4.0, 8.0, 8.5, 9.0,
+                                   2.0000000000000004, 1.5, 3e38, float("inf"), -2.0],
+                         ids=lambda v: repr(v))
+def test_triton_gets_the_spec_doubles_bit_for_bit(backend_device, value):
+    """The loss spec's scalars reach the Triton kernels as the host's doubles, every bit (an
+    fp32 pair would give alpha = 0.6 to 48 bits), and an exponent counts as a small integer
+    (multiplied out, as bce_math.h ft_ipow) exactly where the C++ kernels' spec_of says so."""
+    backend, _ = backend_device
+    if backend != "triton":
+        pytest.skip("the Triton kernels' scalar arguments")
+    out = torch.full((1,), float("nan"), dtype=torch.float64)
+    k = torch.full((1,), 99, dtype=torch.int32)
+    hi, lo = triton_bce._spec_args([0.0, 0.0, 0.0, value, 0.0, 0.0])[6:8]  # a's words
+    assert all(-2**31 <= w < 2**31 for w in (hi, lo))  # int32 arguments: one compiled variant
+    _spec_probe[(1,)](out, k, hi, lo)
+    assert out.view(torch.int64).item() == torch.tensor([value], dtype=torch.float64).view(torch.int64).item()
+    small = value >= 0 and value <= 8 and value == int(value)  # spec_of's small_int
+    assert k.item() == (int(value) if small else -1)

@@ -216,6 +216,119 @@ def test_triton_launches_split_by_alignment():
     assert [flag for *_, flag in multi_tensor.tables([fresh], 64, empty_tiles=False)] == [True]
 
 
+def _search_head(addrs, sizes, numel):
+    """The first e < 16 after which every address is 16-byte aligned (capped at numel), or -1."""
+    for e in range(16):
+        if all((a + s * e) % 16 == 0 for a, s in zip(addrs, sizes)):
+            return min(e, numel)
+    return -1
+
+
+def test_heads_align_every_streamed_list():
+    """multi_tensor.heads (tensor ops over the whole table) against a plain search, on random
+    addresses: lists at one element offset (peelable), at several, empty lists (size 0),
+    tensors shorter than their head, and a step column that is not streamed."""
+    pytest.importorskip("triton")
+    from fusedtrain.triton import multi_tensor
+
+    g = torch.Generator().manual_seed(seed_for("heads"))
+    for sizes in ((4,), (2,), (1,), (4, 4, 2, 2, 0, 4), (2, 2, 4, 4, 4, 0), (2, 2, 0, 0, 0, 4)):
+        rows = []
+        for k in range(300):
+            same = k % 2 == 0  # half the rows: every list at one element offset
+            off = torch.randint(0, 16, (len(sizes),), generator=g)
+            if same:
+                off[:] = off[0]
+            addrs = [0 if s == 0 else 4096 * (j + 1) + s * int(o) for j, (s, o) in enumerate(zip(sizes, off))]
+            step = 4096 * 99 + int(torch.randint(0, 4, (1,), generator=g)) * 4  # never streamed
+            rows.append(addrs + [step, int(torch.randint(0, 40, (1,), generator=g))])
+        table = torch.tensor(rows, dtype=torch.int64)
+        got = multi_tensor.heads(table, sizes).tolist()
+        want = [_search_head(r[:len(sizes)], sizes, r[-1]) for r in rows]
+        assert got == want, sizes
+        if len(sizes) == 1 or len(set(sizes)) == 1:  # one element size: every row can be peeled
+            assert min(got) >= 0, sizes
+
+
+def test_triton_peels_views_at_one_offset():
+    """With sizes, a tensor whose lists sit at one element offset in their buffers stays in the
+    aligned launch: its tiles start at its head h (tile_off % 16 = h, the kernels' cue) and
+    step by the chunk; lists at different offsets go to the scalar launch, tiles from 0."""
+    pytest.importorskip("triton")
+    from fusedtrain.triton import multi_tensor
+
+    n = 300
+    offsets = [0, 1, 2, 3, 7, 5]
+    a = _views([n] * 6, offsets, torch.float32, "cpu", 0)
+    b = _views([n] * 6, offsets[:4] + [6, 5], torch.float16, "cpu", 1)  # row 4: fp32 +7 vs fp16 +6
+    launches = multi_tensor.tables([a, b], 64, empty_tiles=False, sizes=(4, 2))
+    assert sorted(flag for *_, flag in launches) == [False, True]
+    for rows, tile_t, tile_off, aligned in launches:
+        for t in sorted(set(tile_t.tolist())):
+            offs = tile_off[tile_t == t].tolist()
+            h = multi_tensor.heads(rows[t:t + 1], (4, 2)).item()
+            assert aligned == (t != 4), t
+            if aligned:
+                assert offs == list(range(h, n, 64)) and all(o % 16 == h for o in offs), (t, h, offs)
+                assert (a[t].data_ptr() + 4 * h) % 16 == 0 and (b[t].data_ptr() + 2 * h) % 16 == 0
+            else:
+                assert offs == list(range(0, n, 64))
+    short = _views([2], [1], torch.float32, "cpu", 2)  # all head: one tile at its head
+    (rows, tile_t, tile_off, aligned), = multi_tensor.tables([short], 64, empty_tiles=False, sizes=(4,))
+    assert aligned and tile_off.tolist() == [multi_tensor.heads(rows, (4,)).item()] == [2]
+
+
+def _twin_views(t, offset):
+    """t's values in a view `offset` elements into a buffer of its own."""
+    buf = torch.empty(t.numel() + offset + 5, dtype=t.dtype, device=t.device)
+    return buf[offset:offset + t.numel()].copy_(t)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf * 0, the interpreter's probe
+@pytest.mark.parametrize("offset", [1, 3, 6, 7], ids=lambda o: f"+{o}")
+def test_triton_peeled_step_gives_the_aligned_bits(backend_device, offset):
+    """A Triton step on views at one offset (peeled: scalar head, 128-bit body) writes the bits
+    of the same step on aligned copies: bf16 params and moments with stochastic rounding of
+    both (whose bits hash each element's index in its tensor, head and body alike), and the
+    unscale pass (its norm within fp32 rounding: the head adds its own partial)."""
+    backend, device = backend_device
+    if backend != "triton":
+        pytest.skip("the Triton kernels' peeling")
+    g = torch.Generator().manual_seed(seed_for("peeled bits", offset))
+    sizes = [3, 17, 4099, 9000]
+    lists = [[torch.randn(n, generator=g).to(device, torch.bfloat16) for n in sizes] for _ in range(4)]
+    lists[3] = [t.abs() for t in lists[3]]
+    steps = [[torch.full((), 2.0, device=device) for _ in sizes] for _ in range(2)]
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, amsgrad=False, maximize=False,
+              decoupled_weight_decay=True, sr_seed=0xC0FFEE, sr_params=True, sr_exp_avg_sq=True)
+    aligned = [[t.clone() for t in lst] for lst in lists]
+    views = [[_twin_views(t, offset) for t in lst] for lst in lists]
+    from fusedtrain.triton import adam as triton_adam, multi_tensor
+
+    op_lists = [*views, [], steps[1], [], [], [], []]  # the op's ten lists (AdamTensors)
+    (_, _, tile_off, flag), = multi_tensor.tables([op_lists[c] for c in triton_adam.COLUMNS], 64, True,
+                                                  sizes=triton_adam.peel_sizes(op_lists))
+    assert flag and (tile_off % 16 != 0).any(), "the views were not peeled"
+    adam_(*aligned, [], steps[0], **kw)
+    adam_(*views, [], steps[1], **kw)
+    for name, x, y in zip(("param", "grad", "exp_avg", "exp_avg_sq"), aligned, views):
+        for k, (a, b) in enumerate(zip(x, y)):
+            assert torch.equal(a, b), f"{name} {k} (+{offset})"
+    assert [s.item() for s in steps[1]] == [3.0] * len(sizes)
+    grads = [t.float() * 4096 for t in lists[1]]
+    if offset == 7:
+        grads[1][0] = float("inf")  # in the head (fp32 at +7 elements: a head of 1)
+    gv = [_twin_views(t, offset) for t in grads]
+    inv = torch.tensor(1 / 4096.0, device=device)
+    found = [torch.zeros((), device=device) for _ in range(2)]
+    norms = [fusedtrain.unscale_and_check_(ts, inv, f, compute_norm=True) for ts, f in zip((grads, gv), found)]
+    for a, b in zip(grads, gv):
+        assert torch.equal(a, b)
+    assert found[0].item() == found[1].item() == (1.0 if offset == 7 else 0.0)
+    if offset != 7:
+        assert_close(norms[1], norms[0].double(), rtol=1e-6, atol=0, what="norm")
+
+
 # ---- with a GPU --------------------------------------------------------------------------------
 
 def _gpu_backend(backend):

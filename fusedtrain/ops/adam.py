@@ -430,8 +430,8 @@ def plan_group(group, state, calls) -> Optional[GroupPlan]:
         for c in calls:
             numels = [p.numel() for p in c.tensors.params]
             block, iters = triton_adam.tile(max(numels))
-            kept.append((multi_tensor.KeptTables(block * iters, True, device), (block, iters),
-                         bool(c.tensors.master_params)))
+            tables = multi_tensor.KeptTables(block * iters, True, device, triton_adam.peel_sizes(c.tensors))
+            kept.append((tables, (block, iters), bool(c.tensors.master_params)))
     return GroupPlan(group, plan, backend, device, tuple(c.tensors.params[0].dtype for c in calls),
                      (amsgrad, master_weights), kept)
 

@@ -8,6 +8,13 @@ import contextlib
 import torch
 
 
+def as_int32(x: int) -> int:
+    """The low 32 bits of x as a signed int32: Triton types an int argument by its value (i32,
+    i64), so words of a bit pattern passed this way launch one compiled variant for any value;
+    a kernel gets the same bits back with .to(tl.int64) & 0xFFFFFFFF or .to(tl.uint32)."""
+    return ((int(x) & 0xFFFFFFFF) ^ 0x80000000) - 0x80000000
+
+
 def device_guard(t: torch.Tensor):
     """Make t's device the current one around a launch: Triton launches on the current CUDA
     device and its current stream, so a model on cuda:1 while cuda:0 is current would run on

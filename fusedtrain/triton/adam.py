@@ -8,8 +8,8 @@ the host's doubles), the per-element math is fp32 in the order of
 csrc/include/fusedtrain/adam_math.h. The step increment: every program reads the old step
 and bumps a per-tensor counter; the last program of a tensor writes step + 1 and resets the
 counter. A nonzero found_inf masks every load, store and atomic. ALIGNED: the host checked
-that every address of the launch is 16-byte aligned (multi_tensor.py), and the kernel moves
-128 bits per access.
+that every streamed address of the launch is 16-byte aligned after a peeled head of
+tile_off % 16 elements (multi_tensor.py), and the kernel moves 128 bits per access.
 
 8-bit states (uint8 codes, one fp32 absmax per block of 256 elements: adam_math.h q8_*) have a
 kernel of their own, _adam_q8_kernel (tables of COLUMNS_Q8, with the three absmax lists): the
@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from fusedtrain import reference
-from fusedtrain.triton import device_guard, multi_tensor
+from fusedtrain.triton import as_int32, device_guard, multi_tensor
 from fusedtrain.triton.aot import AotSpec
 from fusedtrain.triton.rounding import store_rounded
 
@@ -87,10 +87,12 @@ def _adam_denom(v, bc2_sqrt, eps):
 
 
 @triton.jit
-def _adam_elements(offs, mask, pp, gp, mp, vp, xp, wp, gscale, wd, decay, l2, lerp_low, w1, omw1, b2, omb2,
+def _adam_elements(offs, mask, first, pp, gp, mp, vp, xp, wp, gscale, wd, decay, l2, lerp_low, w1, omw1, b2, omb2,
                    bc2_sqrt, eps, step_size, sr_key, AMSGRAD: tl.constexpr, MASTER: tl.constexpr,
                    DECOUPLED: tl.constexpr, SR_P: tl.constexpr, SR_V: tl.constexpr):
-    """The update of the elements at offs (where mask) of one tensor: adam_math.h's order."""
+    """The update of the elements at offs (where mask) from the pointers, which point at the
+    tensor's element `first` (stochastic rounding hashes the element's index in the tensor):
+    adam_math.h's order."""
     if MASTER:
         p = tl.load(wp + offs, mask=mask, other=0.0)
     else:
@@ -110,9 +112,9 @@ def _adam_elements(offs, mask, pp, gp, mp, vp, xp, wp, gscale, wd, decay, l2, le
     if MASTER:
         tl.store(wp + offs, p, mask=mask)
     if SR_P:
-        p = _sr_round(p, _sr_bits(sr_key, offs, _SR_P))
+        p = _sr_round(p, _sr_bits(sr_key, first + offs, _SR_P))
     if SR_V:  # after the param's update, which read it unrounded
-        v = _sr_round(v, _sr_bits(sr_key, offs, _SR_V))
+        v = _sr_round(v, _sr_bits(sr_key, first + offs, _SR_V))
     store_rounded(pp + offs, p, mask)
     store_rounded(mp + offs, m, mask)
     store_rounded(vp + offs, v, mask)
@@ -186,31 +188,41 @@ def _adam_kernel(tab, tile_t, tile_off, counters, p_ref, s_ref, lr_ptr, gm_ptr, 
     vp = tl.load(row + 3).to(s_ref.dtype)
     xp = tl.load(row + 4).to(s_ref.dtype)
     wp = tl.load(row + 5).to(tl.pointer_type(tl.float32))
-    if ALIGNED:  # the host checked every address (multi_tensor.py): 128-bit accesses
-        off0 = tl.multiple_of(off0, CHUNK)
-        pp = tl.multiple_of(pp, 16)
-        gp = tl.multiple_of(gp, 16)
-        mp = tl.multiple_of(mp, 16)
-        vp = tl.multiple_of(vp, 16)
-        xp = tl.multiple_of(xp, 16)
-        wp = tl.multiple_of(wp, 16)
-    lim = tl.where(go, numel, 0)  # found_inf: every load and store masked off
     if ALIGNED:
+        # the head peeled off misaligned views (multi_tensor.py): tiles start at h + k * CHUNK,
+        # and the lists are 16-byte aligned from element h on (128-bit accesses)
+        h = off0 % 16
+        off0 = tl.multiple_of(off0 - h, CHUNK)
+        lim = tl.where(go, numel - h, 0)  # found_inf: every load and store masked off
         lim16 = lim // 16 * 16  # the loop's mask is constant over 16 elements (a vector of any dtype)
+        # the head [0, h) (the first tile) and the last (fewer than 16) elements (the tile that
+        # holds them), scalar, in one pass of 32 lanes at the tensor's own indices
+        # (scalar conditions folded into the bounds: the interpreter cannot & a vector with a
+        # scalar derived from a tl.multiple_of value)
+        lane = tl.arange(0, 32)
+        nhead = tl.where((off0 == 0) & go, h, 0)
+        tail_end = tl.where((lim16 >= off0) & (lim16 < off0 + CHUNK), lim, lim16)
+        sidx = tl.where(lane < 16, lane, h + lim16 + lane - 16)
+        smask = tl.where(lane < 16, lane < nhead, lim16 + lane - 16 < tail_end)
+        _adam_elements(sidx, smask, 0, pp, gp, mp, vp, xp, wp, gscale, wd, decay, l2, lerp_low, w1, omw1, b2,
+                       omb2, bc2_sqrt, eps, step_size, sr_key, AMSGRAD, MASTER, DECOUPLED, SR_P, SR_V)
+        pp = tl.multiple_of(pp + h, 16)
+        gp = tl.multiple_of(gp + h, 16)
+        mp = tl.multiple_of(mp + h, 16)
+        vp = tl.multiple_of(vp + h, 16)
+        xp = tl.multiple_of(xp + h, 16)
+        wp = tl.multiple_of(wp + h, 16)
     else:
+        h = off0 * 0
+        lim = tl.where(go, numel, 0)
         lim16 = lim
     for k in tl.range(0, CHUNK, BLOCK):
         offs = off0 + k + tl.arange(0, BLOCK)
-        _adam_elements(offs, offs < lim16, pp, gp, mp, vp, xp, wp, gscale, wd, decay, l2, lerp_low, w1, omw1, b2,
-                       omb2, bc2_sqrt, eps, step_size, sr_key, AMSGRAD, MASTER, DECOUPLED, SR_P, SR_V)
-    if ALIGNED:  # the last (fewer than 16) elements of the tensor, scalar, by the tile that holds them
-        toffs = lim16 + tl.arange(0, 16)
-        tmask = (toffs < lim) & (lim16 >= off0) & (lim16 < off0 + CHUNK)
-        _adam_elements(toffs, tmask, pp, gp, mp, vp, xp, wp, gscale, wd, decay, l2, lerp_low, w1, omw1, b2,
+        _adam_elements(offs, offs < lim16, h, pp, gp, mp, vp, xp, wp, gscale, wd, decay, l2, lerp_low, w1, omw1, b2,
                        omb2, bc2_sqrt, eps, step_size, sr_key, AMSGRAD, MASTER, DECOUPLED, SR_P, SR_V)
 
     # the step increment: the last program of this tensor (all others have read the step)
-    ntiles = tl.maximum((numel + CHUNK - 1) // CHUNK, 1)  # an empty tensor has one tile
+    ntiles = tl.maximum((numel - h + CHUNK - 1) // CHUNK, 1)  # an empty tensor has one tile
     old = tl.atomic_add(counters + t, 1, mask=go)
     last = go & (old == ntiles - 1)
     tl.store(step_ptr, step, mask=last)
@@ -455,6 +467,8 @@ def _bits(x: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
+
+
 BLOCK = 1024   # elements per loop iteration of a program
 ITERS = 4      # iterations per program: a tile of 4096 elements
 # stochastic rounding's hash needs registers: with ptxas's own choice (96 on sm_90) the amsgrad
@@ -473,6 +487,12 @@ COLUMNS = (0, 1, 2, 3, 4, 6, 5)
 # 8-bit states (_adam_q8_kernel): param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master,
 # exp_avg_absmax, exp_avg_sq_absmax, max_exp_avg_sq_absmax, step
 COLUMNS_Q8 = (0, 1, 2, 3, 4, 6, 7, 8, 9, 5)
+
+
+def peel_sizes(lists):
+    """The sizes argument of multi_tensor.tables() for _adam_kernel: the element sizes of the
+    streamed columns of COLUMNS (all but the step), from the op's ten lists (AdamTensors order)."""
+    return multi_tensor.element_sizes([lists[c] for c in COLUMNS], len(COLUMNS) - 1)
 
 
 def tile(max_numel, q8=False):
@@ -502,7 +522,7 @@ def launch(tables, block, iters, refs, lr, lr_tensor, beta1, beta2, eps, weight_
         scalars = (lr_tensor if lr_tensor is not None else dummy,
                    grad_mult if grad_mult is not None else dummy,
                    found_inf if found_inf is not None else dummy,
-                   _bits(lr), _bits(beta1), _bits(beta2), float(eps), _bits(weight_decay), int(sr_seed))
+                   _bits(lr), _bits(beta1), _bits(beta2), float(eps), _bits(weight_decay), as_int32(sr_seed))  # i32, as AOT_SPECS
         flags = dict(AMSGRAD=bool(amsgrad), MASTER=bool(master), LR_TENSOR=lr_tensor is not None,
                      HAS_MULT=grad_mult is not None, HAS_FI=found_inf is not None, MAXIMIZE=bool(maximize),
                      DECOUPLED=bool(decoupled_weight_decay), BLOCK=block, ITERS=iters, ALIGNED=aligned,
@@ -542,7 +562,8 @@ def adam_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[
              exp_avg_sq_absmax, max_exp_avg_sq_absmax]
     if not amsgrad:
         lists[4] = lists[9] = []
-    tables = multi_tensor.tables([lists[c] for c in (COLUMNS_Q8 if q8 else COLUMNS)], block * iters, empty_tiles=True)
+    tables = multi_tensor.tables([lists[c] for c in (COLUMNS_Q8 if q8 else COLUMNS)], block * iters, empty_tiles=True,
+                                 sizes=None if q8 else peel_sizes(lists))
     launch(tables, block, iters, (params[0], exp_avgs[0], steps[0]), lr, lr_tensor, beta1, beta2, eps, weight_decay,
            amsgrad, bool(master_params), maximize, decoupled_weight_decay, grad_mult, found_inf, sr_seed, sr_params,
            sr_exp_avg_sq)

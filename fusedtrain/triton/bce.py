@@ -11,16 +11,20 @@ log).
 Reduction (deterministic): program p handles the fixed block [p*BLOCK, (p+1)*BLOCK) and writes
 its partial sum to partials[p]; one program then sums the partials in a fixed order.
 """
+import struct
+
 import torch
 import triton
 import triton.language as tl
 
 from fusedtrain import reference
-from fusedtrain.triton import device_guard
+from fusedtrain.triton import as_int32, device_guard
 from fusedtrain.triton.aot import AotSpec
 from fusedtrain.triton.rounding import store_rounded
 
 BLOCK = 1024        # elements per program of the elementwise kernels
+# the loss spec's scalars (_spec_args): bit patterns, not to be specialized on their values
+_SPEC_WORDS = [f"{n}_{w}" for n in ("keep", "heps", "ign", "a", "b", "c") for w in ("hi", "lo")]
 SUM_BLOCK = 1024    # partials per step of the final sum
 NUM_WARPS = 4
 
@@ -147,6 +151,24 @@ def _pow(base, g):
 
 
 @triton.jit
+def _ipow(v, k):
+    # bce_math.h ft_ipow: v^k for a small integer k >= 0 by multiplication (exact where the
+    # exp2/log2 of _pow is approximate; the usual focusing exponents, 2, and ASL's 4 and 1)
+    r = tl.full(v.shape, 1.0, v.dtype)
+    for _ in range(0, k):
+        r = r * v
+    return r
+
+
+@triton.jit
+def _small_int(g):
+    # bce_math.h spec_of small_int (g: the host's double): g when an integer in [0, 8], else -1
+    ok = (g >= 0.0) & (g <= 8.0)
+    k = tl.where(ok, g, 0.0).to(tl.int32)
+    return tl.where(ok & (k.to(tl.float64) == g), k, -1)
+
+
+@triton.jit
 def _sig_terms(x):
     e = tl.exp(-tl.abs(x))
     r = _div(tl.full(x.shape, 1.0, x.dtype), 1.0 + e)
@@ -161,12 +183,9 @@ def _safe_ratio(num, den):
 
 
 @triton.jit
-def _f(hi, lo, ACC: tl.constexpr):
-    # a spec scalar from its fp32 pair (see _spec_args)
-    if ACC == tl.float64:
-        return tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
-    else:
-        return hi
+def _f64(hi, lo):
+    # a spec scalar, the host's double, from the two int32 words of its bits (see _spec_args)
+    return ((hi.to(tl.int64) << 32) | (lo.to(tl.int64) & 0xFFFFFFFF)).to(tl.float64, bitcast=True)
 
 
 @triton.jit
@@ -175,19 +194,26 @@ def _elem(x, y_raw, w, pw, keep_hi, keep_lo, heps_hi, heps_lo, ign_hi, ign_lo, a
     """bce_math.h elem(): (loss, d/dx, d/dy) of one element of any kind, weighted, label
     smoothing and the ignore value applied."""
     ACC: tl.constexpr = x.dtype
-    keep = _f(keep_hi, keep_lo, ACC)
-    half_eps = _f(heps_hi, heps_lo, ACC)
-    ignore = _f(ign_hi, ign_lo, ACC)
-    a = _f(a_hi, a_lo, ACC)
-    b = _f(b_hi, b_lo, ACC)
-    c = _f(c_hi, c_lo, ACC)
+    # each rounded once from the host's double, as bce_math.h spec_of's S(...)
+    keep = _f64(keep_hi, keep_lo).to(ACC)
+    half_eps = _f64(heps_hi, heps_lo).to(ACC)
+    ignore = _f64(ign_hi, ign_lo).to(ACC)
+    a64 = _f64(a_hi, a_lo)
+    b64 = _f64(b_hi, b_lo)
+    a = a64.to(ACC)
+    b = b64.to(ACC)
+    c = _f64(c_hi, c_lo).to(ACC)
     y = y_raw * keep + half_eps
     if KIND == 1:  # focal (torchvision)
         p, q, spn, spp = _sig_terms(x)
         ce = _bce_loss(x, y, 1.0, 1.0, False)
         dce = _bce_input_grad(x, y, 1.0, 1.0, False)
         m = p * (1.0 - y) + q * y
-        mg = _pow(m, b)
+        b_int = _small_int(b64)
+        if b_int >= 0:
+            mg = _ipow(m, b_int)
+        else:
+            mg = _pow(m, b)
         mg1 = _safe_ratio(mg, m)
         at = tl.where(a >= 0, a * y + (1.0 - a) * (1.0 - y), 1.0)  # alpha < 0: no weighting
         dat = tl.where(a >= 0, 2.0 * a - 1.0, 0.0)
@@ -206,7 +232,17 @@ def _elem(x, y_raw, w, pw, keep_hi, keep_lo, heps_hi, heps_lo, ign_hi, ign_lo, a
         gam = b * y + a * (1.0 - y)
         A = y * spn + (1.0 - y) * neg_log
         B = y * q + (1.0 - y) * pm
-        Bg = _pow(B, gam)
+        a_int = _small_int(a64)
+        b_int = _small_int(b64)
+        if (a_int >= 0) & (b_int >= 0):  # a hard label's exponent is one of the two integers
+            hard = (y == 0.0) | (y == 1.0)
+            Bi = tl.where(y > 0, _ipow(B, b_int), _ipow(B, a_int))
+            if tl.min(hard.to(tl.int32), axis=0) == 1:  # the usual tile: no pow at all
+                Bg = Bi
+            else:
+                Bg = tl.where(hard, Bi, _pow(B, gam))
+        else:
+            Bg = _pow(B, gam)
         Bg1 = _safe_ratio(Bg, B)
         loss = A * Bg
         dx = ((1.0 - y) * dneg - y * q) * Bg + A * gam * Bg1 * ((1.0 - y) * dpm - y * pq)
@@ -227,7 +263,7 @@ def _elem(x, y_raw, w, pw, keep_hi, keep_lo, heps_hi, heps_lo, ign_hi, ign_lo, a
     return loss, dx, dy
 
 
-@triton.jit(do_not_specialize=["divisor"])
+@triton.jit(do_not_specialize=["divisor", *_SPEC_WORDS])
 def _bce_fwd_kernel(x_ptr, y_ptr, w_ptr, pw_ptr, loss_ptr, grad_ptr, part_ptr,
                     N, C, ws0, ws1, pws0, pws1, divisor, keep_hi, keep_lo, heps_hi, heps_lo, ign_hi, ign_lo,
                     a_hi, a_lo, b_hi, b_lo, c_hi, c_lo,
@@ -261,16 +297,17 @@ def _bce_fwd_kernel(x_ptr, y_ptr, w_ptr, pw_ptr, loss_ptr, grad_ptr, part_ptr,
 # N of a mean and P (programs of the forward, from N): one compiled variant for every size
 @triton.jit(do_not_specialize=["P", "divisor"])
 def _bce_sum_kernel(part_ptr, out_ptr, P, divisor, SUM_BLOCK: tl.constexpr):
-    # one program: partials summed in a fixed order (lane i takes i, i + SUM_BLOCK, ...; then a tree)
-    acc = tl.zeros((SUM_BLOCK,), dtype=part_ptr.dtype.element_ty)
+    # one program: partials summed in a fixed order (lane i takes i, i + SUM_BLOCK, ...; then a
+    # tree) in fp64, and the mean's division in fp64, as csrc/cuda/bce.cu bce_sum_kernel
+    acc = tl.zeros((SUM_BLOCK,), dtype=tl.float64)
     for start in range(0, P, SUM_BLOCK):
         idx = start + tl.arange(0, SUM_BLOCK)
-        acc += tl.load(part_ptr + idx, mask=idx < P, other=0.0)
-    total = _div(tl.sum(acc, axis=0), divisor.to(acc.dtype))
+        acc += tl.load(part_ptr + idx, mask=idx < P, other=0.0).to(tl.float64)
+    total = tl.sum(acc, axis=0) / divisor.to(tl.float64)
     store_rounded(out_ptr, total, True)
 
 
-@triton.jit(do_not_specialize=["divisor"])
+@triton.jit(do_not_specialize=["divisor", *_SPEC_WORDS])
 def _bce_bwd_kernel(go_ptr, x_ptr, y_ptr, w_ptr, pw_ptr, gi_ptr, gt_ptr, N, C, ws0, ws1, pws0, pws1, divisor,
                     keep_hi, keep_lo, heps_hi, heps_lo, ign_hi, ign_lo, a_hi, a_lo, b_hi, b_lo, c_hi, c_lo,
                     HAS_W: tl.constexpr, HAS_PW: tl.constexpr, FLAT: tl.constexpr, PER_ELEM: tl.constexpr,
@@ -325,14 +362,16 @@ def _acc(dtype):
 
 
 def _spec_args(params):
-    """keep, half_eps, ignore, a, b, c of the loss spec (csrc/ops.cpp `// ---- bce`), each as
-    an fp32 pair hi + lo: Triton passes Python floats as fp32, and the fp64 kernels add the pair
-    back up (48 bits) so that alpha = 0.6 is not fp32's 0.6000000238."""
+    """keep, half_eps, ignore, a, b, c of the loss spec (csrc/ops.cpp `// ---- bce`, computed in
+    double as bce_math.h spec_of does), each as the two words (high, low) of its fp64 bits in
+    int32 arguments: Triton would pass a Python float as fp32 (alpha = 0.6 as 0.6000000238 in
+    the fp64 kernels), and types an int argument by its value (bit patterns of any size would
+    launch i32 and i64 variants). The kernels rebuild the double (_f64) and round it once."""
     eps, _, ignore, a, b, c = params
     out = []
     for v in (1.0 - eps, eps / 2, ignore, a, b, c):
-        hi = float(torch.tensor(v, dtype=torch.float32))
-        out += [hi, v - hi]
+        bits = struct.unpack("<Q", struct.pack("<d", float(v)))[0]
+        out += [as_int32(bits >> 32), as_int32(bits & 0xFFFFFFFF)]
     return out
 
 
@@ -438,7 +477,7 @@ def _specs():
     plain fp32 ones also for odd sizes and offset views."""
     specs = []
     ints = {n: "i32" for n in ("N", "C", "ws0", "ws1", "pws0", "pws1")}
-    floats = {f"{n}_{part}": "fp32" for n in ("keep", "heps", "ign", "a", "b", "c") for part in ("hi", "lo")}
+    floats = {name: "i32" for name in _SPEC_WORDS}
     plain = {"KIND": 0, "GENERIC": False, "HAS_IGNORE": False}
 
     # N >= 2^31 (WIDE): Triton passes N, C (= N, flat) and a mean's divisor (= N) as i64

@@ -4,11 +4,16 @@ Kernel arguments cannot carry a thousand addresses, device tables can:
     rows[t, l]        address of tensor t of list l (0 for an empty list)
     rows[t, -1]       numel of tensor t
     tile_t[k], tile_off[k]   tensor and first element of program k's tile (CHUNK elements)
-A call's tables are a list of launches (rows, tile_t, tile_off, aligned): one when every
-address is a multiple of 16 bytes (then the kernel is told so and moves 128 bits per access;
-Triton cannot see the alignment of an address it reads from a table), else the tensors with an
-address off a 16-byte boundary (views into a buffer, such as DDP's gradient_as_bucket_view)
-in a second launch of scalar accesses.
+A call's tables are a list of launches (rows, tile_t, tile_off, aligned). The aligned launch
+tells its kernel that every address it streams is a multiple of 16 bytes, and the kernel moves
+128 bits per access (Triton cannot see the alignment of an address it reads from a table). A
+view that starts off a 16-byte boundary (DDP's gradient_as_bucket_view) stays in it when its
+lists can be peeled: h < 16 leading elements after which every streamed list is aligned (the
+same offset in every buffer). Its tiles then start at h + k * CHUNK, so tile_off % 16 = h, and
+the kernel takes the head [0, h) with scalar accesses in the tensor's first tile, as the CUDA
+kernels do (csrc/cuda/vec_io.cuh head). Only tensors whose lists cannot be aligned together,
+and every misaligned one where the caller does not peel (8-bit states: blocks start at element
+0), go to a second launch of scalar accesses.
 Who owns them, as for the CUDA kernels (csrc/include/fusedtrain/multi_tensor_tables.h): a
 call builds its own (tables()), or its owner keeps them from launch to launch (KeptTables, an
 optimizer's plan: nothing copied to the device in a steady-state step, nothing evicted from
@@ -65,31 +70,53 @@ def upload(words, device):
     return words.pin_memory().to(device, non_blocking=True)
 
 
-def _upload_tables(rows, chunk, empty_tiles, device, sel=None):
+def _upload_tables(rows, heads, chunk, empty_tiles, device, sel=None):
     """(rows, tile_t, tile_off) on `device` from the host rows table: one upload. (Tensor ops
     on the host: no Python loop per tile, and no host read that a test of the AMP step's
-    syncs would flag.) sel: the rows that get tiles (all when None); every launch keeps the
-    whole table, so a tile's row is the tensor's position in the call (Adam's stochastic
-    rounding hashes it)."""
-    per = (rows[:, -1] + chunk - 1) // chunk  # tiles per tensor
+    syncs would flag.) heads: per row, the elements peeled before its first tile (module
+    docstring). sel: the rows that get tiles (all when None); every launch keeps the whole
+    table, so a tile's row is the tensor's position in the call (Adam's stochastic rounding
+    hashes it)."""
+    per = (rows[:, -1] - heads + chunk - 1) // chunk  # tiles per tensor
+    per = torch.maximum(per, (heads > 0).long())  # a tensor that is all head has one tile
     if empty_tiles:
         per = per.clamp(min=1)
     if sel is not None:
         per = per * sel
     tile_t = torch.repeat_interleave(torch.arange(len(per)), per)
     first = torch.cumsum(per, 0) - per  # each tensor's first tile
-    tile_off = (torch.arange(len(tile_t)) - first[tile_t]) * chunk
+    tile_off = heads[tile_t] + (torch.arange(len(tile_t)) - first[tile_t]) * chunk
     dev = upload(torch.cat([rows.reshape(-1), tile_t, tile_off]), device)
     n, k = rows.numel(), len(tile_t)
     return dev[:n].view(rows.shape), dev[n:n + k], dev[n + k:]
 
 
-def _build(rows, chunk, empty_tiles, device):
-    """The launches of a call (module docstring) from its host rows table."""
-    aligned = (rows[:, :-1] % 16 == 0).all(dim=1)
+def heads(rows, sizes):
+    """Per row of the host table, the number h of leading elements after which the addresses
+    of every streamed list (the first len(sizes) columns, of those element sizes in bytes, 0 for
+    an empty list) are 16-byte aligned, at most the tensor's numel; -1 where
+    no h < 16 aligns them all (views at different offsets in their buffers)."""
+    addr = rows[:, :len(sizes)].unsqueeze(2)  # (tensors, lists, 1)
+    e = torch.arange(16)
+    size = torch.tensor(sizes, dtype=torch.int64).view(1, -1, 1)
+    ok = ((addr + size * e) % 16 == 0).all(dim=1)  # (tensors, 16): aligned after e elements
+    h = torch.minimum(ok.to(torch.int8).argmax(dim=1), rows[:, -1])  # argmax: the first True
+    return torch.where(ok.any(dim=1), h, -1)
+
+
+def _build(rows, chunk, empty_tiles, device, sizes=None):
+    """The launches of a call (module docstring) from its host rows table; sizes: the
+    element sizes of the lists to peel (none peeled when None)."""
+    if sizes is None:
+        aligned = (rows[:, :-1] % 16 == 0).all(dim=1)
+        h = torch.zeros(len(rows), dtype=torch.int64)
+    else:
+        h = heads(rows, sizes)
+        aligned = h >= 0
+        h = h.clamp(min=0)
     if torch.equal(aligned, torch.ones_like(aligned)):
-        return [(*_upload_tables(rows, chunk, empty_tiles, device), True)]
-    return [(*_upload_tables(rows, chunk, empty_tiles, device, sel), a)
+        return [(*_upload_tables(rows, h, chunk, empty_tiles, device), True)]
+    return [(*_upload_tables(rows, h * sel, chunk, empty_tiles, device, sel), a)
             for sel, a in ((aligned, True), (~aligned, False)) if not torch.equal(sel, torch.zeros_like(sel))]
 
 
@@ -106,22 +133,30 @@ def addresses(lists):
     return torch.tensor(cols, dtype=torch.int64).reshape(len(first), len(lists) + 1)
 
 
-def tables(lists, chunk, empty_tiles):
+def element_sizes(lists, streamed):
+    """The element sizes of the first `streamed` lists (an empty list: 0, its column of zeros
+    is aligned after any number of elements): the sizes argument of tables()."""
+    return tuple(lst[0].element_size() if lst else 0 for lst in lists[:streamed])
+
+
+def tables(lists, chunk, empty_tiles, sizes=None):
     """The launches [(rows, tile_t, tile_off, aligned)] of one call on the tensors' device:
     the current owner's (fusedtrain/_tables.py), or this call's own.
 
     Args:
         lists: the kernel's tensor lists (addresses()).
-        chunk: elements per tile.
+        chunk: elements per tile (a multiple of 16).
         empty_tiles: whether an empty tensor gets one tile (Adam bumps its step) or none.
+        sizes: element_sizes() of the lists the kernel streams, when it peels misaligned
+            heads (module docstring); None: it does not.
     """
     device = lists[0][0].device
     owner = _tables.current()
     if owner is None:
-        return _build(addresses(lists), chunk, empty_tiles, device)
-    key = (chunk, empty_tiles, device)
+        return _build(addresses(lists), chunk, empty_tiles, device, sizes)
+    key = (chunk, empty_tiles, device, sizes)
     if key not in owner.triton:
-        owner.triton[key] = KeptTables(chunk, empty_tiles, device)
+        owner.triton[key] = KeptTables(chunk, empty_tiles, device, sizes)
     return owner.triton[key].update(addresses(lists))
 
 
@@ -132,12 +167,12 @@ class KeptTables:
     instead, built inside the graph, which then depends on nothing the owner may free.
 
     Args:
-        chunk, empty_tiles: as for tables().
+        chunk, empty_tiles, sizes: as for tables().
         device: the tensors' device.
     """
 
-    def __init__(self, chunk, empty_tiles, device):
-        self.chunk, self.empty_tiles, self.device = chunk, empty_tiles, device
+    def __init__(self, chunk, empty_tiles, device, sizes=None):
+        self.chunk, self.empty_tiles, self.device, self.sizes = chunk, empty_tiles, device, sizes
         self._host = None
         self._kept = None
         self._stream = None  # the stream the kept tables were allocated on
@@ -147,9 +182,9 @@ class KeptTables:
         table `rows` (addresses())."""
         cuda = self.device.type == "cuda"
         if cuda and _capturing(self.device):
-            return _build(rows, self.chunk, self.empty_tiles, self.device)
+            return _build(rows, self.chunk, self.empty_tiles, self.device, self.sizes)
         if self._host is None or not torch.equal(rows, self._host):
-            self._kept = _build(rows, self.chunk, self.empty_tiles, self.device)
+            self._kept = _build(rows, self.chunk, self.empty_tiles, self.device, self.sizes)
             self._host = rows
             self._stream = torch.cuda.current_stream(self.device) if cuda else None
         elif cuda:

@@ -7,9 +7,9 @@ csrc/include/fusedtrain/unscale_math.h: y = x * inv_scale in fp32, rounded once 
 store; the probe x * 0 is NaN exactly for an inf/NaN x; the squares of y are summed for the
 norm. With NORM every program stores its partial sum and the last one to finish (atomic
 ticket) adds the partials in tile order: deterministic, and still one launch. ALIGNED: the
-host checked that every address of the launch is 16-byte aligned (multi_tensor.py), and the
-kernel moves 128 bits per access; tensors that are not go to a second launch, whose norm is
-added to the first's.
+host checked that every address of the launch is 16-byte aligned after a peeled head of
+tile_off % 16 elements (multi_tensor.py), and the kernel moves 128 bits per access; tensors
+that are not go to a second launch, whose norm is added to the first's.
 """
 import torch
 import triton
@@ -36,14 +36,30 @@ def unscale_kernel(rows, tile_t, tile_off, n_tiles, inv_scale_ptr, found_inf_ptr
     t = tl.load(tile_t + c).to(tl.int64)
     off0 = tl.load(tile_off + c)
     base = tl.load(rows + 2 * t).to(tl.pointer_type(DTYPE))
-    if ALIGNED:  # the host checked every address (multi_tensor.py): 128-bit accesses
-        off0 = tl.multiple_of(off0, BLOCK * ITERS)
-        base = tl.multiple_of(base, 16)
+    numel = tl.load(rows + 2 * t + 1)
+    inv = tl.load(inv_scale_ptr)
+    hsq = 0.0
+    if ALIGNED:
+        # the head peeled off a misaligned view (multi_tensor.py): tiles start at h + k * CHUNK;
+        # the first tile takes elements [0, h), scalar, and the aligned rest starts at base + h
+        h = off0 % 16
+        off0 = tl.multiple_of(off0 - h, BLOCK * ITERS)
+        hidx = tl.arange(0, 16)
+        hm = hidx < tl.where(off0 == 0, h, 0)  # (the interpreter cannot & a vector with this scalar)
+        hx = tl.load(base + hidx, mask=hm, other=0.0).to(tl.float32)
+        hy = hx * inv
+        if WRITE:
+            store_rounded(base + hidx, hy, hm)
+        tl.store(found_inf_ptr + hidx * 0, tl.full([16], 1.0, tl.float32), mask=(hx * 0.0) != (hx * 0.0))
+        hsq = tl.sum(hy * hy, axis=0)
+        base = base + h
+        numel = numel - h
     # the tile's own base and length: 32-bit offsets inside it (64-bit ones cost registers)
     base = base + off0
-    n = tl.minimum(tl.load(rows + 2 * t + 1) - off0, BLOCK * ITERS).to(tl.int32)
+    if ALIGNED:  # (hinted here: a hint on base + h did not reach the loads, PTX had no 128-bit access)
+        base = tl.multiple_of(base, 16)
+    n = tl.minimum(numel - off0, BLOCK * ITERS).to(tl.int32)
     n16 = n // 16 * 16  # the loop's mask is constant over 16 elements (a vector of any dtype)
-    inv = tl.load(inv_scale_ptr)
     offs = tl.arange(0, BLOCK)
     sq = tl.full([BLOCK], 0.0, tl.float32)
     pr = tl.full([BLOCK], 0.0, tl.float32)
@@ -69,7 +85,7 @@ def unscale_kernel(rows, tile_t, tile_off, n_tiles, inv_scale_ptr, found_inf_ptr
     tl.store(found_inf_ptr + offs * 0, tl.full([BLOCK], 1.0, tl.float32), mask=pr != pr)
     tl.store(found_inf_ptr + tidx * 0, tl.full([16], 1.0, tl.float32), mask=(x * 0.0) != (x * 0.0))
     if NORM:
-        tl.store(partial_ptr + c, tl.sum(sq, axis=0) + tl.sum(y * y, axis=0))
+        tl.store(partial_ptr + c, tl.sum(sq, axis=0) + tl.sum(y * y, axis=0) + hsq)
         # whichever thread stored the partial, it is ordered before the (release) ticket
         tl.debug_barrier()
         ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
@@ -94,8 +110,9 @@ def unscale_and_check_(tensors: list[torch.Tensor], inv_scale: torch.Tensor, fou
         return empty
     block, iters = multi_tensor.tile_of(tensors, BLOCK, ITERS)
     total = None
-    # one launch, or two where some tensors start off a 16-byte boundary (multi_tensor.tables)
-    for rows, tile_t, tile_off, aligned in multi_tensor.tables([tensors], block * iters, empty_tiles=False):
+    # one launch (misaligned views peeled), or two where some tensors cannot be (multi_tensor.tables)
+    for rows, tile_t, tile_off, aligned in multi_tensor.tables([tensors], block * iters, empty_tiles=False,
+                                                               sizes=multi_tensor.element_sizes([tensors], 1)):
         n_tiles = tile_t.numel()
         if n_tiles == 0:
             continue
