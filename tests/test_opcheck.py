@@ -44,6 +44,27 @@ def test_opcheck_unscale(namespace, dtype, compute_norm, write):
     _opcheck(op, _unscale_args(dtype, compute_norm, write, seed), f"{namespace} {dtype} seed {seed}")
 
 
+@pytest.mark.skipif(not INTERPRET, reason="the Triton op runs on CPU tensors under the interpreter")
+@pytest.mark.triton_interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("compute_norm", [True, False])
+def test_opcheck_triton_read_only_check(dtype, compute_norm):
+    """fusedtrain_triton::check_, the read-only pass as an op that mutates found_inf alone (a
+    schema claiming less than the op writes would fail test_schema): the tensors unchanged, the
+    flag and the norm those of unscale_and_check_ with write=False."""
+    seed = seed_for("opcheck check_", dtype, compute_norm)
+    args = _unscale_args(dtype, compute_norm, False, seed)
+    _opcheck(torch.ops.fusedtrain_triton.check_.default, args[:4], f"check_ {dtype} seed {seed}")
+    ts, inv, _, _, _ = args
+    before = [t.clone() for t in ts]
+    flags = [torch.zeros(1), torch.zeros(1)]
+    a = torch.ops.fusedtrain_triton.check_(ts, inv, flags[0], compute_norm)
+    b = torch.ops.fusedtrain_triton.unscale_and_check_(ts, inv, flags[1], compute_norm, False)
+    assert all(torch.equal(t, u) for t, u in zip(ts, before))
+    assert torch.equal(flags[0], flags[1]) and flags[0].item() == float(seed % 2)
+    assert torch.equal(a, b)
+
+
 def _adam_args(dtype, *, amsgrad, master, lr_tensor, grad_mult, found_inf, seed):
     g = torch.Generator().manual_seed(seed)
     shapes = [(7,), (3, 5), (1,)]

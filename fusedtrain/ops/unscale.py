@@ -6,6 +6,7 @@ backend is a registered op with the contract in csrc/ops.cpp: fusedtrain:: (nati
 fusedtrain_triton:: and fusedtrain_ref::unscale_and_check_.
 """
 import contextlib
+import functools
 
 import torch
 
@@ -26,6 +27,12 @@ def _reference_op(tensors: list[torch.Tensor], inv_scale: torch.Tensor, found_in
 
 
 _OPS = _backend.family_ops("unscale_and_check_", _fake, "unscale")
+# backends whose read-only pass is an op of its own (fusedtrain/triton/unscale.py check_)
+_READ_ONLY_OPS = {}
+if "triton" in _OPS:
+    torch.library.register_fake("fusedtrain_triton::check_")(
+        lambda tensors, inv_scale, found_inf, compute_norm: _fake(tensors, inv_scale, found_inf, compute_norm, False))
+    _READ_ONLY_OPS["triton"] = torch.ops.fusedtrain_triton.check_
 
 
 def _check_scalar(name, t):
@@ -81,6 +88,10 @@ def _prepare(group, compute_norm):
     return runs, copies
 
 
+def _read_only(op, tensors, inv_scale, found_inf, compute_norm, write):
+    return op(tensors, inv_scale, found_inf, compute_norm)
+
+
 def unscale_sumsq_(tensors, inv_scale, found_inf, *, compute_norm=False, write=True, owner_of=None):
     """The pass itself; returns {device: fp32 0-d sum of squares on that device} (empty dict
     unless compute_norm). found_inf may live on another device than some tensors: such
@@ -112,7 +123,10 @@ def unscale_sumsq_(tensors, inv_scale, found_inf, *, compute_norm=False, write=T
             raise ValueError(f"unscale_and_check_: got a tensor of dtype {dtype}; expected float32, "
                              "float16 or bfloat16 (float64 on the reference backend)")
         runs, copies = _prepare(group, compute_norm)  # (empty tensors are fine: no chunks)
-        op = _OPS[_backend.select(device, OP, dtype, KERNEL_DTYPES)]
+        backend = _backend.select(device, OP, dtype, KERNEL_DTYPES)
+        op = _OPS[backend]
+        if not write and backend in _READ_ONLY_OPS:
+            op = functools.partial(_read_only, _READ_ONLY_OPS[backend])
         inv = _per_device(inv_scale, device, inv_cache)
         if found_inf.device == device:
             flag = found_inf

@@ -96,12 +96,18 @@ def heads(rows, sizes):
     of every streamed list (the first len(sizes) columns, of those element sizes in bytes, 0 for
     an empty list) are 16-byte aligned, at most the tensor's numel; -1 where
     no h < 16 aligns them all (views at different offsets in their buffers)."""
-    addr = rows[:, :len(sizes)].unsqueeze(2)  # (tensors, lists, 1)
+    addr = rows[:, :len(sizes)]
+    misaligned = (addr % 16 != 0).any(dim=1)
+    h = torch.zeros(len(rows), dtype=torch.int64)
+    if not misaligned.any():  # the usual call: no search (a table build per unscale call)
+        return h
+    addr = addr[misaligned].unsqueeze(2)  # (misaligned tensors, lists, 1)
     e = torch.arange(16)
     size = torch.tensor(sizes, dtype=torch.int64).view(1, -1, 1)
     ok = ((addr + size * e) % 16 == 0).all(dim=1)  # (tensors, 16): aligned after e elements
-    h = torch.minimum(ok.to(torch.int8).argmax(dim=1), rows[:, -1])  # argmax: the first True
-    return torch.where(ok.any(dim=1), h, -1)
+    found = torch.minimum(ok.to(torch.int8).argmax(dim=1), rows[misaligned, -1])  # argmax: the first True
+    h[misaligned] = torch.where(ok.any(dim=1), found, -1)
+    return h
 
 
 def _build(rows, chunk, empty_tiles, device, sizes=None):
