@@ -10,7 +10,7 @@ import operator
 from collections import defaultdict
 
 import torch
-from torch.amp.grad_scaler import OptState
+from torch.amp.grad_scaler import OptState, _refresh_per_optimizer_state
 
 from fusedtrain import _dtensor, _tables
 from fusedtrain.ops.unscale import combine_norm, unscale_sumsq_
@@ -61,7 +61,8 @@ def clipped_step_(optimizer, max_norm, *, inv_scale=None, found_inf=None):
     optimizer: a fusedtrain FusedAdam/FusedAdamW. inv_scale: optional one-element fp32 device
     tensor the gradients are multiplied by (1 / loss scale). found_inf: optional one-element
     fp32 device tensor; it is set when a gradient holds inf/NaN, and then the step is skipped
-    on the device (params, state and step untouched).
+    on the device (params, state and step untouched). It is the step's skip flag: pass a
+    zeroed one to read it afterwards (a nonzero one skips the step whatever the gradients).
 
     Pass 1 reads every gradient once (found_inf and the L2 norm of grad * inv_scale, nothing
     written); pass 2 is the optimizer's fused kernel with every gradient multiplied by
@@ -96,14 +97,77 @@ def clipped_step_(optimizer, max_norm, *, inv_scale=None, found_inf=None):
 class GradScaler(torch.amp.GradScaler):
     """Drop-in torch.amp.GradScaler (same constructor, methods and state_dict) whose
     unscale/inf-check is fusedtrain's one-launch-per-group pass, and which hands the scale to
-    fused optimizers without a host sync (docs/design.md §7)."""
+    fused optimizers without a host sync (docs/design.md §7).
+
+    Also counts the steps it took and skipped on the device (steps_taken(), steps_skipped(),
+    last_step_skipped(); also in state_dict()), and traces under torch.compile without a graph
+    break of its own."""
 
     _last_clip_active = False  # did the last clip_grad_norm_ clip (CPU pass planning)
+    # step bookkeeping (docs/design.md §7): device counters, made at the first step; until then
+    # (and for a pickled scaler) the counts a state_dict brought, as torch keeps _init_scale
+    _steps = _skipped = None  # int64 0-d: scaler.step() calls counted, and the skipped ones
+    _init_steps = _init_skipped = 0
+    _last_skipped_any = None  # bool 0-d: the last step()'s skip flag, whichever optimizer
 
     def __init__(self, device: str = "cuda", init_scale: float = 2.0**16, growth_factor: float = 2.0,
                  backoff_factor: float = 0.5, growth_interval: int = 2000, enabled: bool = True) -> None:
         super().__init__(device, init_scale=init_scale, growth_factor=growth_factor, backoff_factor=backoff_factor,
                          growth_interval=growth_interval, enabled=enabled)
+        self._last_skipped = {}  # id(optimizer) -> its last step()'s skip flag; kept past update()
+
+    # ---- torch's scale/unscale_/update, spelled here so that torch.compile traces them --------
+    # (Dynamo skips every function in torch/amp/: each call would be a graph break)
+    def scale(self, outputs):
+        """torch.amp.GradScaler.scale: outputs times the scale (a tensor, or an iterable of them)."""
+        if not self._enabled or not isinstance(outputs, torch.Tensor):
+            return super().scale(outputs)
+        if self._scale is None:
+            self._lazy_init_scale_growth_tracker(outputs.device)
+        return outputs * self._scale.to(device=outputs.device, non_blocking=True)
+
+    def _lazy_init_scale_growth_tracker(self, dev):
+        if self._growth_tracker is not None:
+            raise AssertionError("_growth_tracker initialized before _scale")
+        self._scale = torch.full((), self._init_scale, dtype=torch.float32, device=dev)
+        self._growth_tracker = torch.full((), self._init_growth_tracker, dtype=torch.int32, device=dev)
+        if self._steps is None:  # made with the scale: a compiled step sees them from its first trace
+            self._make_counters(dev)
+
+    def unscale_(self, optimizer):
+        """torch.amp.GradScaler.unscale_: divide the optimizer's gradients by the scale in
+        place (one fused unscale-and-check pass per (device, dtype)), recording found_inf."""
+        if not self._enabled:
+            return
+        self._check_scale_growth_tracker("unscale_")
+        optimizer_state = self._state_of(optimizer)
+        if optimizer_state["stage"] is OptState.UNSCALED:
+            raise RuntimeError("unscale_() has already been called on this optimizer since the last update().")
+        if optimizer_state["stage"] is OptState.STEPPED:
+            raise RuntimeError("unscale_() is being called after step().")
+        found_inf = torch.zeros((), dtype=torch.float32, device=self._scale.device)
+        optimizer_state["found_inf_per_device"] = self._unscale_grads_(optimizer, self._inv_scale(), found_inf, False)
+        optimizer_state["stage"] = OptState.UNSCALED
+
+    def update(self, new_scale=None):
+        """torch.amp.GradScaler.update: back the scale off if any optimizer's step this iteration
+        found an inf/NaN, grow it after growth_interval clean iterations; or set new_scale."""
+        if not self._enabled:
+            return
+        if new_scale is not None:
+            return super().update(new_scale)
+        scale, growth_tracker = self._check_scale_growth_tracker("update")
+        found_infs = [found_inf.to(device=scale.device, non_blocking=True)
+                      for state in self._per_optimizer_states.values()
+                      for found_inf in state["found_inf_per_device"].values()]
+        if not found_infs:
+            raise AssertionError("No inf checks were recorded prior to update.")
+        found_inf_combined = found_infs[0]
+        for found_inf in found_infs[1:]:
+            found_inf_combined += found_inf  # in place, as torch does
+        torch._amp_update_scale_(scale, growth_tracker, found_inf_combined, self._growth_factor,
+                                 self._backoff_factor, self._growth_interval)
+        self._per_optimizer_states = defaultdict(_refresh_per_optimizer_state)
 
     def _check_scale_growth_tracker(self, funcname):
         # torch's check, here so that torch.compile traces it (Dynamo skips torch/amp/)
@@ -163,7 +227,9 @@ class GradScaler(torch.amp.GradScaler):
         return per_device, sharded
 
     def _inv_scale(self):
-        # as torch: the reciprocal in fp64, then fp32
+        # as torch: the reciprocal in fp64, then fp32 (MPS has no fp64: fp32 there, as torch)
+        if self._scale.device.type == "mps":
+            return self._scale.reciprocal()
         return self._scale.double().reciprocal().float()
 
     def _pass(self, optimizer, inv_scale, allow_fp16, write, compute_norm=False, found=None):
@@ -222,12 +288,18 @@ class GradScaler(torch.amp.GradScaler):
             *args, **kwargs: passed to optimizer.step().
             max_norm: clip the unscaled gradients to this global L2 norm first; for
                 fusedtrain's optimizers the one-read clipped step. Then returns the total norm.
+
+        Every call counts one step, taken or skipped (steps_taken(), steps_skipped(),
+        last_step_skipped()).
         """
         if not self._enabled:
+            total_norm = None
             if max_norm is not None:
                 params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-                torch.nn.utils.clip_grad_norm_(params, max_norm)
-            return optimizer.step(*args, **kwargs)
+                total_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            retval = optimizer.step(*args, **kwargs)
+            self._count_step(optimizer, None)
+            return retval if max_norm is None else total_norm
         if "closure" in kwargs:
             raise RuntimeError("Closure use is not currently supported if GradScaler is enabled.")
         self._check_scale_growth_tracker("step")
@@ -238,7 +310,7 @@ class GradScaler(torch.amp.GradScaler):
             return self._clipped_step(optimizer, optimizer_state, max_norm)
         if max_norm is not None:
             total_norm = self.clip_grad_norm_(optimizer, max_norm)
-            self.step(optimizer, *args, **kwargs)
+            self.step(optimizer, *args, **kwargs)  # counts the step
             return total_norm
 
         if _has_step_scaled(optimizer):
@@ -248,13 +320,17 @@ class GradScaler(torch.amp.GradScaler):
                 optimizer_state["found_inf_per_device"] = found
             else:  # unscale_ already ran: the grads are unscaled, found_inf recorded
                 grad_mult = None
-            retval = _step_with(optimizer, grad_mult, self._found_inf_sum(optimizer_state), *args, **kwargs)
+            found_inf = self._found_inf_sum(optimizer_state)
+            retval = _step_with(optimizer, grad_mult, found_inf, *args, **kwargs)
             optimizer_state["stage"] = OptState.STEPPED
+            self._count_step(optimizer, found_inf)
             return retval
 
         if getattr(optimizer, "_step_supports_amp_scaling", False):
             # torch's protocol for its own fused optimizers (torch/amp/grad_scaler.py)
-            return super().step(optimizer, *args, **kwargs)
+            retval = super().step(optimizer, *args, **kwargs)
+            self._count_step(optimizer, self._found_inf_sum(optimizer_state))
+            return retval
 
         if optimizer_state["stage"] is OptState.READY:
             self.unscale_(optimizer)
@@ -262,6 +338,7 @@ class GradScaler(torch.amp.GradScaler):
             raise AssertionError("No inf checks were recorded for this optimizer.")
         retval = self._maybe_opt_step(optimizer, optimizer_state, *args, **kwargs)
         optimizer_state["stage"] = OptState.STEPPED
+        self._count_step(optimizer, self._found_inf_sum(optimizer_state))
         return retval
 
     def _clipped_step(self, optimizer, optimizer_state, max_norm):
@@ -271,9 +348,105 @@ class GradScaler(torch.amp.GradScaler):
             total_norm = clipped_step_(optimizer, max_norm, inv_scale=self._inv_scale(), found_inf=found)
             optimizer_state["found_inf_per_device"] = {home: found}
         else:  # unscale_ already ran: grads are unscaled and found_inf recorded; only the norm is new
-            total_norm = clipped_step_(optimizer, max_norm, found_inf=self._found_inf_sum(optimizer_state))
+            found = self._found_inf_sum(optimizer_state)
+            total_norm = clipped_step_(optimizer, max_norm, found_inf=found)
         optimizer_state["stage"] = OptState.STEPPED
+        self._count_step(optimizer, found)
         return total_norm
+
+    # ---- step bookkeeping: taken and skipped steps, on the device ------------------------------
+    def _count_step(self, optimizer, found_inf):
+        """Count one step() of optimizer: skipped when found_inf (its gradients' inf/NaN flag,
+        summed over devices, on the scale's device) is nonzero; None: a disabled scaler's step,
+        always taken. Three tiny ops on the device, none per parameter, no host sync."""
+        if self._steps is None:  # a disabled scaler (an enabled one made them with its scale)
+            self._make_counters(self._counter_device())
+        if found_inf is None:
+            skipped = torch.zeros((), dtype=torch.bool, device=self._steps.device)
+        else:
+            skipped = found_inf.to(self._steps.device, non_blocking=True) > 0
+            self._skipped.add_(skipped)
+        self._steps.add_(1)
+        self._last_skipped[id(optimizer)] = self._last_skipped_any = skipped
+
+    def _make_counters(self, device):
+        self._steps = torch.full((), self._init_steps, dtype=torch.int64, device=device)
+        self._skipped = torch.full((), self._init_skipped, dtype=torch.int64, device=device)
+
+    def _counter_device(self):
+        if self._enabled and self._scale is not None:
+            return self._scale.device
+        dev = torch.device(self._device)  # a disabled scaler: its device, if there is one
+        return dev if dev.type != "cuda" or torch.cuda.is_available() else torch.device("cpu")
+
+    def _counts(self):
+        """(steps counted, steps skipped): the counters, or the counts a state_dict brought."""
+        if self._steps is not None:
+            return self._steps, self._skipped
+        device = self._counter_device()
+        return (torch.tensor(self._init_steps, dtype=torch.int64, device=device),
+                torch.tensor(self._init_skipped, dtype=torch.int64, device=device))
+
+    def steps_taken(self):
+        """How many scaler.step(optimizer) calls applied the optimizer's update: a 0-d int64
+        tensor on the scale's device (a snapshot), read without a host sync.
+
+        Each step() call counts once, for the optimizer it was given: skipped when that
+        optimizer's gradients held an inf/NaN (torch skips exactly those), taken otherwise
+        (always, when the scaler is disabled); with two optimizers per iteration, two per
+        iteration. The counts are in state_dict() (an enabled scaler's) and start at 0 when a
+        state_dict lacks them (torch's).
+        """
+        steps, skipped = self._counts()
+        return steps - skipped
+
+    def steps_skipped(self):
+        """How many scaler.step(optimizer) calls skipped the update for an inf/NaN gradient:
+        a 0-d int64 tensor on the scale's device (a snapshot); counted as steps_taken()."""
+        return self._counts()[1].clone()
+
+    def last_step_skipped(self, optimizer=None):
+        """Whether the last scaler.step(optimizer) skipped the update: a 0-d bool tensor on the
+        scale's device, without a host sync (``bool()`` of it is one). Without an optimizer:
+        the last step() of any optimizer. Kept past update(), until the next step().
+
+        Raises RuntimeError when step() has not been called (for that optimizer)."""
+        skipped = self._last_skipped_any if optimizer is None else self._last_skipped.get(id(optimizer))
+        if skipped is None:
+            raise RuntimeError("last_step_skipped(): scaler.step() has not been called"
+                               + ("" if optimizer is None else " for this optimizer"))
+        return skipped
+
+    def state_dict(self):
+        """torch.amp.GradScaler's state_dict plus "steps_taken" and "steps_skipped" (ints;
+        torch's load_state_dict ignores them). A disabled scaler's is torch's empty dict."""
+        state = super().state_dict()
+        if state:
+            steps, skipped = (int(v) for v in torch.stack(self._counts()).tolist())
+            state["steps_taken"], state["steps_skipped"] = steps - skipped, skipped
+        return state
+
+    def load_state_dict(self, state_dict):
+        """torch's load_state_dict, and the step counts when the dict has them (else 0)."""
+        super().load_state_dict(state_dict)
+        if not self._enabled:
+            return
+        skipped = int(state_dict.get("steps_skipped", 0))
+        self._init_steps, self._init_skipped = int(state_dict.get("steps_taken", 0)) + skipped, skipped
+        if self._steps is not None:
+            self._steps.fill_(self._init_steps)
+            self._skipped.fill_(self._init_skipped)
+
+    def __getstate__(self):
+        # as torch does for the scale: ints in the pickle, tensors made again at first use
+        state = super().__getstate__()
+        steps, skipped = (int(v) for v in torch.stack(self._counts()).tolist())
+        state.update(_init_steps=steps, _init_skipped=skipped, _steps=None, _skipped=None,
+                     _last_skipped={}, _last_skipped_any=None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__({"_last_skipped": {}, **state})  # a pickle from before the bookkeeping
 
     # ---- clipping ----------------------------------------------------------------------------
     def clip_grad_norm_(self, optimizer, max_norm, norm_type=2.0, error_if_nonfinite=False):

@@ -212,13 +212,17 @@ def test_state_dict_round_trips_with_torch(backend_device):
     _, device = backend_device
     ours, ref = _race("sgd", torch.float32, device, "plain", steps=40)
     sd = ours.scaler.state_dict()
-    assert sd == ref.scaler.state_dict()
-    assert set(sd) == {"scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"}
+    # torch's five entries, plus the step counts (tests/test_scaler_counters.py)
+    counts = {"steps_taken": sum(not s for s in ref.skipped), "steps_skipped": sum(ref.skipped)}
+    assert sd == {**ref.scaler.state_dict(), **counts}
+    assert set(sd) == {"scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker",
+                       "steps_taken", "steps_skipped"}
     t = torch.amp.GradScaler(device)
-    t.load_state_dict(sd)
+    t.load_state_dict(sd)  # torch reads its five entries and ignores the counts
     o = fusedtrain.GradScaler(device)
-    o.load_state_dict(ref.scaler.state_dict())
-    assert t.state_dict() == o.state_dict() == sd
+    o.load_state_dict(ref.scaler.state_dict())  # torch's: the counts start at 0
+    assert {**t.state_dict(), "steps_taken": 0, "steps_skipped": 0} == o.state_dict()
+    assert t.state_dict() == ref.scaler.state_dict()
     o2 = pickle.loads(pickle.dumps(ours.scaler))
     assert o2.state_dict() == sd and isinstance(o2, fusedtrain.GradScaler)
     assert isinstance(o2, torch.amp.GradScaler)
