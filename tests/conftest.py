@@ -16,6 +16,7 @@ HAS_CUDA = torch.cuda.is_available()
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "triton_interp: Triton kernels executed by the interpreter on CPU")
+    config.addinivalue_line("markers", "integration: with Transformers/Accelerate/Lightning (make test-integration)")
 
 
 def backend_cases():
