@@ -7,9 +7,10 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.fusedtrain-installed
 DEPS   := $(VENV)/.fusedtrain-deps
-SOURCES := $(shell find csrc fusedtrain -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h') setup.py pyproject.toml
+# fusedtrain/_build_spec.py: the extension's sources and flags (setup.py reads them from it)
+SOURCES := $(shell find csrc fusedtrain -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h') setup.py pyproject.toml fusedtrain/_build_spec.py
 
-.PHONY: venv install test test-native test-triton bench demo check gpu-check clean
+.PHONY: venv install test test-native test-triton test-integration test-install bench demo check gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +36,25 @@ venv install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests -m triton_interp
+
+# Optional: fusedtrain inside transformers.Trainer, Accelerate and Lightning against the same runs
+# with torch's pieces (tests/integration, CPU, ~30 s). The frameworks go into the venv once;
+# `make test` never collects these tests.
+INTEGRATIONS := $(VENV)/.fusedtrain-integrations
+$(INTEGRATIONS): | $(DEPS)
+	$(PIP) install transformers accelerate lightning
+	touch $(INTEGRATIONS)
+
+test-integration: $(STAMP) $(INTEGRATIONS)
+	$(PY) -m pytest -q tests/integration
+
+# The slow install tests (5-9 minutes on 2 cores; not part of `make test`): `fusedtrain build`
+# compiling the extension for the running torch into a fresh cache, and `python -m build` making an
+# sdist and a wheel that each install into a fresh venv and run on the native backend (CPU-only
+# builds; the fresh venvs borrow this venv's torch). Marked `install` (tests/install_util.py).
+test-install: $(STAMP)
+	$(PY) -c "import build" 2>/dev/null || $(PIP) install build
+	FUSEDTRAIN_TEST_INSTALL=1 $(PY) -m pytest -q -m install --durations=10 tests
 
 bench: $(STAMP)
 	$(VENV)/bin/fusedtrain bench $(BENCH_ARGS)

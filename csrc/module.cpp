@@ -7,7 +7,33 @@
 #include "fusedtrain/adam_lists.h"
 #include "fusedtrain/multi_tensor_tables.h"
 
+// FUSEDTRAIN_BUILD_RECORD, the torch this build compiles against: written into the build's own
+// include dir by fusedtrain/_build_spec.py (setup.py and `fusedtrain build` both go through it).
+#if !__has_include("fusedtrain_build_record.h")
+#error "fusedtrain_build_record.h is missing: build fusedtrain._C with setup.py (pip install --no-build-isolation .) or `fusedtrain build`, which generate it"
+#endif
+#include "fusedtrain_build_record.h"
+
 namespace {
+
+#ifdef FUSEDTRAIN_WITH_CUDA
+#define FUSEDTRAIN_RECORD_CUDA_KERNELS "1"
+#else
+#define FUSEDTRAIN_RECORD_CUDA_KERNELS "0"
+#endif
+#if defined(CPU_CAPABILITY_AVX2)
+#define FUSEDTRAIN_RECORD_CPU "AVX2"
+#else
+#define FUSEDTRAIN_RECORD_CPU "DEFAULT"
+#endif
+// One string, magic prefix included, so that fusedtrain/_ext.py can read the record from the .so
+// file before loading it (fusedtrain/_build_spec.py read_record): a build for another torch must
+// be refused before its TORCH_LIBRARY registrations run. `used`: kept even if unreferenced.
+#define FUSEDTRAIN_RECORD_MAGIC "fusedtrain-build-record:v1:"  // _build_spec.RECORD_MAGIC
+__attribute__((used)) const char kBuildRecord[] =
+    FUSEDTRAIN_RECORD_MAGIC FUSEDTRAIN_BUILD_RECORD ";cpu_capability=" FUSEDTRAIN_RECORD_CPU
+    ";cuda_kernels=" FUSEDTRAIN_RECORD_CUDA_KERNELS;
+constexpr size_t kRecordMagicLength = sizeof(FUSEDTRAIN_RECORD_MAGIC) - 1;
 
 using Tensors = std::vector<at::Tensor>;
 
@@ -64,6 +90,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("cpu_capability") = "DEFAULT";
 #endif
+  m.attr("build_record") = kBuildRecord + kRecordMagicLength;  // "torch=...;cuda=...;..."
   m.def("adam_check_", &adam_check_);
   m.def("addresses", &addresses);
 #ifdef FUSEDTRAIN_WITH_CUDA

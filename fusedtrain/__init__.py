@@ -4,12 +4,12 @@
 """
 from fusedtrain import functional
 from fusedtrain._backend import BackendError, backends, use_backend
+from fusedtrain._version import __version__
 from fusedtrain.amp import GradScaler, clipped_step_
 from fusedtrain.nn import FusedAsymmetricLoss, FusedBCEWithLogits, FusedLinearBCEWithLogits, FusedSigmoidFocalLoss
 from fusedtrain.ops.unscale import unscale_and_check_
 from fusedtrain.optim import FusedAdam, FusedAdamW
-
-__version__ = "0.1.0"
+from fusedtrain.schedule import SkipAwareLambdaLR
 
 __all__ = [
     "BackendError",
@@ -20,6 +20,7 @@ __all__ = [
     "FusedLinearBCEWithLogits",
     "FusedSigmoidFocalLoss",
     "GradScaler",
+    "SkipAwareLambdaLR",
     "backends",
     "clipped_step_",
     "functional",

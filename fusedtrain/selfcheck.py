@@ -12,7 +12,7 @@ import traceback
 import torch
 
 import fusedtrain
-from fusedtrain import _backend
+from fusedtrain import _backend, _ext
 from fusedtrain._compare import (COMPUTE_EPS, NORM_RTOL, assert_close, assert_ulps, bce_grad_slack,
                                  bce_loss_tolerance, stable_seed, torch_bce_float64)
 
@@ -227,6 +227,7 @@ def main(argv=None) -> int:
     p.add_argument("--backend", action="append", choices=_backend.NAMES, help="check only this backend (repeatable)")
     a = p.parse_args(argv)
     print(f"fusedtrain {fusedtrain.__version__}, torch {torch.__version__}, device {a.device}")
+    print(f"native extension: {_ext.describe()}")
     rows = run(a.device, a.op, a.backend)
     w = max(len(r[0]) for r in rows)
     for op, backend, status, detail in rows:

@@ -1,35 +1,21 @@
 """A non-editable install works without the source tree: pure Python (FUSEDTRAIN_BUILD_EXT=0, or
 no C++ compiler) says so, and `fusedtrain bench` runs from the installed package."""
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 
-from helpers import ROOT, normal_only
+from helpers import normal_only
+from install_util import copy_sources
 
 pytestmark = normal_only
-
-
-def _copy_sources(dst):
-    """The checkout's files as they are in the working tree: tracked ones that still exist, and
-    untracked ones git does not ignore (build outputs such as fusedtrain/_C*.so stay behind)."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
-    if not files:
-        pytest.skip("not a git checkout")
-    for f in files:
-        if not os.path.isfile(os.path.join(ROOT, f)):  # deleted in the working tree
-            continue
-        os.makedirs(os.path.join(dst, os.path.dirname(f)), exist_ok=True)
-        shutil.copy2(os.path.join(ROOT, f), os.path.join(dst, f))
 
 
 def _install(tmp_path, env):
     """pip install (not editable) of a copy of the checkout into tmp_path/site."""
     src, target = tmp_path / "src", tmp_path / "site"
-    _copy_sources(src)
+    copy_sources(src)
     out = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-v",
          "--target", str(target), str(src)],
@@ -44,6 +30,8 @@ def test_pure_python_install(tmp_path, env):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "installing pure Python" in out.stdout + out.stderr
     assert not list(target.glob("fusedtrain/_C*.so"))
+    # the sources ship all the same: `fusedtrain build` compiles them for the torch at hand
+    assert (target / "fusedtrain" / "_csrc" / "module.cpp").is_file()
     # the test venv itself may hold an editable install of this checkout, whose import hook
     # would hand out its fusedtrain._C: drop it, so only the pure-Python install is importable
     code = ("import sys\n"
@@ -56,9 +44,12 @@ def test_pure_python_install(tmp_path, env):
             "l = fusedtrain.functional.binary_cross_entropy_with_logits(x, y)\n"
             "r = torch.nn.functional.binary_cross_entropy_with_logits(x, y)\n"
             "assert torch.allclose(l, r), (l, r)\n")
+    # an empty build cache: a `fusedtrain build` of these sources in ~/.cache would be loaded
     run = subprocess.run([sys.executable, "-c", code, str(target)], cwd=str(tmp_path),
-                         env={**os.environ, "PYTHONPATH": str(target)}, capture_output=True, text=True)
+                         env={**os.environ, "PYTHONPATH": str(target), "FUSEDTRAIN_CACHE": str(tmp_path / "cache")},
+                         capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
+    assert "native extension not loaded" in run.stderr and "fusedtrain build" in run.stderr, run.stderr[-3000:]
 
 
 def test_installed_package_runs_the_benchmarks(tmp_path):

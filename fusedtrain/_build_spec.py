@@ -1,0 +1,203 @@
+"""What fusedtrain._C is built from and with: its sources, include dirs, compiler flags, CUDA
+architectures, and the record of the torch it is built against (docs/design.md §3, "Install
+and loading").
+
+Two builds read this one file, so they cannot drift apart: setup.py (by path: at build time the
+package itself cannot be imported) and `fusedtrain build` (fusedtrain/_jit_compile.py, also by
+path, in a process that must not import the package). It imports nothing of fusedtrain and
+imports torch only inside the functions that take it.
+"""
+import glob
+import os
+import platform
+import shutil
+import sys
+
+# the module's name: TORCH_EXTENSION_NAME, PyInit__C, fusedtrain/_C*.so and <cache>/_C.so
+MODULE_NAME = "_C"
+
+# csrc/module.cpp keeps "<RECORD_MAGIC><record>" as one string in the .so, so that the record can
+# be read from the file without loading it (loading runs the TORCH_LIBRARY registrations, which
+# cannot be undone or repeated in a process)
+RECORD_MAGIC = b"fusedtrain-build-record:v1:"
+RECORD_HEADER = "fusedtrain_build_record.h"
+
+# what decides whether a build loads and runs correctly under a torch: the keys a build's record
+# must share with the running torch (the record also says cpu_capability and cuda_kernels)
+TORCH_KEYS = ("torch", "cuda", "cxx11abi", "python")
+
+CPU_SOURCE_GLOBS = ("*.cpp", "cpu/*.cpp")
+CUDA_SOURCE_GLOBS = ("cuda/*.cu",)
+# every file a build may read from csrc (sources and the headers they include), at any depth:
+# what the wheel ships (pyproject.toml package-data of fusedtrain._csrc, the same suffixes) and
+# what the cache key hashes
+CSRC_SUFFIXES = (".cpp", ".cu", ".cuh", ".h")
+
+
+# ---- the sources --------------------------------------------------------------------------------
+
+def csrc_dir(package_dir):
+    """The C++/CUDA sources for the package in `package_dir`: <package>/_csrc where it was installed
+    from a wheel or an sdist, <checkout>/csrc in a source checkout; None when neither exists."""
+    for cand in (os.path.join(package_dir, "_csrc"), os.path.join(os.path.dirname(package_dir), "csrc")):
+        if os.path.isfile(os.path.join(cand, "module.cpp")):
+            return cand
+    return None
+
+
+def sources(csrc, cuda):
+    """The files to compile, sorted, as absolute paths: the C++ ones, and the CUDA ones when `cuda`."""
+    globs = CPU_SOURCE_GLOBS + (CUDA_SOURCE_GLOBS if cuda else ())
+    return [p for g in globs for p in sorted(glob.glob(os.path.join(csrc, g)))]
+
+
+def include_dirs(csrc):
+    return [os.path.join(csrc, "include"), csrc]
+
+
+def csrc_files(csrc):
+    """Every file under `csrc` with a suffix of CSRC_SUFFIXES, relative, sorted."""
+    return sorted(os.path.relpath(p, csrc) for p in glob.glob(os.path.join(csrc, "**", "*"), recursive=True)
+                  if p.endswith(CSRC_SUFFIXES) and os.path.isfile(p))
+
+
+def sources_digest(csrc):
+    """sha256 of every file a build reads from `csrc` (names and contents): part of the cache key,
+    so a cached build is never used for other sources."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for rel in csrc_files(csrc):
+        h.update(rel.encode() + b"\0")
+        with open(os.path.join(csrc, rel), "rb") as f:
+            h.update(f.read() + b"\0")
+    return h.hexdigest()
+
+
+# ---- the flags ----------------------------------------------------------------------------------
+
+def _x86_simd_flags():
+    # at::vec picks its implementation from CPU_CAPABILITY_* macros, not from -m flags.
+    # AVX2 is the floor we compile for on x86-64; fusedtrain/_ext.py refuses to load the
+    # extension on a CPU without it, so the reference backend is used there instead.
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+    return []
+
+
+def cxx_flags():
+    # -fopenmp at compile time only: at::parallel_for is a header template that expands to
+    # "#pragma omp parallel", and its GOMP_* calls must bind at load time to the libgomp that
+    # torch already loaded (linking a second OpenMP runtime gives two thread pools).
+    return ["-O3", "-DNDEBUG", "-fopenmp"] + _x86_simd_flags()
+
+
+def nvcc_flags():
+    return ["-O3", "-DNDEBUG", "-lineinfo", "--expt-relaxed-constexpr",
+            # a spill to local memory fails the build (docs/design.md §5)
+            "-Xptxas=--warn-on-spills,--warning-as-error"]
+
+
+CUDA_DEFINE = ("FUSEDTRAIN_WITH_CUDA", "1")
+
+
+def cuda_archs(torch):
+    """sm_80 and sm_90 always (the GPUs the kernels are written and checked for), plus what
+    TORCH_CUDA_ARCH_LIST asks for and the arch of every visible GPU."""
+    archs = ["8.0", "9.0"]
+    archs += [a for a in os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(" ", ";").split(";") if a]
+    if torch.cuda.is_available():
+        archs += ["%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+    return sorted(set(archs), key=lambda a: float(a.rstrip("+PTX").replace("a", "")))
+
+
+def pip_cuda_include_dirs():
+    # The pip CUDA wheels (nvidia-*-cu13) carry headers that torch's CUDA headers include
+    # (cusparse.h, cublas_v2.h) and that a bare nvcc install may lack.
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    dirs = []
+    for base in getattr(nvidia, "__path__", []):
+        dirs += sorted(glob.glob(os.path.join(base, "*", "include")))
+    return dirs
+
+
+def set_cuda_home():
+    """Points CUDA_HOME at a real toolkit before torch.utils.cpp_extension is imported (it reads
+    it once, at import)."""
+    # torch guesses CUDA_HOME as the parent of the nvcc on PATH; when that nvcc is a wrapper
+    # (/usr/local/bin/nvcc) the guess has no lib64 and linking -lcudart fails.
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    guess = os.path.dirname(os.path.dirname(nvcc)) if nvcc else None
+    if guess and os.path.isdir(os.path.join(guess, "lib64")):
+        return
+    for cand in ("/usr/local/cuda",):
+        if os.path.exists(os.path.join(cand, "bin", "nvcc")):
+            os.environ["CUDA_HOME"] = cand
+            return
+
+
+def cuda_decision(torch, cuda_home):
+    """(build the CUDA kernels?, why not): FUSEDTRAIN_BUILD_CUDA=0, a CPU build of torch, or no nvcc."""
+    if os.environ.get("FUSEDTRAIN_BUILD_CUDA", "1") == "0":
+        return False, "FUSEDTRAIN_BUILD_CUDA=0"
+    if torch.version.cuda is None:
+        return False, "torch is a CPU build"
+    nvcc = shutil.which("nvcc") or (cuda_home and os.path.join(cuda_home, "bin", "nvcc"))
+    if not nvcc or not os.path.exists(nvcc):
+        return False, "nvcc not found (install the CUDA toolkit of torch.version.cuda, or set CUDA_HOME)"
+    return True, ""
+
+
+# ---- the record of the torch a build is for -------------------------------------------------------
+
+def torch_record(torch):
+    """"torch=<torch.__version__>;cuda=<torch.version.cuda>;cxx11abi=<0|1>;python=<X.Y>" of a torch:
+    what a build compiled against it records, and what the running torch must equal to load it.
+    torch.__version__ whole (local tag and nightly date included): torch keeps no C++ ABI between
+    versions, and a version's CPU and CUDA wheels differ in ABI too."""
+    return ";".join([f"torch={torch.__version__}", f"cuda={torch.version.cuda}",
+                     f"cxx11abi={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+                     f"python={sys.version_info[0]}.{sys.version_info[1]}"])
+
+
+def parse_record(record):
+    """{key: value} of a record string ("k=v;k=v")."""
+    return dict(item.split("=", 1) for item in record.split(";") if "=" in item)
+
+
+def write_record_header(directory, torch):
+    """Writes <directory>/fusedtrain_build_record.h (what csrc/module.cpp includes) with the record
+    of `torch`, only when its content changes (a new mtime would recompile module.cpp), and
+    returns `directory` for the include path."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, RECORD_HEADER)
+    text = ("// Generated by fusedtrain/_build_spec.py: the torch this build of fusedtrain._C compiles against.\n"
+            f'#define FUSEDTRAIN_BUILD_RECORD "{torch_record(torch)}"\n')
+    try:
+        with open(path) as f:
+            if f.read() == text:
+                return directory
+    except OSError:
+        pass
+    with open(path, "w") as f:
+        f.write(text)
+    return directory
+
+
+def read_record(so_path):
+    """The record a built fusedtrain._C keeps (the string after RECORD_MAGIC), read from the file
+    without loading it; None when the file holds none (built before fusedtrain recorded one)."""
+    import mmap
+
+    with open(so_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        start = m.find(RECORD_MAGIC)
+        if start < 0:
+            return None
+        start += len(RECORD_MAGIC)
+        end = m.find(b"\0", start, start + 4096)
+        return m[start:end].decode("utf-8", "replace") if end >= 0 else None
