@@ -217,11 +217,12 @@ def test_triton_launches_split_by_alignment():
 
 
 def _search_head(addrs, sizes, numel):
-    """The first e < 16 after which every address is 16-byte aligned (capped at numel), or -1."""
+    """The first e < 16 after which every address is 16-byte aligned (capped at numel); else
+    the numel of a tensor shorter than 16 (all head), or -1."""
     for e in range(16):
         if all((a + s * e) % 16 == 0 for a, s in zip(addrs, sizes)):
             return min(e, numel)
-    return -1
+    return numel if numel < 16 else -1
 
 
 def test_heads_align_every_streamed_list():

@@ -237,7 +237,7 @@ def _elem(x, y_raw, w, pw, keep_hi, keep_lo, heps_hi, heps_lo, ign_hi, ign_lo, a
         if (a_int >= 0) & (b_int >= 0):  # a hard label's exponent is one of the two integers
             hard = (y == 0.0) | (y == 1.0)
             Bi = tl.where(y > 0, _ipow(B, b_int), _ipow(B, a_int))
-            if tl.min(hard.to(tl.int32), axis=0) == 1:  # the usual tile: no pow at all
+            if tl.min(hard.to(tl.int32)) == 1:  # the usual tile: no pow at all (min over every axis)
                 Bg = Bi
             else:
                 Bg = tl.where(hard, Bi, _pow(B, gam))
@@ -304,6 +304,8 @@ def _bce_sum_kernel(part_ptr, out_ptr, P, divisor, SUM_BLOCK: tl.constexpr):
         idx = start + tl.arange(0, SUM_BLOCK)
         acc += tl.load(part_ptr + idx, mask=idx < P, other=0.0).to(tl.float64)
     total = tl.sum(acc, axis=0) / divisor.to(tl.float64)
+    if out_ptr.dtype.element_ty != tl.float64:
+        total = total.to(tl.float32)  # through fp32, as the C++ kernels' cast of the double (and torch's)
     store_rounded(out_ptr, total, True)
 
 
@@ -344,7 +346,7 @@ def _bce_bwd_kernel(go_ptr, x_ptr, y_ptr, w_ptr, pw_ptr, gi_ptr, gt_ptr, N, C, w
 
 
 AOT_HELPERS = ("_div", "_log1p_small", "_tile", "_total", "_load_weight", "_bce_loss", "_bce_input_grad", "_bce_target_grad",
-               "_pow", "_sig_terms", "_safe_ratio", "_f", "_elem")
+               "_pow", "_ipow", "_small_int", "_sig_terms", "_safe_ratio", "_f64", "_elem")
 
 
 # ---- launchers (the triton_op bodies) --------------------------------------------------
@@ -545,6 +547,14 @@ def _specs():
                     gen = dict(HAS_W=has_w, HAS_PW=False, **flat, KIND=kind, GENERIC=True, HAS_IGNORE=has_ignore)
                     specs.append(fwd(dt, label, REDUCE=reduce_, **gen))
                     specs.append(bwd(dt, label, PER_ELEM=not reduce_, GI=True, GT=False, **gen))
+        # a weight of shape (C,) with focal loss and ASL: the 2-D tiles (a reduction over one
+        # axis of a tile is a vector there, not the scalar it is in the flat layout)
+        for kind, name in ((1, "focal"), (2, "asl")):
+            for block_c in (64, BLOCK):
+                gen = dict(HAS_W=True, HAS_PW=False, FLAT=False, WIDE=False, BLOCK_C=block_c, KIND=kind,
+                           GENERIC=True, HAS_IGNORE=False)
+                specs.append(fwd(dt, f"{name}+weight,reduce,rc{block_c}", REDUCE=True, **gen))
+                specs.append(bwd(dt, f"{name}+weight,reduce,rc{block_c}", PER_ELEM=False, GI=True, GT=False, **gen))
         gen = dict(HAS_W=True, HAS_PW=True, **flat, KIND=0, GENERIC=True, HAS_IGNORE=True)
         specs.append(fwd(dt, "bce+pos_weight+weight+ignore,reduce", REDUCE=True, **gen))
         specs.append(bwd(dt, "bce+pos_weight+weight+ignore,reduce", PER_ELEM=False, GI=True, GT=False, **gen))

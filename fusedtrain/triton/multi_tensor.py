@@ -94,8 +94,10 @@ def _upload_tables(rows, heads, chunk, empty_tiles, device, sel=None):
 def heads(rows, sizes):
     """Per row of the host table, the number h of leading elements after which the addresses
     of every streamed list (the first len(sizes) columns, of those element sizes in bytes, 0 for
-    an empty list) are 16-byte aligned, at most the tensor's numel; -1 where
-    no h < 16 aligns them all (views at different offsets in their buffers)."""
+    an empty list) are 16-byte aligned, at most the tensor's numel; where no h < 16 aligns them
+    all (views at different offsets in their buffers), the numel of a tensor of fewer than 16
+    elements (all head), else -1. (An h at the numel leaves the body's aligned accesses all
+    masked off: a hint that is false for no access.)"""
     addr = rows[:, :len(sizes)]
     misaligned = (addr % 16 != 0).any(dim=1)
     h = torch.zeros(len(rows), dtype=torch.int64)
@@ -105,8 +107,10 @@ def heads(rows, sizes):
     e = torch.arange(16)
     size = torch.tensor(sizes, dtype=torch.int64).view(1, -1, 1)
     ok = ((addr + size * e) % 16 == 0).all(dim=1)  # (tensors, 16): aligned after e elements
-    found = torch.minimum(ok.to(torch.int8).argmax(dim=1), rows[misaligned, -1])  # argmax: the first True
-    h[misaligned] = torch.where(ok.any(dim=1), found, -1)
+    numel = rows[misaligned, -1]
+    found = torch.minimum(ok.to(torch.int8).argmax(dim=1), numel)  # argmax: the first True
+    # no h aligns them: a tensor of fewer than 16 elements is all head (scalar, in this launch)
+    h[misaligned] = torch.where(ok.any(dim=1), found, torch.where(numel < 16, numel, -1))
     return h
 
 
