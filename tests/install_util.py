@@ -26,6 +26,23 @@ def install_test(fn):
     skip = pytest.mark.skipif(not INSTALL_TESTS, reason="builds and installs (minutes): make test-install")
     return pytest.mark.install(skip(fn))
 
+# code for a subprocess that imported fusedtrain and torch: a BCE and an AdamW step on the
+# native backend, each against torch
+NATIVE_STEP = """
+x, y = torch.randn(1000), torch.rand(1000)
+with fusedtrain.use_backend("native"):
+    loss = fusedtrain.functional.binary_cross_entropy_with_logits(x, y)
+assert torch.allclose(loss, torch.nn.functional.binary_cross_entropy_with_logits(x, y))
+p, q = torch.nn.Parameter(torch.randn(100)), torch.nn.Parameter(torch.randn(100))
+q.data.copy_(p.data)
+p.grad = torch.randn(100)
+q.grad = p.grad.clone()
+with fusedtrain.use_backend("native"):
+    fusedtrain.FusedAdamW([p], lr=0.01).step()
+torch.optim.AdamW([q], lr=0.01, foreach=False).step()
+assert torch.allclose(p, q, rtol=1e-6, atol=1e-7)
+"""
+
 STRIP_EDITABLE = "import sys\nsys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
 
 

@@ -19,7 +19,7 @@ import torch
 import fusedtrain
 from fusedtrain import _build_cache, _build_spec, _ext, selfcheck
 from helpers import ROOT, normal_only
-from install_util import copy_sources, install_test, output, package_copy, pip_install_target, run_python
+from install_util import NATIVE_STEP, copy_sources, install_test, output, package_copy, pip_install_target, run_python
 
 pytestmark = normal_only
 
@@ -209,19 +209,7 @@ from fusedtrain import _ext
 assert fusedtrain.__file__.startswith(sys.argv[1]), fusedtrain.__file__
 assert _ext.source == "cache" and _ext.path == sys.argv[2], _ext.describe()
 assert not _ext._C.built_with_cuda  # FUSEDTRAIN_BUILD_CUDA=0
-x, y = torch.randn(1000), torch.rand(1000)
-with fusedtrain.use_backend("native"):
-    loss = fusedtrain.functional.binary_cross_entropy_with_logits(x, y)
-assert torch.allclose(loss, torch.nn.functional.binary_cross_entropy_with_logits(x, y))
-p, q = torch.nn.Parameter(torch.randn(100)), torch.nn.Parameter(torch.randn(100))
-q.data.copy_(p.data)
-p.grad = torch.randn(100)
-q.grad = p.grad.clone()
-with fusedtrain.use_backend("native"):
-    fusedtrain.FusedAdamW([p], lr=0.01).step()
-torch.optim.AdamW([q], lr=0.01, foreach=False).step()
-assert torch.allclose(p, q, rtol=1e-6, atol=1e-7)
-"""
+""" + NATIVE_STEP
     proc = run_python(code, target, entry / "_C.so", path=target, env=env)
     assert proc.returncode == 0 and WARNING not in proc.stderr, output(proc)
     proc = run_python(build, path=target, env=env)

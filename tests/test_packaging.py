@@ -25,7 +25,7 @@ import torch
 import fusedtrain
 from fusedtrain import _build_spec, _version, cli
 from helpers import ROOT, normal_only
-from install_util import checkout_files, copy_sources, fresh_venv, install_test, output, run_python
+from install_util import NATIVE_STEP, checkout_files, copy_sources, fresh_venv, install_test, output, run_python
 
 pytestmark = normal_only
 
@@ -147,19 +147,7 @@ import fusedtrain
 from fusedtrain import _ext
 assert fusedtrain.__file__.startswith(sys.prefix), (fusedtrain.__file__, sys.prefix)
 assert _ext.source == "installed", _ext.describe()
-x, y = torch.randn(1000), torch.rand(1000)
-with fusedtrain.use_backend("native"):
-    loss = fusedtrain.functional.binary_cross_entropy_with_logits(x, y)
-assert torch.allclose(loss, torch.nn.functional.binary_cross_entropy_with_logits(x, y))
-p, q = torch.nn.Parameter(torch.randn(100)), torch.nn.Parameter(torch.randn(100))
-q.data.copy_(p.data)
-p.grad = torch.randn(100)
-q.grad = p.grad.clone()
-with fusedtrain.use_backend("native"):
-    fusedtrain.FusedAdamW([p], lr=0.01).step()
-torch.optim.AdamW([q], lr=0.01, foreach=False).step()
-assert torch.allclose(p, q, rtol=1e-6, atol=1e-7)
-print("ok", _ext.describe())
+""" + NATIVE_STEP + """print("ok", _ext.describe())
 """
 
 
