@@ -60,6 +60,9 @@ def _extensions():
     # fusedtrain/_ext.py refuses a build whose record differs from the running torch)
     generated = build_spec.write_record_header(os.path.join(ROOT, "build", "generated"), torch)
     include_dirs = build_spec.include_dirs(csrc) + [generated]
+    # a new record must rebuild (setuptools' own build, without ninja, skips an extension whose
+    # sources are older than it; the header is how it learns of another torch)
+    depends = [os.path.relpath(os.path.join(generated, build_spec.RECORD_HEADER), ROOT)]
     _say(f"building against torch {torch.__version__} (recorded in the extension; "
          "it loads only under this torch)")
     if use_cuda:
@@ -70,14 +73,19 @@ def _extensions():
             sources,
             include_dirs=include_dirs,
             define_macros=[build_spec.CUDA_DEFINE],
+            depends=depends,
             extra_compile_args={"cxx": build_spec.cxx_flags(), "nvcc": build_spec.nvcc_flags()},
             extra_link_args=[],
         )
         _say(f"building CPU + CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')}")
     else:
         ext = CppExtension(f"fusedtrain.{build_spec.MODULE_NAME}", sources, include_dirs=include_dirs,
+                           depends=depends,
                            extra_compile_args={"cxx": build_spec.cxx_flags()}, extra_link_args=[])
         _say(f"building CPU kernels only ({why_not})")
+    # torch runs `ninja` from PATH; pip's ninja lives next to this python, which need not be on
+    # PATH (the Makefile's .venv/bin/pip, a venv used without activating it)
+    os.environ["PATH"] = os.environ.get("PATH", "") + os.pathsep + os.path.dirname(sys.executable)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 
 

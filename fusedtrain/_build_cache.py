@@ -8,8 +8,10 @@ side by side and a build is never found for another torch or other sources.
 """
 import hashlib
 import os
+import platform
 import re
 import sys
+import sysconfig
 
 from fusedtrain import _build_spec
 
@@ -24,7 +26,10 @@ def root():
 
 def key(torch, csrc, version):
     """The entry's name for a build of the sources in `csrc` (fusedtrain `version`) against `torch`."""
-    exact = hashlib.sha256((_build_spec.torch_record(torch) + "\n" + _build_spec.sources_digest(csrc)).encode())
+    # the extension suffix tells free-threaded and debug Pythons apart (X.Y does not), the machine
+    # x86 from aarch64 on a shared home
+    abi = f"{sysconfig.get_config_var('EXT_SUFFIX')};{platform.machine()}"
+    exact = hashlib.sha256("\n".join([_build_spec.torch_record(torch), abi, _build_spec.sources_digest(csrc)]).encode())
     readable = (f"torch{torch.__version__}-cuda{torch.version.cuda or 'none'}"
                 f"-py{sys.version_info[0]}{sys.version_info[1]}-fusedtrain{version}")
     return re.sub(r"[^A-Za-z0-9.+_-]", "_", readable) + "-" + exact.hexdigest()[:16]

@@ -10,6 +10,7 @@ imports torch only inside the functions that take it.
 import glob
 import os
 import platform
+import re
 import shutil
 import sys
 
@@ -101,14 +102,27 @@ def nvcc_flags():
 CUDA_DEFINE = ("FUSEDTRAIN_WITH_CUDA", "1")
 
 
+def _arch_order(arch):
+    # numeric "X.Y[a|f][+PTX]" by version; names torch accepts ("Hopper", "native") after them
+    m = re.match(r"(\d+)\.(\d+)", arch)
+    return (0, int(m.group(1)), int(m.group(2)), arch) if m else (1, 0, 0, arch)
+
+
 def cuda_archs(torch):
     """sm_80 and sm_90 always (the GPUs the kernels are written and checked for), plus what
-    TORCH_CUDA_ARCH_LIST asks for and the arch of every visible GPU."""
+    TORCH_CUDA_ARCH_LIST asks for and the arch of every visible GPU; the highest numeric one
+    also as PTX, so that a GPU newer than any of them (a build made where none is visible)
+    JIT-compiles the kernels instead of finding no kernel image."""
     archs = ["8.0", "9.0"]
     archs += [a for a in os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(" ", ";").split(";") if a]
     if torch.cuda.is_available():
         archs += ["%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
-    return sorted(set(archs), key=lambda a: float(a.rstrip("+PTX").replace("a", "")))
+    archs = sorted(set(archs), key=_arch_order)
+    plain = [a for a in archs if re.fullmatch(r"\d+\.\d+", a)]  # "a"/"f" variants' PTX runs on no newer GPU
+    if plain and not any(a.endswith("+PTX") for a in archs):
+        top = plain[-1]
+        archs[archs.index(top)] = top + "+PTX"
+    return archs
 
 
 def pip_cuda_include_dirs():

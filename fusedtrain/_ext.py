@@ -25,9 +25,10 @@ import torch
 from fusedtrain import _build_cache, _build_spec
 from fusedtrain._version import __version__
 
-FIX = ("run `fusedtrain build` (compiles it for this torch into the cache, a few minutes), or reinstall "
-       "against this torch: `pip install --no-build-isolation --force-reinstall --no-deps fusedtrain` "
-       "(`.` for fusedtrain in a checkout)")
+FIX = ("run `fusedtrain build` (compiles it for this torch into the cache, a few minutes), or rebuild the "
+       "install against this torch: `pip install --no-build-isolation --no-binary fusedtrain --no-cache-dir "
+       "--force-reinstall --no-deps fusedtrain` (`.` for fusedtrain in a checkout; --no-binary and "
+       "--no-cache-dir: a wheel, or pip's cached build of the sdist, was compiled for another torch)")
 
 
 class NativeExtensionWarning(UserWarning):
@@ -99,7 +100,11 @@ def _native_ops_registered():
 def _try(file, where, running):
     """Loads `file` when its record matches the running torch; else notes why not. True if loaded."""
     global _C, source, path
-    why = record_mismatch(_build_spec.read_record(file), running)
+    try:
+        why = record_mismatch(_build_spec.read_record(file), running)
+    except (OSError, ValueError) as e:  # unreadable, or empty (an interrupted install): refused, not a crash
+        refused.append((file, f"it cannot be read ({type(e).__name__}: {e})"))
+        return False
     if not why:
         try:
             _C, source, path = _load_file(file), where, file
@@ -147,27 +152,52 @@ def _jit_build_now():
     return ok
 
 
+def _has_cuda_kernels(file):
+    try:
+        return _build_spec.parse_record(_build_spec.read_record(file) or "").get("cuda_kernels") == "1"
+    except (OSError, ValueError):
+        return False
+
+
 def _load():
     global _why_not
     running = _build_spec.torch_record(torch)
     installed = _installed_file()
-    if installed and _try(installed, "installed", running):
-        return
-    entry = None if _stop else _cached_entry()
-    if entry is not None:
-        cached = _build_cache.so_path(entry)
+    entry = _cached_entry()
+    cached = _build_cache.so_path(entry) if entry is not None else None
+    # an installed build without CUDA kernels under a CUDA torch gives way to a cached one with
+    # them (`fusedtrain build` run where nvcc is)
+    if installed and not (torch.version.cuda and not _has_cuda_kernels(installed) and cached
+                          and os.path.isfile(cached) and _has_cuda_kernels(cached)):
+        if _try(installed, "installed", running):
+            return
+    if entry is not None and not _stop:
         if os.path.isfile(cached):
             if _try(cached, "cache", running):
                 return
         else:
             refused.append(("the build cache", f"no `fusedtrain build` for this torch in {entry}"))
-            # FUSEDTRAIN_JIT_BUILD=1 builds only what is missing: a build that is there and fails
-            # is not rebuilt at every import
-            if os.environ.get("FUSEDTRAIN_JIT_BUILD", "0") == "1" and _jit_build_now() \
-                    and _try(cached, "cache", running):
-                return
+            # FUSEDTRAIN_JIT_BUILD=1 builds only what is missing, and not again after a failed
+            # build of these sources (every import, DataLoader workers included, would retry it)
+            failed = entry + ".failed.log"
+            if os.environ.get("FUSEDTRAIN_JIT_BUILD", "0") == "1":
+                if os.path.isfile(failed):
+                    refused.append(("FUSEDTRAIN_JIT_BUILD=1", f"an earlier build failed ({failed}); "
+                                    "`fusedtrain build` tries again"))
+                elif _jit_build_now() and _try(cached, "cache", running):
+                    return
     _why_not = f"extension not loaded ({_refusals()}); {FIX}"
-    warnings.warn(_warning_text(), NativeExtensionWarning, stacklevel=2)
+    if _warn_here():
+        warnings.warn(_warning_text(), NativeExtensionWarning, stacklevel=2)
+
+
+def _warn_here():
+    """Whether this process says so: not with FUSEDTRAIN_EXT_WARNING=0 (an install without the
+    extension on purpose), and not in a multiprocessing child (DataLoader workers: the parent
+    has said it); `fusedtrain check` and backends() say it anyway."""
+    import multiprocessing
+
+    return os.environ.get("FUSEDTRAIN_EXT_WARNING", "1") != "0" and multiprocessing.parent_process() is None
 
 
 def _refusals():

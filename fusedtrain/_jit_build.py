@@ -9,6 +9,7 @@ The entry appears whole or not at all: the build happens in a scratch directory 
 finished _C.so is moved in.
 """
 import argparse
+import fcntl
 import os
 import re
 import shutil
@@ -41,12 +42,14 @@ def _progress(line, csrc):
     return f"  [{m.group(1)}/{m.group(2)}] {what}"
 
 
-def build(out=sys.stderr, verbose=False):
+def build(out=sys.stderr, verbose=False, force=False):
     """Compiles the extension of this fusedtrain's sources for the running torch into the cache.
 
     Args:
         out: where progress goes.
         verbose: pass every line of the compiler's output to `out` too.
+        force: build even when the entry holds a build (one made by another process while this
+            one waited for the entry's lock is taken otherwise).
     Returns:
         (True, the built file) or (False, why, with where the log is).
     """
@@ -60,10 +63,26 @@ def build(out=sys.stderr, verbose=False):
     entry = _build_cache.entry(torch, csrc, __version__)
     try:
         os.makedirs(_build_cache.root(), exist_ok=True)
-        work = tempfile.mkdtemp(prefix=".build-", dir=_build_cache.root())
+        lock = open(entry + ".lock", "w")
     except OSError as e:
         return False, (f"cannot write the build cache {_build_cache.root()} ({e}); "
                        "set FUSEDTRAIN_CACHE to a writable folder")
+    with lock:
+        # one build of an entry at a time (the ranks of a torchrun, each with FUSEDTRAIN_JIT_BUILD=1):
+        # the others wait, then find it built
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.isfile(_build_cache.so_path(entry)) and not force:
+            say(f"built meanwhile by another process: {_build_cache.so_path(entry)}")
+            return True, _build_cache.so_path(entry)
+        work = tempfile.mkdtemp(prefix=".build-", dir=_build_cache.root())
+        try:
+            return _compile(entry, csrc, work, say, out, verbose)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)  # also after an interrupt
+
+
+def _compile(entry, csrc, work, say, out, verbose):
+    """The compile into the scratch folder `work`, and the move of its result into `entry`."""
     log_path = os.path.join(work, "build.log")
     jobs = f"MAX_JOBS={os.environ['MAX_JOBS']}" if os.environ.get("MAX_JOBS") else "all cores, MAX_JOBS=N limits it"
     say(f"compiling fusedtrain._C for torch {torch.__version__} into {entry} (a few minutes; {jobs})")
@@ -82,10 +101,9 @@ def build(out=sys.stderr, verbose=False):
                       file=out, flush=True)
         rc = child.wait()
     seconds = time.time() - t0
+    failed_log = entry + ".failed.log"
     if rc != 0:
-        failed_log = entry + ".failed.log"
         shutil.move(log_path, failed_log)
-        shutil.rmtree(work, ignore_errors=True)
         with open(failed_log) as f:
             tail = "".join(f.readlines()[-25:])
         say(f"FAILED after {seconds:.0f} s (exit status {rc}); the end of {failed_log}:\n{tail}")
@@ -94,9 +112,17 @@ def build(out=sys.stderr, verbose=False):
     built = _build_cache.so_path(entry)
     os.replace(_build_cache.so_path(work), built)  # atomic: an import never sees half a file
     shutil.move(log_path, os.path.join(entry, "build.log"))
-    shutil.rmtree(work, ignore_errors=True)
+    if os.path.exists(failed_log):  # an earlier failure of these sources no longer holds
+        os.remove(failed_log)
     say(f"done in {seconds:.0f} s: {built}")
     return True, built
+
+
+def _cuda_home():
+    _build_spec.set_cuda_home()
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return CUDA_HOME
 
 
 def main(argv=None) -> int:
@@ -114,13 +140,15 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     from fusedtrain import _ext
 
-    if _ext._C is not None and not a.force:
+    if a.cpu_only:
+        os.environ["FUSEDTRAIN_BUILD_CUDA"] = "0"
+    # a loaded build without CUDA kernels where this build would have them is not enough
+    wants_cuda = not a.cpu_only and _build_spec.cuda_decision(torch, _cuda_home())[0]
+    if _ext._C is not None and not a.force and (_ext._C.built_with_cuda or not wants_cuda):
         print(f"fusedtrain build: nothing to do, this torch's extension is loaded: {_ext.describe()} "
               "(--force builds a cached one anyway)")
         return 0
-    if a.cpu_only:
-        os.environ["FUSEDTRAIN_BUILD_CUDA"] = "0"
-    ok, what = build(out=sys.stdout, verbose=a.verbose)
+    ok, what = build(out=sys.stdout, verbose=a.verbose, force=a.force or _ext._C is not None)
     if not ok:
         print(f"fusedtrain build: {what}", file=sys.stderr)
         return 1

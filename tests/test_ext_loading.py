@@ -19,7 +19,7 @@ import torch
 import fusedtrain
 from fusedtrain import _build_cache, _build_spec, _ext, selfcheck
 from helpers import ROOT, normal_only
-from install_util import NATIVE_STEP, copy_sources, install_test, output, package_copy, pip_install_target, run_python
+from install_util import NATIVE_STEP, STRIP_EDITABLE, copy_sources, install_test, output, package_copy, pip_install_target, run_python
 
 pytestmark = normal_only
 
@@ -183,6 +183,96 @@ def test_a_failed_build_at_import_is_reported_with_its_log(tmp_path):
     assert "fusedtrain build: FAILED" in proc.stderr, output(proc)
     assert len(list((tmp_path / "cache").glob("*.failed.log"))) == 1
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".build-")], "scratch left behind"
+    # the next import (a DataLoader worker, the next run) does not compile again for minutes
+    proc = run_python(code, path=pkg, env={"FUSEDTRAIN_CACHE": str(tmp_path / "cache"), "FUSEDTRAIN_JIT_BUILD": "1",
+                                           "CXX": "/nonexistent/c++", "FUSEDTRAIN_BUILD_CUDA": "0"})
+    _assert_one_warning(proc, "an earlier build failed", "`fusedtrain build` tries again")
+    assert "fusedtrain build:" not in proc.stderr, output(proc)
+
+
+def test_an_unreadable_installed_file_is_refused_not_a_crash(tmp_path):
+    """An empty _C file (an interrupted install, a full disk) cannot be mapped: refused and said,
+    the import goes on."""
+    pkg = package_copy(tmp_path / "pkg")
+    open(os.path.join(pkg, "fusedtrain", "_C" + sysconfig.get_config_var("EXT_SUFFIX")), "w").close()
+    proc = run_python(ALWAYS + "import fusedtrain\nassert fusedtrain._ext._C is None\n", path=pkg,
+                      env={"FUSEDTRAIN_CACHE": str(tmp_path / "cache")})
+    _assert_one_warning(proc, "cannot be read")
+
+
+def test_the_warning_is_said_once_per_run_not_per_worker_and_can_be_turned_off(tmp_path):
+    """A multiprocessing child (a DataLoader worker, spawned) does not repeat the parent's
+    warning; FUSEDTRAIN_EXT_WARNING=0 (an install without the extension on purpose) silences
+    it, and backends() still says why."""
+    pkg = package_copy(tmp_path / "pkg")
+    code = STRIP_EDITABLE + ALWAYS + """
+import multiprocessing as mp
+
+def child(q):
+    import warnings
+    warnings.simplefilter('always')
+    with warnings.catch_warnings(record=True) as w:
+        import fusedtrain
+    q.put([str(x.message)[:40] for x in w])
+
+if __name__ == "__main__":
+    import fusedtrain
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=child, args=(q,))
+    p.start(); got = q.get(); p.join()
+    assert got == [], got
+"""
+    script = tmp_path / "spawn.py"
+    script.write_text(code)
+    env = {"FUSEDTRAIN_CACHE": str(tmp_path / "cache"), "PYTHONPATH": pkg}
+    proc = subprocess.run([os.sys.executable, str(script)], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+    _assert_one_warning(proc, "not built")
+    quiet = ALWAYS + "import fusedtrain\nok, why = fusedtrain.backends('cpu')['native']\nassert not ok and 'not built' in why\n"
+    proc = run_python(quiet, path=pkg, env={**env, "FUSEDTRAIN_EXT_WARNING": "0"})
+    assert proc.returncode == 0 and WARNING not in proc.stderr, output(proc)
+
+
+@needs_installed
+def test_a_cached_cuda_build_wins_over_an_installed_cpu_only_one(tmp_path, monkeypatch):
+    """Under a CUDA torch, an installed build without CUDA kernels gives way to a cached build
+    with them (`fusedtrain build` run where nvcc is): the installed one is not even tried."""
+    if torch.version.cuda is None or not _ext._C.built_with_cuda:
+        pytest.skip("needs a CUDA torch and this process's extension with CUDA kernels")
+    pkg = package_copy(tmp_path / "pkg")
+    _fake_extension(os.path.join(pkg, "fusedtrain", "_C" + sysconfig.get_config_var("EXT_SUFFIX")),
+                    RUNNING + ";cpu_capability=DEFAULT;cuda_kernels=0")
+    monkeypatch.setenv("FUSEDTRAIN_CACHE", str(tmp_path / "cache"))
+    entry = _build_cache.entry(torch, os.path.join(pkg, "fusedtrain", "_csrc"), fusedtrain.__version__)
+    os.makedirs(entry)
+    os.symlink(_ext.path, _build_cache.so_path(entry))
+    code = ALWAYS + "from fusedtrain import _ext\nassert _ext.source == 'cache' and not _ext.refused, _ext.refused\n"
+    proc = run_python(code, path=pkg)
+    assert proc.returncode == 0 and WARNING not in proc.stderr, output(proc)
+
+
+def test_cuda_archs_take_torchs_names_and_end_in_ptx(monkeypatch):
+    """TORCH_CUDA_ARCH_LIST entries torch accepts (names, "a" variants) do not break the build's
+    arch list, and the highest plain arch also goes in as PTX (a newer GPU JIT-compiles it)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "Hopper;8.6;native;10.0a")
+    assert _build_spec.cuda_archs(torch) == ["8.0", "8.6", "9.0+PTX", "10.0a", "Hopper", "native"]
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.9+PTX")
+    assert _build_spec.cuda_archs(torch) == ["8.0", "8.9+PTX", "9.0"]
+
+
+def test_the_cache_key_tells_python_abis_and_machines_apart(monkeypatch, tmp_path):
+    csrc = os.path.join(ROOT, "csrc")
+    base = _build_cache.key(torch, csrc, "1.0")
+    real = sysconfig.get_config_var
+    monkeypatch.setattr(sysconfig, "get_config_var", lambda k: ".cpython-313t-x86_64-linux-gnu.so"
+                        if k == "EXT_SUFFIX" else real(k))
+    assert _build_cache.key(torch, csrc, "1.0") != base
+    monkeypatch.setattr(sysconfig, "get_config_var", real)
+    import platform
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert _build_cache.key(torch, csrc, "1.0") != base
 
 
 # ---- `fusedtrain build`, for real (minutes) ------------------------------------------------------------
