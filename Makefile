@@ -32,12 +32,15 @@ venv install: $(STAMP)
 
 # Native, reference (and CUDA, where a GPU is present) tests, and the Triton kernels executed
 # by the Triton interpreter on CPU tensors (TRITON_INTERPRET must be set before triton is
-# imported, hence a second pytest process). The two run side by side: the interpreter's run is
-# one Python thread of numpy calls, so on 2 cores this takes ~13 minutes instead of ~19 one
-# after the other. Its output follows the first run's; either failing fails `make test`.
+# imported, hence a second pytest process). The two run side by side, the interpreter's (one
+# Python thread of numpy calls) at the lowest priority: it takes the cycles the first run leaves
+# idle, and never a core from under the first run's OpenMP threads (at equal priority their
+# barriers waited on descheduled threads and both runs slowed to a crawl). One after the other
+# they took 19 minutes on 2 cores. Its output follows the first run's; either failing fails
+# `make test`.
 INTERP_LOG := .interp-tests.log
 test: $(STAMP)
-	@TRITON_INTERPRET=1 $(PY) -m pytest -q tests -m triton_interp --basetemp=.pytest-interp-tmp \
+	@TRITON_INTERPRET=1 nice -n 19 $(PY) -m pytest -q tests -m triton_interp --basetemp=.pytest-interp-tmp \
 		> $(INTERP_LOG) 2>&1 & interp=$$!; \
 	$(PY) -m pytest -q tests; native=$$?; \
 	wait $$interp; triton=$$?; \
