@@ -35,9 +35,9 @@ venv install: $(STAMP)
 # imported, hence a second pytest process). The two run side by side, the interpreter's (one
 # Python thread of numpy calls) at the lowest priority: it takes the cycles the first run leaves
 # idle, and never a core from under the first run's OpenMP threads (at equal priority their
-# barriers waited on descheduled threads and both runs slowed to a crawl). One after the other
-# they took 19 minutes on 2 cores. Its output follows the first run's; either failing fails
-# `make test`.
+# barriers waited on descheduled threads and both runs slowed to a crawl). On 2 cores: 18:34
+# side by side, 19:00 one after the other (the first run then loses its idle cycles only).
+# Its output follows the first run's; either failing fails `make test`.
 INTERP_LOG := .interp-tests.log
 test: $(STAMP)
 	@TRITON_INTERPRET=1 nice -n 19 $(PY) -m pytest -q tests -m triton_interp --basetemp=.pytest-interp-tmp \
