@@ -290,7 +290,8 @@ def test_fusedtrain_build_compiles_for_the_running_torch_and_the_next_import_loa
     proc = run_python(build, path=target, env=env, timeout=1800)
     assert proc.returncode == 0, output(proc)
     assert re.search(r"\[\d+/\d+\] cpu/adam.cpp", proc.stdout) and "done in" in proc.stdout, output(proc)
-    (entry,) = [p for p in cache.iterdir()]  # one entry, no scratch folder left behind
+    (entry,) = [p for p in cache.iterdir() if p.is_dir()]  # one entry, no scratch folder left behind
+    assert [p.name for p in cache.iterdir() if not p.is_dir()] == [entry.name + ".lock"]
     assert (entry / "_C.so").is_file() and (entry / "build.log").is_file()
     code = ALWAYS + """
 import sys, torch
