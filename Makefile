@@ -63,7 +63,7 @@ test-integration: $(STAMP) $(INTEGRATIONS)
 # sdist and a wheel that each install into a fresh venv and run on the native backend (CPU-only
 # builds; the fresh venvs borrow this venv's torch). Marked `install` (tests/install_util.py).
 test-install: $(STAMP)
-	$(PY) -c "import build" 2>/dev/null || $(PIP) install build
+	$(PIP) show build >/dev/null 2>&1 || $(PIP) install build  # (import build would find ./build/)
 	FUSEDTRAIN_TEST_INSTALL=1 $(PY) -m pytest -q -m install --durations=10 tests
 
 bench: $(STAMP)

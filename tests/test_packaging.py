@@ -97,7 +97,8 @@ def dists(tmp_path_factory):
     env = {**os.environ, "FUSEDTRAIN_BUILD_CUDA": "0", "MAX_JOBS": os.environ.get("MAX_JOBS", "2")}
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(tmp / "dist"),
-                           str(tmp / "src")], env=env, capture_output=True, text=True, timeout=1800)
+                           str(tmp / "src")], env=env, capture_output=True, text=True, timeout=1800,
+                          cwd=str(tmp))  # not the checkout: its build/ folder would shadow the build package
     assert proc.returncode == 0, output(proc)
     print(f"python -m build: {time.time() - t0:.0f} s")
     (sdist,) = (tmp / "dist").glob("fusedtrain-*.tar.gz")
