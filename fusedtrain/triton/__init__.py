@@ -4,8 +4,15 @@ Each module lists its kernels for ahead-of-time compilation in AOT_SPECS (see
 fusedtrain/triton/aot.py), so tests compile every kernel for sm_80 and sm_90 without a GPU.
 """
 import contextlib
+import struct
 
 import torch
+
+
+def f64_bits(x: float) -> int:
+    """The bit pattern of x as an IEEE double, as a signed int64: how a host double reaches a
+    kernel exactly (Triton would pass a Python float as fp32)."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
 def as_int32(x: int) -> int:

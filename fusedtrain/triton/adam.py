@@ -17,7 +17,6 @@ same scalars and per-element math, its tiles whole blocks, each iteration an (bl
 block of elements decoded with the old absmax, updated, reduced per row to the new absmax
 (NaN propagates) and encoded with it, as csrc/cpu/adam.cpp run_range_q8 does block by block.
 """
-import struct
 from typing import Optional
 
 import torch
@@ -25,7 +24,7 @@ import triton
 import triton.language as tl
 
 from fusedtrain import reference
-from fusedtrain.triton import as_int32, device_guard, multi_tensor
+from fusedtrain.triton import as_int32, device_guard, f64_bits, multi_tensor
 from fusedtrain.triton.aot import AotSpec
 from fusedtrain.triton.rounding import store_rounded
 
@@ -463,12 +462,6 @@ def _adam_q8_kernel(tab, tile_t, tile_off, counters, p_ref, lr_ptr, gm_ptr, fi_p
     tl.store(counters + t, 0, mask=last)
 
 
-def _bits(x: float) -> int:
-    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
-
-
-
-
 BLOCK = 1024   # elements per loop iteration of a program
 ITERS = 4      # iterations per program: a tile of 4096 elements
 # stochastic rounding's hash needs registers: with ptxas's own choice (96 on sm_90) the amsgrad
@@ -522,7 +515,8 @@ def launch(tables, block, iters, refs, lr, lr_tensor, beta1, beta2, eps, weight_
         scalars = (lr_tensor if lr_tensor is not None else dummy,
                    grad_mult if grad_mult is not None else dummy,
                    found_inf if found_inf is not None else dummy,
-                   _bits(lr), _bits(beta1), _bits(beta2), float(eps), _bits(weight_decay), as_int32(sr_seed))  # i32, as AOT_SPECS
+                   f64_bits(lr), f64_bits(beta1), f64_bits(beta2), float(eps), f64_bits(weight_decay),
+                   as_int32(sr_seed))  # the seed: i32 for any value, as AOT_SPECS declare it
         flags = dict(AMSGRAD=bool(amsgrad), MASTER=bool(master), LR_TENSOR=lr_tensor is not None,
                      HAS_MULT=grad_mult is not None, HAS_FI=found_inf is not None, MAXIMIZE=bool(maximize),
                      DECOUPLED=bool(decoupled_weight_decay), BLOCK=block, ITERS=iters, ALIGNED=aligned,
@@ -590,7 +584,7 @@ def _check(*lists, amsgrad):
 
 def _spec(pdt, sdt, amsgrad, master, flags, wd_zero=False, amp=False, aligned=True, sr_p=False, sr_v=False):
     sr = sr_p or sr_v
-    # an int argument is i32 when its value fits: lr_bits is _bits(0.0) = 0 with an lr tensor,
+    # an int argument is i32 when its value fits: lr_bits is f64_bits(0.0) = 0 with an lr tensor,
     # wd_bits with weight_decay=0 (torch Adam's default)
     sig = {"tab": "*i64", "tile_t": "*i64", "tile_off": "*i64", "counters": "*i32", "p_ref": f"*{pdt}",
            "s_ref": f"*{sdt}", "lr_ptr": "*fp32", "gm_ptr": "*fp32", "fi_ptr": "*fp32",

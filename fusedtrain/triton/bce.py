@@ -11,14 +11,12 @@ log).
 Reduction (deterministic): program p handles the fixed block [p*BLOCK, (p+1)*BLOCK) and writes
 its partial sum to partials[p]; one program then sums the partials in a fixed order.
 """
-import struct
-
 import torch
 import triton
 import triton.language as tl
 
 from fusedtrain import reference
-from fusedtrain.triton import as_int32, device_guard
+from fusedtrain.triton import as_int32, device_guard, f64_bits
 from fusedtrain.triton.aot import AotSpec
 from fusedtrain.triton.rounding import store_rounded
 
@@ -372,8 +370,8 @@ def _spec_args(params):
     eps, _, ignore, a, b, c = params
     out = []
     for v in (1.0 - eps, eps / 2, ignore, a, b, c):
-        bits = struct.unpack("<Q", struct.pack("<d", float(v)))[0]
-        out += [as_int32(bits >> 32), as_int32(bits & 0xFFFFFFFF)]
+        bits = f64_bits(v)
+        out += [as_int32(bits >> 32), as_int32(bits)]
     return out
 
 
