@@ -6,7 +6,6 @@ backend is a registered op with the contract in csrc/ops.cpp: fusedtrain:: (nati
 fusedtrain_triton:: and fusedtrain_ref::unscale_and_check_.
 """
 import contextlib
-import functools
 
 import torch
 
@@ -88,10 +87,6 @@ def _prepare(group, compute_norm):
     return runs, copies
 
 
-def _read_only(op, tensors, inv_scale, found_inf, compute_norm, write):
-    return op(tensors, inv_scale, found_inf, compute_norm)
-
-
 def unscale_sumsq_(tensors, inv_scale, found_inf, *, compute_norm=False, write=True, owner_of=None):
     """The pass itself; returns {device: fp32 0-d sum of squares on that device} (empty dict
     unless compute_norm). found_inf may live on another device than some tensors: such
@@ -124,9 +119,6 @@ def unscale_sumsq_(tensors, inv_scale, found_inf, *, compute_norm=False, write=T
                              "float16 or bfloat16 (float64 on the reference backend)")
         runs, copies = _prepare(group, compute_norm)  # (empty tensors are fine: no chunks)
         backend = _backend.select(device, OP, dtype, KERNEL_DTYPES)
-        op = _OPS[backend]
-        if not write and backend in _READ_ONLY_OPS:
-            op = functools.partial(_read_only, _READ_ONLY_OPS[backend])
         inv = _per_device(inv_scale, device, inv_cache)
         if found_inf.device == device:
             flag = found_inf
@@ -137,7 +129,10 @@ def unscale_sumsq_(tensors, inv_scale, found_inf, *, compute_norm=False, write=T
             flag = flag_cache[device]
         owner = owner_of(device, dtype) if owner_of is not None else None
         with owner if owner is not None else contextlib.nullcontext():
-            s = op(runs, inv, flag, compute_norm, write)
+            if not write and backend in _READ_ONLY_OPS:
+                s = _READ_ONLY_OPS[backend](runs, inv, flag, compute_norm)
+            else:
+                s = _OPS[backend](runs, inv, flag, compute_norm, write)
         if write:
             for t, c in copies:
                 t.copy_(c)
