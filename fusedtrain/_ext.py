@@ -152,7 +152,11 @@ def _jit_build_now():
     return ok
 
 
+_UNSET = object()
+
+
 def _has_cuda_kernels(file):
+    """Whether the build in `file` records CUDA kernels (False for a missing or unreadable file)."""
     try:
         return _build_spec.parse_record(_build_spec.read_record(file) or "").get("cuda_kernels") == "1"
     except (OSError, ValueError):
@@ -163,15 +167,21 @@ def _load():
     global _why_not
     running = _build_spec.torch_record(torch)
     installed = _installed_file()
-    entry = _cached_entry()
-    cached = _build_cache.so_path(entry) if entry is not None else None
-    # an installed build without CUDA kernels under a CUDA torch gives way to a cached one with
-    # them (`fusedtrain build` run where nvcc is)
-    if installed and not (torch.version.cuda and not _has_cuda_kernels(installed) and cached
-                          and os.path.isfile(cached) and _has_cuda_kernels(cached)):
-        if _try(installed, "installed", running):
-            return
+    # the cache entry hashes the sources (~5 ms): looked up only when the installed build is not
+    # simply taken
+    entry = _UNSET
+    if installed and torch.version.cuda and not _has_cuda_kernels(installed):
+        # an installed build without CUDA kernels under a CUDA torch gives way to a cached one
+        # with them (`fusedtrain build` run where nvcc is)
+        entry = _cached_entry()
+        if entry is not None and _has_cuda_kernels(_build_cache.so_path(entry)):
+            installed = None
+    if installed and _try(installed, "installed", running):
+        return
+    if entry is _UNSET:
+        entry = _cached_entry()
     if entry is not None and not _stop:
+        cached = _build_cache.so_path(entry)
         if os.path.isfile(cached):
             if _try(cached, "cache", running):
                 return
