@@ -4,6 +4,7 @@
 
 #include <vector>
 
+#include "cpu/cpu_isa.h"
 #include "fusedtrain/adam_lists.h"
 #include "fusedtrain/multi_tensor_tables.h"
 
@@ -21,7 +22,9 @@ namespace {
 #else
 #define FUSEDTRAIN_RECORD_CUDA_KERNELS "0"
 #endif
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2) && FT_CPU_AVX512_BUILT
+#define FUSEDTRAIN_RECORD_CPU "AVX2+AVX512"  // csrc/cpu/cpu_isa.h: a copy of the kernels for each
+#elif defined(CPU_CAPABILITY_AVX2)
 #define FUSEDTRAIN_RECORD_CPU "AVX2"
 #else
 #define FUSEDTRAIN_RECORD_CPU "DEFAULT"
@@ -85,11 +88,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("built_with_cuda") = false;
 #endif
-#if defined(CPU_CAPABILITY_AVX2)
-  m.attr("cpu_capability") = "AVX2";
-#else
-  m.attr("cpu_capability") = "DEFAULT";
-#endif
+  m.attr("cpu_capability") = FUSEDTRAIN_RECORD_CPU;  // the copies built
+  // the copy the CPU ops run (torch's capability decides, csrc/cpu/cpu_isa.h)
+  m.def("cpu_kernels", &fusedtrain::cpu_isa::name);
   m.attr("build_record") = kBuildRecord + kRecordMagicLength;  // "torch=...;cuda=...;..."
   m.def("adam_check_", &adam_check_);
   m.def("addresses", &addresses);

@@ -27,8 +27,13 @@ RECORD_HEADER = "fusedtrain_build_record.h"
 # must share with the running torch (the record also says cpu_capability and cuda_kernels)
 TORCH_KEYS = ("torch", "cuda", "cxx11abi", "python")
 
+# x86_avx512/: the AVX-512 copies of the CPU kernels (csrc/cpu/cpu_isa.h). They must be linked
+# after every other object: of an inline function several objects emit, the linker keeps the
+# first copy, which must be one that any CPU runs. setuptools links in sorted path order, where
+# "x86_avx512/" comes after every other file; `fusedtrain build` links in this list's order.
 CPU_SOURCE_GLOBS = ("*.cpp", "cpu/*.cpp")
 CUDA_SOURCE_GLOBS = ("cuda/*.cu",)
+AVX512_SOURCE_GLOBS = ("x86_avx512/*.cpp",)
 # every file a build may read from csrc (sources and the headers they include), at any depth:
 # what the wheel ships (pyproject.toml package-data of fusedtrain._csrc, the same suffixes) and
 # what the cache key hashes
@@ -47,8 +52,8 @@ def csrc_dir(package_dir):
 
 
 def sources(csrc, cuda):
-    """The files to compile, sorted, as absolute paths: the C++ ones, and the CUDA ones when `cuda`."""
-    globs = CPU_SOURCE_GLOBS + (CUDA_SOURCE_GLOBS if cuda else ())
+    """The files to compile, as absolute paths: the C++ ones, and the CUDA ones when `cuda`."""
+    globs = CPU_SOURCE_GLOBS + (CUDA_SOURCE_GLOBS if cuda else ()) + AVX512_SOURCE_GLOBS
     return [p for g in globs for p in sorted(glob.glob(os.path.join(csrc, g)))]
 
 

@@ -64,7 +64,7 @@ def record_mismatch(record, running):
         return (f"it was built for {_describe_torch(built)}, this is {_describe_torch(now)}"
                 + (f" ({', '.join(extra)})" if extra else ""))
     have = torch.backends.cpu.get_cpu_capability()
-    if built.get("cpu_capability") == "AVX2" and have not in ("AVX2", "AVX512"):
+    if built.get("cpu_capability", "").startswith("AVX2") and have not in ("AVX2", "AVX512"):
         # The CPU kernels were compiled with AVX2; calling them here would be SIGILL.
         return f"it was built for AVX2 CPUs and this CPU reports {have}"
     return ""
@@ -227,6 +227,8 @@ def describe():
         return f"none ({_refusals()}). Fix: {FIX}"
     rec = _build_spec.parse_record(_C.build_record)
     kernels = "CPU + CUDA kernels" if _C.built_with_cuda else "CPU kernels only"
+    # the copies built (AVX2+AVX512) and the one the CPU ops run here (torch's capability decides)
+    kernels += f"; CPU copies {_C.cpu_capability}, running {_C.cpu_kernels()}"
     what = "installed" if source == "installed" else "`fusedtrain build` from the cache"
     return f"{what}, {path} (built for {_describe_torch(rec)}; {kernels})"
 

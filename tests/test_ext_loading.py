@@ -54,6 +54,7 @@ def test_a_record_differing_in_any_torch_key_is_refused_with_both_sides_named(mo
     # AVX2 kernels on a CPU without AVX2 would be SIGILL
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
     assert "AVX2" in _ext.record_mismatch(ok.replace("cpu_capability=DEFAULT", "cpu_capability=AVX2"), RUNNING)
+    assert "AVX2" in _ext.record_mismatch(ok.replace("cpu_capability=DEFAULT", "cpu_capability=AVX2+AVX512"), RUNNING)
 
 
 def test_the_record_is_read_from_the_file_without_loading_it(tmp_path):

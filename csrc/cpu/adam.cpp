@@ -1,7 +1,7 @@
 // fusedtrain::adam_ on CPU: one at::parallel_for over all elements of all tensors of the
 // call (multi_tensor.h: units of kUnit elements per tensor, each thread a contiguous run of
 // units), and within a tensor the loop is vectorized with at::vec (16 elements at a time on
-// AVX2, fp32 math for fp32 / bf16 / fp16 storage, vec_io.h). Per-tensor scalars (bias
+// AVX2, 32 on AVX-512 (cpu_isa.h), fp32 math for fp32 / bf16 / fp16 storage, vec_io.h). Per-tensor scalars (bias
 // corrections, step size) are computed once per call in double from the per-tensor step
 // (adam_math.h make_coef).
 //
@@ -14,6 +14,7 @@
 #include <vector>
 
 #define FT_ADAM_WITH_ATEN_VEC 1
+#include "cpu_isa.h"
 #include "fusedtrain/adam_lists.h"
 #include "fusedtrain/adam_math.h"
 #include "multi_tensor.h"
@@ -303,6 +304,10 @@ void run_param(const std::vector<TensorJob>& jobs, const mta::Units& units, bool
 
 float read_scalar(const at::Tensor& t) { return t.to(at::kFloat).item<float>(); }
 
+}  // namespace
+
+namespace CPU_CAPABILITY {
+
 void adam_cpu(at::TensorList params_in, at::TensorList grads_in, at::TensorList exp_avgs_in,
               at::TensorList exp_avg_sqs_in, at::TensorList max_exp_avg_sqs_in, at::TensorList steps,
               at::TensorList master_params_in, at::TensorList exp_avg_absmax, at::TensorList exp_avg_sq_absmax,
@@ -375,8 +380,10 @@ void adam_cpu(at::TensorList params_in, at::TensorList grads_in, at::TensorList 
                      exp_avg_absmax, exp_avg_sq_absmax, max_exp_avg_sq_absmax);
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(fusedtrain, CPU, m) { m.impl("adam_", &adam_cpu); }
-
+}  // namespace CPU_CAPABILITY
 }  // namespace fusedtrain
+
+#if !FT_CPU_AVX512_COPY
+FT_DECLARE_AVX512_COPY(fusedtrain, adam_cpu)
+TORCH_LIBRARY_IMPL(fusedtrain, CPU, m) { m.impl("adam_", FT_CPU_KERNEL(fusedtrain, adam_cpu)); }
+#endif

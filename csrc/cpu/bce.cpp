@@ -14,6 +14,7 @@
 
 #include <vector>
 
+#include "cpu_isa.h"
 #include "fusedtrain/bce_dispatch.h"
 #include "fusedtrain/bce_math.h"
 #include "vec_io.h"
@@ -240,6 +241,10 @@ void backward_kernel(const at::Tensor& grad_output, const at::Tensor& input, con
   });
 }
 
+}  // namespace
+
+namespace CPU_CAPABILITY {
+
 std::tuple<at::Tensor, at::Tensor> bce_with_logits_cpu(const at::Tensor& input, const at::Tensor& target,
                                                        const std::optional<at::Tensor>& weight,
                                                        const std::optional<at::Tensor>& pos_weight, int64_t reduction,
@@ -290,11 +295,15 @@ std::tuple<at::Tensor, at::Tensor> bce_with_logits_backward_cpu(
   return {gi, gt};
 }
 
-}  // namespace
+}  // namespace CPU_CAPABILITY
 }  // namespace bce
 }  // namespace fusedtrain
 
+#if !FT_CPU_AVX512_COPY
+FT_DECLARE_AVX512_COPY(fusedtrain::bce, bce_with_logits_cpu)
+FT_DECLARE_AVX512_COPY(fusedtrain::bce, bce_with_logits_backward_cpu)
 TORCH_LIBRARY_IMPL(fusedtrain, CPU, m) {
-  m.impl("bce_with_logits", &fusedtrain::bce::bce_with_logits_cpu);
-  m.impl("bce_with_logits_backward", &fusedtrain::bce::bce_with_logits_backward_cpu);
+  m.impl("bce_with_logits", FT_CPU_KERNEL(fusedtrain::bce, bce_with_logits_cpu));
+  m.impl("bce_with_logits_backward", FT_CPU_KERNEL(fusedtrain::bce, bce_with_logits_backward_cpu));
 }
+#endif

@@ -12,6 +12,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "cpu_isa.h"
 #include "fusedtrain/bce_math.h"
 #include "fusedtrain/head_dispatch.h"
 #include "vec_io.h"
@@ -95,6 +96,10 @@ void epilogue_kernel(at::Tensor& logits, const float* bias, const at::Tensor& ta
   });
 }
 
+}  // namespace
+
+namespace CPU_CAPABILITY {
+
 at::Tensor linear_bce_epilogue_cpu(at::Tensor& logits, const std::optional<at::Tensor>& bias, const at::Tensor& target,
                                    const std::optional<at::Tensor>& pos_weight,
                                    const std::optional<at::Tensor>& label_weight,
@@ -111,10 +116,13 @@ at::Tensor linear_bce_epilogue_cpu(at::Tensor& logits, const std::optional<at::T
   return row_loss;
 }
 
-}  // namespace
+}  // namespace CPU_CAPABILITY
 }  // namespace head
 }  // namespace fusedtrain
 
+#if !FT_CPU_AVX512_COPY
+FT_DECLARE_AVX512_COPY(fusedtrain::head, linear_bce_epilogue_cpu)
 TORCH_LIBRARY_IMPL(fusedtrain, CPU, m) {
-  m.impl("linear_bce_epilogue_", &fusedtrain::head::linear_bce_epilogue_cpu);
+  m.impl("linear_bce_epilogue_", FT_CPU_KERNEL(fusedtrain::head, linear_bce_epilogue_cpu));
 }
+#endif

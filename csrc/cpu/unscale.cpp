@@ -15,6 +15,7 @@
 
 #include <vector>
 
+#include "cpu_isa.h"
 #include "fusedtrain/unscale_math.h"
 #include "fusedtrain/versions.h"
 #include "multi_tensor.h"
@@ -120,6 +121,10 @@ void dispatch(const mta::Units& units, const std::vector<void*>& data, bool seri
   else run_all<scalar_t, false, false>(units, data, serial, inv, res);
 }
 
+}  // namespace
+
+namespace CPU_CAPABILITY {
+
 // tensors: one dtype (fp32, fp16 or bf16), each non-overlapping and dense (its numel elements
 // are one span starting at data_ptr); inv_scale, found_inf: one-element fp32 CPU tensors.
 at::Tensor unscale_and_check_cpu(at::TensorList tensors, const at::Tensor& inv_scale, const at::Tensor& found_inf,
@@ -157,10 +162,12 @@ at::Tensor unscale_and_check_cpu(at::TensorList tensors, const at::Tensor& inv_s
   return at::scalar_tensor(static_cast<float>(sumsq), inv_scale.options());
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(fusedtrain, CPU, m) {
-  m.impl("unscale_and_check_", &unscale_and_check_cpu);
-}
-
+}  // namespace CPU_CAPABILITY
 }  // namespace fusedtrain
+
+#if !FT_CPU_AVX512_COPY
+FT_DECLARE_AVX512_COPY(fusedtrain, unscale_and_check_cpu)
+TORCH_LIBRARY_IMPL(fusedtrain, CPU, m) {
+  m.impl("unscale_and_check_", FT_CPU_KERNEL(fusedtrain, unscale_and_check_cpu));
+}
+#endif

@@ -3,7 +3,9 @@
 // elements of storage type T as two at::vec::Vectorized<op_t> of W lanes each, op_t the
 // math type (float; double for fp64). fp32 / fp64 storage is two plain vector loads;
 // bf16 / fp16 storage is one Vectorized<T> (2 * W elements) widened to fp32, and narrowed
-// again (rounded once) by the store.
+// again (rounded once) by the store. Compiled for AVX2 and AVX-512 (cpu_isa.h); the
+// hand-written paths below have one branch per instruction set.
+#include <ATen/cpu/vec/functional.h>  // convert_to_float / convert_from_float of bf16 and fp16
 #include <ATen/cpu/vec/vec.h>
 
 #include "fusedtrain/adam_math.h"
@@ -50,7 +52,14 @@ inline void load_codes(const uint8_t* p, at::vec::Vectorized<int32_t>& a, at::ve
 // bit for bit (mag * 2^-14 * (scale * 2^14) is the same single rounding of mag * scale).
 inline void load_signed_codes(const uint8_t* p, float scale, at::vec::Vectorized<float>& a,
                               at::vec::Vectorized<float>& b) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512i c = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  const __m512i h = _mm512_or_si512(_mm512_slli_epi16(_mm512_and_si512(c, _mm512_set1_epi16(0x7F)), 7),
+                                    _mm512_slli_epi16(_mm512_and_si512(c, _mm512_set1_epi16(0x80)), 8));
+  const __m512 s = _mm512_set1_ps(scale * 16384.f);
+  a = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(h)), s);
+  b = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1)), s);
+#elif defined(CPU_CAPABILITY_AVX2)
   const __m256i c = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   const __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(c, _mm256_set1_epi16(0x7F)), 7),
                                     _mm256_slli_epi16(_mm256_and_si256(c, _mm256_set1_epi16(0x80)), 8));
@@ -68,7 +77,10 @@ inline void load_signed_codes(const uint8_t* p, float scale, at::vec::Vectorized
 
 // Codes in [0, 255] in int32 lanes, stored as bytes.
 inline void store_codes(uint8_t* p, const at::vec::Vectorized<int32_t>& a, const at::vec::Vectorized<int32_t>& b) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(a));  // truncation: the codes fit
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 16), _mm512_cvtepi32_epi8(b));
+#elif defined(CPU_CAPABILITY_AVX2)
   __m256i w = _mm256_packus_epi32(a, b);  // 16-bit: a0..3 b0..3 | a4..7 b4..7
   w = _mm256_permute4x64_epi64(w, 0xD8);  // a0..7 | b0..7
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p),

