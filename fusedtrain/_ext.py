@@ -228,7 +228,8 @@ def describe():
     rec = _build_spec.parse_record(_C.build_record)
     kernels = "CPU + CUDA kernels" if _C.built_with_cuda else "CPU kernels only"
     # the copies built (AVX2+AVX512) and the one the CPU ops run here (torch's capability decides)
-    kernels += f"; CPU copies {_C.cpu_capability}, running {_C.cpu_kernels()}"
+    if hasattr(_C, "cpu_kernels"):  # a build from before the AVX-512 copy has no cpu_kernels()
+        kernels += f"; CPU copies {_C.cpu_capability}, running {_C.cpu_kernels()}"
     what = "installed" if source == "installed" else "`fusedtrain build` from the cache"
     return f"{what}, {path} (built for {_describe_torch(rec)}; {kernels})"
 

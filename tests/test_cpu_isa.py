@@ -138,17 +138,27 @@ def test_avx2_copy_gives_the_avx512_copys_bits(tmp_path):
                 assert (ta != tb).float().mean() < 0.25, f"{what}: more than 25% of the elements differ"
 
 
-# AVX-512 code: 512-bit or mask registers, the upper 16 vector registers, or an instruction only
-# AVX-512 has (those the compiler emits for at::vec's AVX-512 paths and our own)
-_AVX512_CODE = re.compile(r"%zmm|%k[0-7]\b|%[xy]mm(1[6-9]|2\d|3[01])\b|\bvpternlog|\bvperm[it]2|\bvpmov(s|us)?[dq][bw]\b"
-                          r"|\bvrcp14|\bvrsqrt14|\bvscalef|\bvgetexp|\bvgetmant|\bvrndscale|\bvfixupimm|\bvcvt\w*u(si|dq|qq)"
-                          r"|\bvextract[if]64x4|\bvinsert[if]64x4|\bvshuf[if](32x4|64x2)|\bvpcompress|\bvpexpand|\bk(mov|or|and)")
+# AVX-512 code, by encoding: an instruction whose first byte (after an address-size or segment
+# prefix) is 0x62 is EVEX-encoded, which in 64-bit mode means AVX-512; and the mask-register
+# instructions (VEX-encoded k* ops), by their %k operands.
+_PREFIXES = {"67", "26", "2e", "36", "3e", "64", "65"}
+_MASK_REG = re.compile(r"%k[0-7]\b")
+
+
+def _is_avx512(line):
+    parts = line.split("\t")
+    if len(parts) < 3:
+        return False
+    code = [b for b in parts[1].split() if b not in _PREFIXES]
+    return (bool(code) and code[0] == "62") or bool(_MASK_REG.search(parts[2]))
 
 
 @pytest.mark.skipif(shutil.which("objdump") is None or shutil.which("nm") is None, reason="binutils not installed")
 def test_no_linker_merged_function_holds_avx512_code():
     """An inline function both copies emit is one symbol after linking: the copy the linker kept
-    must be the AVX2 one, or an AVX2-only CPU would run AVX-512 code from a shared helper."""
+    must be the AVX2 one, or an AVX2-only CPU would run AVX-512 code from a shared helper. And
+    what runs when the library loads, on every CPU (the static initializers of the AVX-512
+    translation units: <iostream>'s among them), must hold no AVX-512 code either."""
     so = _ext._C.__file__
     if "AVX512" not in _ext._C.cpu_capability:
         pytest.skip("this build has no AVX-512 copy")
@@ -157,15 +167,32 @@ def test_no_linker_merged_function_holds_avx512_code():
         parts = line.split()
         if len(parts) == 3 and parts[1] in ("W", "V", "u"):
             weak.add(parts[2])
-    dis = subprocess.run(["objdump", "-d", "--no-show-raw-insn", so], capture_output=True, text=True, check=True).stdout
+    dis = subprocess.run(["objdump", "-d", "-w", so], capture_output=True, text=True, check=True).stdout
     offenders, avx512_functions = [], 0
     for block in re.split(r"\n(?=[0-9a-f]+ <)", dis):
         m = re.match(r"[0-9a-f]+ <([^>]+)>:", block)
-        if not m or not _AVX512_CODE.search(block):
+        if not m or not any(_is_avx512(line) for line in block.splitlines()[1:]):
             continue
         avx512_functions += 1
         name = m.group(1)
-        if name in weak and "AVX512" not in name:
+        if (name in weak and "AVX512" not in name) or name.startswith(("_GLOBAL__sub_I", "__static_init")):
             offenders.append(name)
     assert avx512_functions > 50, "no AVX-512 code found: the AVX-512 copies were not built, or the pattern is wrong"
     assert not offenders, f"linker-merged functions with AVX-512 code (an AVX-512 object linked first?): {offenders[:20]}"
+
+
+def test_avx512_copies_link_after_every_other_object():
+    """What the linker-merge test checks in the built library, checked in the build's source list:
+    setuptools links in sorted path order, `fusedtrain build` (torch's JIT) in the list's order and
+    names objects by basename."""
+    from fusedtrain import _build_spec
+
+    csrc = _build_spec.csrc_dir(os.path.dirname(fusedtrain.__file__))
+    for cuda in (False, True):
+        srcs = [os.path.relpath(p, csrc) for p in _build_spec.sources(csrc, cuda)]
+        avx512 = [p for p in srcs if p.startswith("x86_avx512" + os.sep)]
+        assert len(avx512) == 4, srcs
+        for order in (srcs, sorted(srcs)):
+            assert order[-len(avx512):] == sorted(avx512), f"an AVX-512 copy is not linked last: {order}"
+        names = [os.path.basename(p).rsplit(".", 1)[0] + (".cuda" if p.endswith(".cu") else "") for p in srcs]
+        assert len(set(names)) == len(names), f"two sources share an object name: {names}"

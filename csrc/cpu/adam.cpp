@@ -6,6 +6,7 @@
 // (adam_math.h make_coef).
 //
 // found_inf (nonzero) -> nothing at all is written. The step increment happens here too.
+#include "cpu_isa.h"  // first: it sets CPU_CAPABILITY, which the ATen vector headers read
 #include <ATen/ATen.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -14,7 +15,6 @@
 #include <vector>
 
 #define FT_ADAM_WITH_ATEN_VEC 1
-#include "cpu_isa.h"
 #include "fusedtrain/adam_lists.h"
 #include "fusedtrain/adam_math.h"
 #include "multi_tensor.h"

@@ -7,6 +7,7 @@
 // same bit for bit for every thread count. Inside a chunk, each row segment runs at::vec
 // steps of 2 * Vectorized<opmath>::size() elements (vec_io.h) and a scalar tail; both call
 // the same formulas (fusedtrain/bce_math.h).
+#include "cpu_isa.h"  // first: it sets CPU_CAPABILITY, which the ATen vector headers read
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -14,7 +15,6 @@
 
 #include <vector>
 
-#include "cpu_isa.h"
 #include "fusedtrain/bce_dispatch.h"
 #include "fusedtrain/bce_math.h"
 #include "vec_io.h"

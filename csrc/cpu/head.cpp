@@ -7,12 +7,12 @@
 // Rows are independent (each row's sum is accumulated in its own fixed order), so the result
 // is the same bit for bit for every thread count. Per element: the BCE formulas of bce_math.h
 // on z = logit + bias, with label_weight as weight; unknown labels give exactly 0.
+#include "cpu_isa.h"  // first: it sets CPU_CAPABILITY, which the ATen vector headers read
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
-#include "cpu_isa.h"
 #include "fusedtrain/bce_math.h"
 #include "fusedtrain/head_dispatch.h"
 #include "vec_io.h"

@@ -8,6 +8,7 @@
 // thread count, so the norm is bit-identical from run to run and across thread counts. The
 // per-element math is csrc/include/fusedtrain/unscale_math.h, instantiated here for
 // at::vec::Vectorized<float> (the main loop) and float (the tails).
+#include "cpu_isa.h"  // first: it sets CPU_CAPABILITY, which the ATen vector headers read
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -15,7 +16,6 @@
 
 #include <vector>
 
-#include "cpu_isa.h"
 #include "fusedtrain/unscale_math.h"
 #include "fusedtrain/versions.h"
 #include "multi_tensor.h"

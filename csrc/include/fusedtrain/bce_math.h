@@ -198,7 +198,9 @@ FT_HD T target_grad_e(T x, T w, T pw, T e) {
 //           B = y q + (1 - y) max(p - clip, 0),  gamma = gamma_pos y + gamma_neg (1 - y);
 //           the paper's log(clamp(p, eps)) is replaced by the exact logit-space forms.
 // B^gamma / B and m^gamma / m stand for B^(gamma - 1) and m^(gamma - 1), taken as 0 where the
-// base is 0 (the derivative's other factor is 0 there). weight multiplies every kind.
+// base is 0 (the derivative's other factor is 0 there); focal multiplies m^(gamma - 1) out for
+// an integer gamma instead (0 for gamma = 0, and 1 at m = 0 for gamma = 1, where p q = 0 makes
+// the term 0 for targets in [0, 1]). weight multiplies every kind.
 enum Kind : int { kBCE = 0, kFocal = 1, kASL = 2 };
 
 template <typename S>  // S: the opmath scalar (float or double)
