@@ -1,9 +1,9 @@
 // fusedtrain::adam_ on CPU: one at::parallel_for over all elements of all tensors of the
 // call (multi_tensor.h: units of kUnit elements per tensor, each thread a contiguous run of
 // units), and within a tensor the loop is vectorized with at::vec (16 elements at a time on
-// AVX2, 32 on AVX-512 (cpu_isa.h), fp32 math for fp32 / bf16 / fp16 storage, vec_io.h). Per-tensor scalars (bias
-// corrections, step size) are computed once per call in double from the per-tensor step
-// (adam_math.h make_coef).
+// AVX2, 32 on AVX-512 (cpu_isa.h), fp32 math for fp32 / bf16 / fp16 storage, vec_io.h).
+// Per-tensor scalars (bias corrections, step size) are computed once per call in double from
+// the per-tensor step (adam_math.h make_coef).
 //
 // found_inf (nonzero) -> nothing at all is written. The step increment happens here too.
 #include "cpu_isa.h"  // first: it sets CPU_CAPABILITY, which the ATen vector headers read

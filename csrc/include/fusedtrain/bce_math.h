@@ -225,10 +225,10 @@ template <typename T>
 FT_HD Sig<T> sig_terms(T x, T e) {
   const T one(1);
   const T r = one / (one + e);
-  const T er = e * r;
+  const T e_times_r = e * r;  // p and q from one division; not bit-equal to er below
   const T l = log1p_unit(e);
-  return {ft_select_nonneg(x, r, er), ft_select_nonneg(x, er, r), l + ft_relu(T(0) - x), l + ft_relu(x),
-          e / (one + e), l};
+  return {ft_select_nonneg(x, r, e_times_r), ft_select_nonneg(x, e_times_r, r), l + ft_relu(T(0) - x),
+          l + ft_relu(x), e / (one + e), l};
 }
 
 // loss, d/dx, d/dy of the focal loss (before weight); ce, dce/dx from the BCE formulas
