@@ -17,6 +17,7 @@
 
 #include "fusedtrain/bce_dispatch.h"
 #include "fusedtrain/bce_math.h"
+#include "prefault.h"
 #include "vec_io.h"
 
 namespace fusedtrain {
@@ -68,11 +69,32 @@ inline void for_segments(int64_t k, int64_t N, int64_t C, Seg&& seg) {
   }
 }
 
+// KIND of a kernel: kPlainBCE (BCE without label smoothing or ignore value: the formulas
+// without a Spec), or the loss kind elem() is instantiated for (kAnyKind with pos_weight, which
+// only BCE takes: fewer instantiations)
+constexpr int kPlainBCE = -2;
+
+// f(std::integral_constant<int, KIND>) for the kernel that computes spec
+template <bool PW, typename S, typename F>
+void with_kind(const Spec<S>& spec, F&& f) {
+  if (!is_generic(spec)) return f(std::integral_constant<int, kPlainBCE>{});
+  if constexpr (PW) {
+    f(std::integral_constant<int, kAnyKind>{});
+  } else {
+    switch (spec.kind) {
+      case kFocal: return f(std::integral_constant<int, kFocal>{});
+      case kASL: return f(std::integral_constant<int, kASL>{});
+      default: return f(std::integral_constant<int, kBCE>{});
+    }
+  }
+}
+
 // The loss, and with a unit_grad tensor d loss / d input for grad_output = 1 from the same
-// exp(-|x|) (rounded once; the 1/N of mean folded in). GENERIC (focal, asl, smoothing, ignore
-// value): every term from elem(), the unit gradient its d/dx, so that their backward is not a
-// second pass (focal fwd+bwd at 8192x1024 fp32: 37.5 -> 22.0 ms, ASL 47.4 -> 25.0 ms).
-template <typename scalar_t, typename target_t, typename out_t, bool PW, bool GENERIC>
+// exp(-|x|) and division (rounded once; the 1/N of mean folded in). The loss family (KIND not
+// kPlainBCE: focal, asl, smoothing, ignore value): every term from elem(), the unit gradient
+// its d/dx, so that their backward is not a second pass (focal fwd+bwd at 8192x1024 fp32:
+// 37.5 -> 22.0 ms, ASL 47.4 -> 25.0 ms).
+template <typename scalar_t, typename target_t, typename out_t, bool PW, int KIND>
 void forward_kernel(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                     const std::optional<at::Tensor>& pos_weight, int64_t reduction, at::Tensor& out,
                     at::Tensor& unit_grad, const Spec<opmath_t<scalar_t>>& spec) {
@@ -94,6 +116,10 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& target, const std
   std::vector<double> partials(reduce ? nchunks : 0);
 
   at::parallel_for(0, nchunks, kGrain, [&](int64_t kb, int64_t ke) {
+    // each thread faults in the part of the fresh outputs it writes (prefault.h)
+    const int64_t eb = kb * kChunk, ee = std::min(N, ke * kChunk);
+    cpu::prefault_for_write(g_p, eb, ee, sizeof(scalar_t));
+    cpu::prefault_for_write(loss_p, eb, ee, sizeof(out_t));
     for (int64_t k = kb; k < ke; ++k) {
       Vec acc0(op_t(0)), acc1(op_t(0));
       op_t acc_tail = 0;
@@ -110,17 +136,16 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& target, const std
           if (PW) pw.load2(pwr, c, pa, pb);
           const Vec ea = exp_neg_abs(xa), eb = exp_neg_abs(xb);
           Vec la, lb;
-          if constexpr (GENERIC) {
+          if constexpr (KIND != kPlainBCE) {
             Vec da, db, unused;
-            elem<PW>(spec, xa, ya, wa, pa, ea, la, da, unused, false);
-            elem<PW>(spec, xb, yb, wb, pb, eb, lb, db, unused, false);
+            elem<PW, KIND>(spec, xa, ya, wa, pa, ea, la, da, unused, false);
+            elem<PW, KIND>(spec, xb, yb, wb, pb, eb, lb, db, unused, false);
             if (g_p) store2<op_t>(g_p + base + c, da * Vec(gscale), db * Vec(gscale));
           } else {
-            la = loss_e<PW>(xa, ya, wa, pa, ea);
-            lb = loss_e<PW>(xb, yb, wb, pb, eb);
-            if (g_p)
-              store2<op_t>(g_p + base + c, input_grad_e<PW>(xa, ya, wa, pa, ea) * Vec(gscale),
-                           input_grad_e<PW>(xb, yb, wb, pb, eb) * Vec(gscale));
+            Vec da, db;
+            loss_and_input_grad_e<PW>(xa, ya, wa, pa, ea, la, da);
+            loss_and_input_grad_e<PW>(xb, yb, wb, pb, eb, lb, db);
+            if (g_p) store2<op_t>(g_p + base + c, da * Vec(gscale), db * Vec(gscale));
           }
           if (reduce) {
             acc0 = acc0 + la;
@@ -133,13 +158,14 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& target, const std
           const op_t xv = static_cast<op_t>(x[base + c]), yv = static_cast<op_t>(y[base + c]), ev = exp_neg_abs(xv);
           const op_t wv = w.at(wr, c), pv = PW ? pw.at(pwr, c) : one;
           op_t l;
-          if constexpr (GENERIC) {
+          if constexpr (KIND != kPlainBCE) {
             op_t d, unused;
-            elem<PW>(spec, xv, yv, wv, pv, ev, l, d, unused, false);
+            elem<PW, KIND>(spec, xv, yv, wv, pv, ev, l, d, unused, false);
             if (g_p) g_p[base + c] = static_cast<scalar_t>(d * gscale);
           } else {
-            l = loss_e<PW>(xv, yv, wv, pv, ev);
-            if (g_p) g_p[base + c] = static_cast<scalar_t>(input_grad_e<PW>(xv, yv, wv, pv, ev) * gscale);
+            op_t d;
+            loss_and_input_grad_e<PW>(xv, yv, wv, pv, ev, l, d);
+            if (g_p) g_p[base + c] = static_cast<scalar_t>(d * gscale);
           }
           if (reduce)
             acc_tail += l;
@@ -168,7 +194,7 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& target, const std
 // grad_input and/or grad_target in one pass over input (and target for grad_input). Each is
 // the fp32 (fp64) derivative times the fp32 (fp64) factor grad_output[i] ('none') or
 // grad_output / N ('mean') or grad_output ('sum'), rounded once at the store.
-template <typename scalar_t, typename target_t, bool PW>
+template <typename scalar_t, typename target_t, bool PW, int KIND>
 void backward_kernel(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& target,
                      const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
                      int64_t reduction, at::Tensor& gi, at::Tensor& gt, const Spec<opmath_t<scalar_t>>& spec) {
@@ -186,9 +212,11 @@ void backward_kernel(const at::Tensor& grad_output, const at::Tensor& input, con
   const op_t factor = per_elem ? one : reduction == 1 ? go[0] / static_cast<op_t>(N) : go[0];
   scalar_t* gi_p = gi.numel() ? gi.data_ptr<scalar_t>() : nullptr;
   target_t* gt_p = gt.numel() ? gt.data_ptr<target_t>() : nullptr;
-  const bool generic = is_generic(spec);
   const int64_t nchunks = (N + kChunk - 1) / kChunk;
   at::parallel_for(0, nchunks, kGrain, [&](int64_t kb, int64_t ke) {
+    const int64_t eb = kb * kChunk, ee = std::min(N, ke * kChunk);
+    cpu::prefault_for_write(gi_p, eb, ee, sizeof(scalar_t));
+    cpu::prefault_for_write(gt_p, eb, ee, sizeof(target_t));
     for (int64_t k = kb; k < ke; ++k) {
       for_segments(k, N, C, [&](int64_t r, int64_t c0, int64_t c1) {
         const int64_t base = r * C;
@@ -201,11 +229,11 @@ void backward_kernel(const at::Tensor& grad_output, const at::Tensor& input, con
           w.load2(wr, c, wa, wb);
           if (PW) pw.load2(pwr, c, pa, pb);
           if (per_elem) load2<op_t>(go + base + c, fa, fb);
-          if (generic) {
+          if constexpr (KIND != kPlainBCE) {
             Vec ya, yb, la, lb, dxa, dxb, dya, dyb;
             load2<op_t>(y + base + c, ya, yb);
-            elem<PW>(spec, xa, ya, wa, pa, exp_neg_abs(xa), la, dxa, dya, gt_p != nullptr);
-            elem<PW>(spec, xb, yb, wb, pb, exp_neg_abs(xb), lb, dxb, dyb, gt_p != nullptr);
+            elem<PW, KIND>(spec, xa, ya, wa, pa, exp_neg_abs(xa), la, dxa, dya, gt_p != nullptr);
+            elem<PW, KIND>(spec, xb, yb, wb, pb, exp_neg_abs(xb), lb, dxb, dyb, gt_p != nullptr);
             if (gi_p) store2<op_t>(gi_p + base + c, dxa * fa, dxb * fb);
             if (gt_p) store2<op_t>(gt_p + base + c, dya * fa, dyb * fb);
             continue;
@@ -225,9 +253,9 @@ void backward_kernel(const at::Tensor& grad_output, const at::Tensor& input, con
         for (; c < c1; ++c) {
           const op_t xv = static_cast<op_t>(x[base + c]), wv = w.at(wr, c), pv = PW ? pw.at(pwr, c) : one;
           const op_t f = per_elem ? go[base + c] : factor;
-          if (generic) {
+          if constexpr (KIND != kPlainBCE) {
             op_t l, dx, dy;
-            elem<PW>(spec, xv, static_cast<op_t>(y[base + c]), wv, pv, exp_neg_abs(xv), l, dx, dy, gt_p != nullptr);
+            elem<PW, KIND>(spec, xv, static_cast<op_t>(y[base + c]), wv, pv, exp_neg_abs(xv), l, dx, dy, gt_p != nullptr);
             if (gi_p) gi_p[base + c] = static_cast<scalar_t>(dx * f);
             if (gt_p) gt_p[base + c] = static_cast<target_t>(dy * f);
             continue;
@@ -265,12 +293,11 @@ std::tuple<at::Tensor, at::Tensor> bce_with_logits_cpu(const at::Tensor& input, 
              const auto spec = spec_of<opmath_t<scalar_t>>(kind, params, "bce_with_logits");
              using target_t = typename decltype(t)::type;
              using out_t = typename decltype(o)::type;
-             if (is_generic(spec))
-               forward_kernel<scalar_t, target_t, out_t, decltype(pw)::value, true>(input, target, weight, pos_weight,
-                                                                                   reduction, loss, grad, spec);
-             else
-               forward_kernel<scalar_t, target_t, out_t, decltype(pw)::value, false>(input, target, weight, pos_weight,
-                                                                                    reduction, loss, grad, spec);
+             constexpr bool PW = decltype(pw)::value;
+             with_kind<PW>(spec, [&](auto k) {
+               forward_kernel<scalar_t, target_t, out_t, PW, decltype(k)::value>(input, target, weight, pos_weight,
+                                                                                 reduction, loss, grad, spec);
+             });
            });
   return {loss, grad};
 }
@@ -288,9 +315,12 @@ std::tuple<at::Tensor, at::Tensor> bce_with_logits_backward_cpu(
   dispatch(input.scalar_type(), target.scalar_type(), input.scalar_type(), pos_weight.has_value(),
            "bce_with_logits_backward", [&](auto s, auto t, auto, auto pw) {
              using scalar_t = typename decltype(s)::type;
-             backward_kernel<scalar_t, typename decltype(t)::type, decltype(pw)::value>(
-                 grad_output, input, target, weight, pos_weight, reduction, gi, gt,
-                 spec_of<opmath_t<scalar_t>>(kind, params, "bce_with_logits_backward"));
+             constexpr bool PW = decltype(pw)::value;
+             const auto spec = spec_of<opmath_t<scalar_t>>(kind, params, "bce_with_logits_backward");
+             with_kind<PW>(spec, [&](auto k) {
+               backward_kernel<scalar_t, typename decltype(t)::type, PW, decltype(k)::value>(
+                   grad_output, input, target, weight, pos_weight, reduction, gi, gt, spec);
+             });
            });
   return {gi, gt};
 }
