@@ -7,6 +7,11 @@ Two kinds of rows:
 - "AMP fwd+bwd x65536": what an AMP loop runs, (loss * 65536).backward() under torch.autocast
   for fp16/bf16 logits, torch's composition under the same autocast.
 
+The family rows note the minor page faults of one step of each (CPU): a step that faults in its
+fresh 32 MiB fp32 gradient page by page pays ~0.5 us per 4 KiB page (4-5 ms at 8192x1024,
+~40% of our focal fp32 row) whatever computes it; fusedtrain faults them in with one madvise
+per thread (csrc/cpu/prefault.h), which halves that but cannot remove it.
+
 On CPU, rows marked "(tcmalloc)" time the fp32/bf16 "fwd+bwd" cases again in a child process
 with libtcmalloc_minimal preloaded (LD_PRELOAD), when the library is installed (Debian:
 libtcmalloc-minimal4). glibc hands every buffer of 32 MiB or more out as fresh mmap'ed memory,
@@ -103,13 +108,19 @@ def _family_rows(device, quick, reps):
             torch.manual_seed(0)
             x = (torch.randn(R, C, device=device) * 3).to(dt).requires_grad_()
             y = (torch.rand(R, C, device=device) < 0.1).to(dt)
-            base = {"torch eager": harness.time_ms(_step(theirs, x, y, 1.0, None), device, reps=reps),
-                    "torch.compile": harness.time_ms(_step(compiled, x, y, 1.0, None), device, warmup=3, reps=reps)}
+            steps = {"torch eager": _step(theirs, x, y, 1.0, None), "torch.compile": _step(compiled, x, y, 1.0, None)}
+            base = {"torch eager": harness.time_ms(steps["torch eager"], device, reps=reps),
+                    "torch.compile": harness.time_ms(steps["torch.compile"], device, warmup=3, reps=reps)}
             t = harness.time_ms(_step(ours, x, y, 1.0, None), device, reps=reps)
             per_elem = 3 * x.element_size() + 2 * y.element_size()
+            note = f"{per_elem} B/elem"
+            if device == "cpu":  # the fresh gradient's first touch, paid by both (module docstring)
+                ours_faults = harness.page_faults(_step(ours, x, y, 1.0, None))
             for bname, bms in base.items():
+                if device == "cpu" and ours_faults is not None:
+                    note = f"{per_elem} B/elem; page faults/step {ours_faults} vs {harness.page_faults(steps[bname])}"
                 rows.append(harness.Row("bce", f"{name} fwd+bwd {R}x{C}", str(dt).replace("torch.", ""), bname, bms,
-                                        "default", t, bytes_moved=R * C * per_elem, note=f"{per_elem} B/elem"))
+                                        "default", t, bytes_moved=R * C * per_elem, note=note))
     return rows
 
 

@@ -90,6 +90,22 @@ def time_ms(fn, device="cpu", warmup=3, reps=15, min_time_s=0.0) -> float:
     return statistics.median(times)
 
 
+def page_faults(fn):
+    """The minor page faults of one call of fn() (first touches of fresh memory: on CPU, every
+    new buffer of 32 MiB or more that glibc maps), or None where the resource module is missing.
+
+    Args:
+        fn: the no-argument function to run once.
+    """
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    fn()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
 def format_table(rows) -> str:
     """The rows as an aligned text table with ratio and GB/s columns.
 
