@@ -50,22 +50,65 @@ def _lean_dtype(group, p):
     return torch.bfloat16 if fmt == "bf16" else torch.uint8
 
 
+def _row_blocks(p):
+    """For a DTensor param whose shards are whole rows of a multiple of Q8_BLOCK elements
+    (sharded on dim 0 only: FSDP2's default, a weight with in_features a multiple of 256), the
+    number of blocks per row; else None. Such a param's blocks are the blocks of the whole
+    tensor, so its absmax can be a DTensor of shape (rows, blocks per row) sharded as the param
+    is, and torch.distributed.checkpoint moves codes and absmax together to any world size."""
+    if p.dim() == 0 or any(place.is_shard() and place.dim != 0 for place in p.placements):
+        return None
+    inner = math.prod(p.shape[1:])
+    return inner // reference.Q8_BLOCK if inner % reference.Q8_BLOCK == 0 else None
+
+
 def _new_absmax(p):
     """Zeros for the block absmax of an 8-bit state of p. A DTensor param (FSDP2) gets a DTensor:
-    every rank holds the blocks of its own shard, padded to the blocks of the largest shard, sharded
-    on dim 0 where p is sharded (torch.distributed.checkpoint then saves and loads each rank's);
-    _init_group hands the kernel the blocks of the local shard."""
+    (rows, blocks per row) sharded as p where p's shards are whole blocks (_row_blocks: any world
+    size loads it); otherwise (shards, blocks), one row per rank holding the blocks of its own
+    shard, padded to the blocks of the largest shard (a checkpoint loads into the same sharding
+    only). _init_group hands the kernel the blocks of the local shard (_local_blocks)."""
     if not _dtensor.is_dtensor(p):
         return torch.zeros(reference.q8_num_blocks(p.numel()), dtype=torch.float32, device=p.device)
     from torch.distributed.tensor import Replicate, Shard
 
-    shape, mesh = list(p.shape), p.device_mesh
+    local_p, mesh = p.to_local(), p.device_mesh
+    per_row = _row_blocks(p)
+    if per_row is not None:
+        local = torch.zeros(local_p.shape[0], per_row, dtype=torch.float32, device=local_p.device)
+        return type(p).from_local(local, mesh, p.placements, run_check=False, shape=(p.shape[0], per_row),
+                                  stride=(per_row, 1))
+    shape = list(p.shape)
     for dim, place in enumerate(p.placements):
         if place.is_shard():  # the first shard of a chunked dimension is the largest
             shape[place.dim] = -(-shape[place.dim] // mesh.size(dim))
-    local = torch.zeros(reference.q8_num_blocks(math.prod(shape)), dtype=torch.float32, device=p.to_local().device)
+    # one row per shard: the saved shape (shards, blocks) differs from any other sharding's, so
+    # torch.distributed.checkpoint refuses to load it there instead of loading other blocks
+    local = torch.zeros(1, reference.q8_num_blocks(math.prod(shape)), dtype=torch.float32, device=local_p.device)
     places = [Shard(0) if place.is_shard() else Replicate() for place in p.placements]
     return type(p).from_local(local, mesh, places, run_check=False)
+
+
+def _local_blocks(absmax, numel):
+    """The absmax of the local shard's blocks (a view: the kernel updates the state in place)."""
+    return _dtensor.local(absmax).view(-1)[:reference.q8_num_blocks(numel)]
+
+
+def _check_absmax_layout(got, want, p, key):
+    """A loaded absmax must have the layout this param's 8-bit states use here: its codes are
+    relative to blocks that would otherwise not be the ones the kernel reads."""
+    if tuple(got.shape) != tuple(want.shape) or (_dtensor.is_dtensor(want) and (
+            not _dtensor.is_dtensor(got) or tuple(got.placements) != tuple(want.placements)
+            or tuple(got.to_local().shape) != tuple(want.to_local().shape))):
+        what = (f"shape {tuple(got.shape)}" + (f", local {tuple(got.to_local().shape)}" if _dtensor.is_dtensor(got)
+                                              else ""))
+        raise ValueError(
+            f"load_state_dict: {key!r} of a param of shape {tuple(p.shape)} has {what}; this optimizer's "
+            f"8-bit states of that param need shape {tuple(want.shape)}"
+            + (f", local {tuple(want.to_local().shape)}" if _dtensor.is_dtensor(want) else "")
+            + ". The blocks were saved under another sharding: a param sharded on dim 0 with rows of a "
+              "multiple of 256 elements loads at any world size, others only into the sharding they were "
+              "saved from (or convert with fusedtrain.optim.torch_state_dict under that sharding)")
 
 
 def _quantize(x, key, device):
@@ -75,7 +118,7 @@ def _quantize(x, key, device):
 
 
 def _dequantize(codes, absmax, key):
-    return reference.q8_decode(codes, absmax.float(), signed=key == "exp_avg")
+    return reference.q8_decode(codes, absmax.float().reshape(-1), signed=key == "exp_avg")
 
 
 def torch_state_dict(state_dict):
@@ -121,7 +164,10 @@ class FusedAdam(torch.optim.Optimizer):
             block of 256 elements under "exp_avg_absmax", "exp_avg_sq_absmax" (and
             "max_exp_avg_sq_absmax"), decoded before and encoded after the fp32 math of every
             step (the map: csrc/include/fusedtrain/adam_math.h, q8_*; a torch checkpoint is
-            quantized on load, torch_state_dict() decodes one for torch).
+            quantized on load, torch_state_dict() decodes one for torch). Under FSDP2 the
+            absmax of a param sharded on dim 0 with rows of a multiple of 256 elements is a
+            (rows, blocks per row) DTensor that torch.distributed.checkpoint loads at any world
+            size; other params' absmax is per shard and loads into the same sharding only.
         stochastic_rounding: (also a param-group key) round each updated bf16 param up or
             down with probability proportional to the distance, instead of to the nearest:
             small updates then survive bf16 on average. For bf16 params without master
@@ -240,6 +286,16 @@ class FusedAdam(torch.optim.Optimizer):
             for saved, mine in zip(state_dict["param_groups"], self.param_groups)]}
         saved_groups = state_dict["param_groups"]
         saved_state = state_dict["state"]
+        # the saved 8-bit blocks must be this optimizer's (checked before anything changes)
+        for saved, mine in zip(saved_groups, self.param_groups):
+            for sid, p in zip(saved["params"], mine["params"]):
+                sv = saved_state.get(sid, {})
+                if self._state_dtype(saved, p) != torch.uint8:
+                    continue
+                for k, ak in _ABSMAX_KEYS.items():
+                    if k in sv and sv[k].dtype == torch.uint8 and ak in sv:
+                        got = sv[ak] if _dtensor.is_dtensor(p) else sv[ak].reshape(-1)
+                        _check_absmax_layout(got, _new_absmax(p), p, ak)
         super().load_state_dict(state_dict)
         # torch casts every state to the param dtype; master-weight groups keep fp32 states
         # (and their fp32 master copies) from the saved dict, lean formats their own dtype.
@@ -258,13 +314,15 @@ class FusedAdam(torch.optim.Optimizer):
                     elif sv[k].dtype == torch.uint8 and ak in sv:
                         st[k] = sv[k].detach().to(device=p.device, copy=True)
                         st[ak] = sv[ak].detach().to(device=p.device, dtype=torch.float32, copy=True)
+                        if not _dtensor.is_dtensor(p):  # a full (gathered) state dict of FSDP2's rows
+                            st[ak] = st[ak].reshape(-1)
                     else:
                         if sv[k].dtype == torch.uint8:
                             raise ValueError(f"load_state_dict: the 8-bit {k!r} of a param has no {ak!r}")
                         codes, absmax = _quantize(sv[k], k, p.device)  # of the local shard
                         if _dtensor.is_dtensor(p):
                             st[ak] = _new_absmax(p)
-                            st[ak].to_local()[:absmax.numel()].copy_(absmax)
+                            _dtensor.local(st[ak]).view(-1)[:absmax.numel()].copy_(absmax)
                             st[k] = type(p).from_local(codes, p.device_mesh, p.placements, run_check=False,
                                                        shape=p.shape, stride=p.stride())
                         else:
@@ -355,9 +413,8 @@ class FusedAdam(torch.optim.Optimizer):
         if _dtensor.any_dtensor(ps):
             for lst in (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params):
                 lst[:] = map(_dtensor.local, lst)
-            for lst in (exp_avg_absmax, exp_avg_sq_absmax, max_exp_avg_sq_absmax):  # the local shard's blocks
-                lst[:] = [a if a is None else _dtensor.local(a)[:reference.q8_num_blocks(p.numel())]
-                          for a, p in zip(lst, params)]
+            for lst in (exp_avg_absmax, exp_avg_sq_absmax, max_exp_avg_sq_absmax):
+                lst[:] = [a if a is None else _local_blocks(a, p.numel()) for a, p in zip(lst, params)]
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -290,6 +290,29 @@ def test_state_dict_round_trip_is_bit_exact(backend_device):
         assert torch.equal(v, o3.state[p3][k]), k
 
 
+def test_absmax_of_another_layout_is_refused(backend_device):
+    """An absmax with other blocks than the param's (a checkpoint of another sharding) is a clear
+    error naming the key, and the optimizer's states are left as they were; a gathered (rows,
+    blocks per row) absmax of FSDP2's row layout loads into a plain param."""
+    _, device = backend_device
+    p = torch.nn.Parameter(torch.randn(32, 256, device=device))
+    opt = FusedAdamW([p], lr=1e-2, state_format="8bit")
+    p.grad = torch.randn_like(p)
+    opt.step()
+    sd = opt.state_dict()
+    good = {k: v.clone() for k, v in opt.state[p].items()}
+    bad = {**sd, "state": {0: {**sd["state"][0], "exp_avg_absmax": torch.zeros(48, device=device)}}}
+    with pytest.raises(ValueError, match="'exp_avg_absmax' of a param of shape \\(32, 256\\) has shape \\(48,\\)"):
+        opt.load_state_dict(bad)
+    for k, v in good.items():  # nothing half-loaded
+        assert torch.equal(opt.state[p][k], v), k
+    rows = {**sd, "state": {0: {**sd["state"][0], "exp_avg_absmax": sd["state"][0]["exp_avg_absmax"].view(32, 1)}}}
+    opt2 = FusedAdamW([p], lr=1e-2, state_format="8bit")
+    opt2.load_state_dict(rows)
+    for k, v in good.items():
+        assert torch.equal(opt2.state[p][k], v), k
+
+
 @pytest.mark.skipif(INTERPRET, reason="a second process on the native backend")
 def test_resume_in_a_new_process_is_bit_identical(tmp_path):
     """Three steps, a checkpoint, three more in a new process: the same bits as six in one."""

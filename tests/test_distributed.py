@@ -263,3 +263,135 @@ def test_fsdp2_lean_states_train_and_checkpoint(tmp_path, fmt):
     r0, r1 = torch.load(tmp_path / "lean_rank0.pt"), torch.load(tmp_path / "lean_rank1.pt")
     for a, b in zip(r0, r1):
         assert torch.equal(a, b), "ranks disagree on the full params"
+
+
+# ---- 8-bit states resharded by DCP to another world size ---------------------------------------
+
+def _rows_model():
+    torch.manual_seed(0)
+    # the 8-bit weight is (32, 256): rows of 256 elements, so its blocks are whole rows and its
+    # absmax is a (32, 1) DTensor sharded as the weight (the other params keep fp32 states)
+    model = nn.Sequential(nn.Linear(8, 256), nn.Tanh(), nn.Linear(256, 32), nn.Tanh(), nn.Linear(32, 8))
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    return fully_shard(model)
+
+
+def _rows_grads(model, seed):
+    """The same full gradients at any world size, each rank given its shard."""
+    from torch.distributed.tensor import distribute_tensor
+
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.grad = distribute_tensor(torch.randn(p.shape, generator=g) * 1e-2, p.device_mesh, p.placements)
+
+
+def _full_states(opt, model):
+    from torch.distributed.tensor import DTensor
+
+    return [{k: (v.full_tensor() if isinstance(v, DTensor) else v).clone() for k, v in opt.state[p].items()}
+            for p in model.parameters()]
+
+
+def _reshard_worker(rank, world, out, phase):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+    from torch.distributed.tensor import DTensor
+
+    model = _rows_model()
+    opt = fusedtrain.FusedAdamW(model.parameters(), lr=1e-2, state_format="8bit", amsgrad=True)
+    ckpt = os.path.join(out, "ckpt")
+    if phase == "save":
+        for step in range(3):
+            _rows_grads(model, step)
+            opt.step()
+        w = model[2].weight
+        am = opt.state[w]["exp_avg_absmax"]
+        assert opt.state[w]["exp_avg"].dtype == torch.uint8 and isinstance(am, DTensor) and am.shape == (32, 1)
+        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+                 checkpoint_id=ckpt)
+    else:
+        sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+        dcp.load(sd, checkpoint_id=ckpt)
+        set_model_state_dict(model, sd["model"])
+        set_optimizer_state_dict(model, opt, sd["optim"])
+    loaded = _full_states(opt, model)
+    _rows_grads(model, 99)
+    opt.step()
+    result = {"states": loaded, "params": [p.detach().full_tensor() for p in model.parameters()],
+              "after": _full_states(opt, model)}
+    if rank == 0:
+        torch.save(result, os.path.join(out, f"{phase}.pt"))
+
+
+def test_dcp_reshards_8bit_states_to_another_world_size(tmp_path):
+    """8-bit states saved by 2 FSDP2 ranks load into 1 and into 3 ranks (11, 11 and 10 rows of
+    the 8-bit weight) with the same bits: codes, absmax and fp32 states. The next step, from the
+    same full gradients, gives the 8-bit weight the same bits at every world size (its shards
+    are whole blocks of 256); the small fp32-state params agree to rounding (a shard of 16 or 11
+    elements runs the scalar tail where one of 32 runs the vector body, whose FMA contraction
+    may differ in the last bit)."""
+    spawn(_reshard_worker, world=2, args=(str(tmp_path), "save"), timeout_s=240)
+    saved = torch.load(tmp_path / "save.pt")
+    for world in (1, 3):
+        spawn(_reshard_worker, world=world, args=(str(tmp_path), f"load{world}"), timeout_s=240)
+        got = torch.load(tmp_path / f"load{world}.pt")
+        for what in ("states", "after"):
+            for i, (a, b) in enumerate(zip(saved[what], got[what])):
+                assert set(a) == set(b), f"world {world}: param {i} state keys {set(a)} != {set(b)}"
+                for k in a:
+                    if what == "states" or i == 2:
+                        assert torch.equal(a[k], b[k]), f"world {world}: param {i} {k} ({what} loading) differs"
+                    else:
+                        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-30,
+                                                   msg=f"world {world}: param {i} {k} after the step")
+        for i, (a, b) in enumerate(zip(saved["params"], got["params"])):
+            if i == 2:
+                assert torch.equal(a, b), f"world {world}: the 8-bit weight after the step differs"
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9, msg=f"world {world}: param {i} after the step")
+
+
+def _padded_worker(rank, world, out, phase):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 33), nn.Tanh(), nn.Linear(33, 8))  # 8-bit weight (33, 128)
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    opt = fusedtrain.FusedAdamW(model.parameters(), lr=1e-2, state_format="8bit")
+    ckpt = os.path.join(out, "ckpt")
+    if phase == "save":
+        _rows_grads(model, 0)
+        opt.step()
+        dcp.save(get_optimizer_state_dict(model, opt), checkpoint_id=ckpt)
+        return
+    sd = get_optimizer_state_dict(model, opt)
+    try:
+        dcp.load(sd, checkpoint_id=ckpt)
+        set_optimizer_state_dict(model, opt, sd)
+        msg = "loaded"
+    except CheckpointException as e:  # a BaseException
+        msg = repr(e)
+    with open(os.path.join(out, f"padded_rank{rank}.txt"), "w") as f:
+        f.write(msg)
+
+
+def test_dcp_refuses_8bit_states_of_shards_that_are_not_whole_blocks(tmp_path):
+    """A weight of 33 rows of 128 elements: its shards (17/16 rows at 2 ranks, 11/11/11 at 3) end
+    inside blocks, so its absmax is per shard, 9 blocks per rank at 2 ranks and 6 at 3: as many in
+    all (18), which a flat layout would have loaded as the other sharding's blocks. Loaded at
+    another world size it is refused, naming the absmax key."""
+    spawn(_padded_worker, world=2, args=(str(tmp_path), "save"), timeout_s=240)
+    spawn(_padded_worker, world=3, args=(str(tmp_path), "load"), timeout_s=240)
+    for rank in range(3):
+        msg = (tmp_path / f"padded_rank{rank}.txt").read_text()
+        assert "Size mismatch" in msg and "exp_avg_absmax" in msg, msg
