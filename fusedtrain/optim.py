@@ -94,21 +94,51 @@ def _local_blocks(absmax, numel):
     return _dtensor.local(absmax).view(-1)[:reference.q8_num_blocks(numel)]
 
 
-def _check_absmax_layout(got, want, p, key):
-    """A loaded absmax must have the layout this param's 8-bit states use here: its codes are
-    relative to blocks that would otherwise not be the ones the kernel reads."""
-    if tuple(got.shape) != tuple(want.shape) or (_dtensor.is_dtensor(want) and (
-            not _dtensor.is_dtensor(got) or tuple(got.placements) != tuple(want.placements)
-            or tuple(got.to_local().shape) != tuple(want.to_local().shape))):
-        what = (f"shape {tuple(got.shape)}" + (f", local {tuple(got.to_local().shape)}" if _dtensor.is_dtensor(got)
-                                              else ""))
-        raise ValueError(
-            f"load_state_dict: {key!r} of a param of shape {tuple(p.shape)} has {what}; this optimizer's "
-            f"8-bit states of that param need shape {tuple(want.shape)}"
-            + (f", local {tuple(want.to_local().shape)}" if _dtensor.is_dtensor(want) else "")
-            + ". The blocks were saved under another sharding: a param sharded on dim 0 with rows of a "
-              "multiple of 256 elements loads at any world size, others only into the sharding they were "
-              "saved from (or convert with fusedtrain.optim.torch_state_dict under that sharding)")
+def _layout_tag(p):
+    """Which blocks an 8-bit state of param p is made of (state key "absmax_layout", an int64
+    tensor as every other state): [0], the blocks of the whole tensor (a plain param, or a
+    DTensor whose shards are whole blocks: _row_blocks), or [1, mesh dims, mesh shape..., the
+    tensor dim each mesh dim shards (-1: replicated)..., p's shape...] for per-shard blocks."""
+    if not _dtensor.is_dtensor(p) or _row_blocks(p) is not None:
+        return torch.zeros(1, dtype=torch.int64)
+    mesh = p.device_mesh.shape
+    dims = [place.dim if place.is_shard() else -1 for place in p.placements]
+    return torch.tensor([1, len(mesh), *mesh, *dims, *p.shape], dtype=torch.int64)
+
+
+def _describe_layout(tag):
+    t = tag.tolist()
+    if t == [0]:
+        return "the whole tensor's blocks"
+    n = t[1]
+    return f"per-shard blocks of mesh {tuple(t[2:2 + n])} sharding dims {tuple(t[2 + n:2 + 2 * n])}"
+
+
+def _check_loaded_absmax(sv, p, key):
+    """A saved 8-bit state's absmax (sv[key]) must be made of the blocks this optimizer's kernel
+    reads for p: its codes are relative to them."""
+    tag = _layout_tag(p)
+    saved_tag = sv["absmax_layout"].detach().cpu() if "absmax_layout" in sv else torch.zeros(1, dtype=torch.int64)
+    same = saved_tag.shape == tag.shape and torch.equal(saved_tag, tag)
+    got, want = sv[key], _new_absmax(p)
+    if same and not _dtensor.is_dtensor(p) and got.dim() == 2:  # gathered rows of FSDP2's
+        per_row = math.prod(p.shape[1:]) // reference.Q8_BLOCK
+        if p.dim() >= 2 and per_row * reference.Q8_BLOCK == math.prod(p.shape[1:]) and \
+                tuple(got.shape) == (p.shape[0], per_row):
+            return
+    elif same and tuple(got.shape) == tuple(want.shape) and (not _dtensor.is_dtensor(want) or (
+            _dtensor.is_dtensor(got) and tuple(got.placements) == tuple(want.placements)
+            and tuple(got.to_local().shape) == tuple(want.to_local().shape))):
+        return
+    what = f"shape {tuple(got.shape)}" + (f", local {tuple(got.to_local().shape)}" if _dtensor.is_dtensor(got) else "")
+    need = f"shape {tuple(want.shape)}" + (f", local {tuple(want.to_local().shape)}" if _dtensor.is_dtensor(want)
+                                          else "")
+    raise ValueError(
+        f"load_state_dict: {key!r} of a param of shape {tuple(p.shape)} holds {_describe_layout(saved_tag)} "
+        f"({what}); this optimizer's 8-bit states of that param are made of {_describe_layout(tag)} ({need}). "
+        "Blocks of a param sharded on dim 0 whose rows are a multiple of 256 elements load at any world size; "
+        "per-shard blocks load into the sharding they were saved from only (keep such params, e.g. 1-D norms "
+        "and biases, in a param group with state_format 'bf16' or 'fp32' to reshard their checkpoint)")
 
 
 def _quantize(x, key, device):
@@ -118,7 +148,14 @@ def _quantize(x, key, device):
 
 
 def _dequantize(codes, absmax, key):
-    return reference.q8_decode(codes, absmax.float().reshape(-1), signed=key == "exp_avg")
+    """The fp32 values of an 8-bit state; a DTensor's decoded shard by shard with its blocks."""
+    signed = key == "exp_avg"
+    if not _dtensor.is_dtensor(codes):
+        return reference.q8_decode(codes, absmax.float().reshape(-1), signed=signed)
+    local = _dtensor.local(codes)
+    vals = reference.q8_decode(local, _local_blocks(absmax, local.numel()).float(), signed=signed)
+    return type(codes).from_local(vals, codes.device_mesh, codes.placements, run_check=False, shape=codes.shape,
+                                  stride=codes.stride())
 
 
 def torch_state_dict(state_dict):
@@ -130,9 +167,14 @@ def torch_state_dict(state_dict):
     for k, st in state_dict["state"].items():
         new = {}
         for n, v in st.items():
-            if n == "master_param" or n in _ABSMAX_KEYS.values():
+            if n in ("master_param", "absmax_layout") or n in _ABSMAX_KEYS.values():
                 continue
             if torch.is_tensor(v) and v.dtype == torch.uint8 and n in _ABSMAX_KEYS:
+                tag = st.get("absmax_layout")
+                if tag is not None and tag.tolist() != [0] and not _dtensor.is_dtensor(v):
+                    raise ValueError(f"torch_state_dict: {n!r} of param {k} is made of {_describe_layout(tag)}, "
+                                     "which a gathered state dict no longer tells apart: convert the sharded "
+                                     "state dict (get_optimizer_state_dict's default) instead")
                 v = _dequantize(v, st[_ABSMAX_KEYS[n]], n)
             elif n != "step" and torch.is_tensor(v) and v.dtype == torch.bfloat16:
                 v = v.float()
@@ -167,7 +209,8 @@ class FusedAdam(torch.optim.Optimizer):
             quantized on load, torch_state_dict() decodes one for torch). Under FSDP2 the
             absmax of a param sharded on dim 0 with rows of a multiple of 256 elements is a
             (rows, blocks per row) DTensor that torch.distributed.checkpoint loads at any world
-            size; other params' absmax is per shard and loads into the same sharding only.
+            size; other params' absmax is per shard and loads into the same sharding only
+            ("absmax_layout", an int64 tensor, says which; load_state_dict checks it).
         stochastic_rounding: (also a param-group key) round each updated bf16 param up or
             down with probability proportional to the distance, instead of to the nearest:
             small updates then survive bf16 on average. For bf16 params without master
@@ -290,12 +333,11 @@ class FusedAdam(torch.optim.Optimizer):
         for saved, mine in zip(saved_groups, self.param_groups):
             for sid, p in zip(saved["params"], mine["params"]):
                 sv = saved_state.get(sid, {})
-                if self._state_dtype(saved, p) != torch.uint8:
-                    continue
-                for k, ak in _ABSMAX_KEYS.items():
-                    if k in sv and sv[k].dtype == torch.uint8 and ak in sv:
-                        got = sv[ak] if _dtensor.is_dtensor(p) else sv[ak].reshape(-1)
-                        _check_absmax_layout(got, _new_absmax(p), p, ak)
+                for k, ak in _ABSMAX_KEYS.items():  # 8-bit saved: kept as codes or decoded, by its blocks
+                    if k in sv and torch.is_tensor(sv[k]) and sv[k].dtype == torch.uint8:
+                        if ak not in sv:
+                            raise ValueError(f"load_state_dict: the 8-bit {k!r} of a param has no {ak!r}")
+                        _check_loaded_absmax(sv, p, ak)
         super().load_state_dict(state_dict)
         # torch casts every state to the param dtype; master-weight groups keep fp32 states
         # (and their fp32 master copies) from the saved dict, lean formats their own dtype.
@@ -307,7 +349,9 @@ class FusedAdam(torch.optim.Optimizer):
                 continue
             sv = saved_state.get(sid, {})
             sdtype = self._state_dtype(group, p)
+            st.pop("absmax_layout", None)
             if sdtype == torch.uint8:  # 8-bit: saved codes as they are, other states quantized
+                st["absmax_layout"] = _layout_tag(p)
                 for k, ak in _ABSMAX_KEYS.items():
                     if k not in sv:
                         st.pop(ak, None)
@@ -317,8 +361,6 @@ class FusedAdam(torch.optim.Optimizer):
                         if not _dtensor.is_dtensor(p):  # a full (gathered) state dict of FSDP2's rows
                             st[ak] = st[ak].reshape(-1)
                     else:
-                        if sv[k].dtype == torch.uint8:
-                            raise ValueError(f"load_state_dict: the 8-bit {k!r} of a param has no {ak!r}")
                         codes, absmax = _quantize(sv[k], k, p.device)  # of the local shard
                         if _dtensor.is_dtensor(p):
                             st[ak] = _new_absmax(p)
@@ -367,6 +409,8 @@ class FusedAdam(torch.optim.Optimizer):
             state[k] = torch.zeros_like(p, dtype=sdtype, memory_format=fmt)
             if sdtype == torch.uint8:
                 state[_ABSMAX_KEYS[k]] = _new_absmax(p)
+        if sdtype == torch.uint8:
+            state["absmax_layout"] = _layout_tag(p)
         if master:
             state["master_param"] = p.detach().float().clone(memory_format=torch.preserve_format)
 

@@ -276,7 +276,8 @@ def test_state_dict_round_trip_is_bit_exact(backend_device):
     st = sd["state"][0]
     assert st["exp_avg"].dtype == torch.uint8 and st["exp_avg_absmax"].dtype == torch.float32
     assert set(st) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax",
-                       "max_exp_avg_sq_absmax"}
+                       "max_exp_avg_sq_absmax", "absmax_layout"}
+    assert st["absmax_layout"].tolist() == [0]  # the whole tensor's blocks
     assert sd["param_groups"][0]["state_format"] == "8bit"
     p3, o3 = make()
     with torch.no_grad():
@@ -291,9 +292,9 @@ def test_state_dict_round_trip_is_bit_exact(backend_device):
 
 
 def test_absmax_of_another_layout_is_refused(backend_device):
-    """An absmax with other blocks than the param's (a checkpoint of another sharding) is a clear
-    error naming the key, and the optimizer's states are left as they were; a gathered (rows,
-    blocks per row) absmax of FSDP2's row layout loads into a plain param."""
+    """An absmax of other blocks than the param's (a checkpoint of another sharding, codes without
+    their absmax) is a clear error naming the key, and the optimizer's states stay as they were;
+    a gathered (rows, blocks per row) absmax of FSDP2's row layout loads into a plain param."""
     _, device = backend_device
     p = torch.nn.Parameter(torch.randn(32, 256, device=device))
     opt = FusedAdamW([p], lr=1e-2, state_format="8bit")
@@ -301,12 +302,25 @@ def test_absmax_of_another_layout_is_refused(backend_device):
     opt.step()
     sd = opt.state_dict()
     good = {k: v.clone() for k, v in opt.state[p].items()}
-    bad = {**sd, "state": {0: {**sd["state"][0], "exp_avg_absmax": torch.zeros(48, device=device)}}}
-    with pytest.raises(ValueError, match="'exp_avg_absmax' of a param of shape \\(32, 256\\) has shape \\(48,\\)"):
-        opt.load_state_dict(bad)
-    for k, v in good.items():  # nothing half-loaded
-        assert torch.equal(opt.state[p][k], v), k
-    rows = {**sd, "state": {0: {**sd["state"][0], "exp_avg_absmax": sd["state"][0]["exp_avg_absmax"].view(32, 1)}}}
+
+    def with_state(**kw):
+        return {**sd, "state": {0: {**sd["state"][0], **kw}}}
+
+    shards = torch.tensor([1, 1, 2, 0, 32, 256])  # per-shard blocks, a mesh of 2 sharding dim 0 (_layout_tag)
+    for bad, match in [
+            (with_state(exp_avg_absmax=torch.zeros(48, device=device)),
+             "'exp_avg_absmax' of a param of shape \\(32, 256\\) holds the whole tensor's blocks \\(shape \\(48,\\)\\)"),
+            (with_state(absmax_layout=shards), "holds per-shard blocks of mesh \\(2,\\) sharding dims \\(0,\\)"),
+            ({**sd, "state": {0: {k: v for k, v in sd["state"][0].items() if k != "exp_avg_sq_absmax"}}},
+             "the 8-bit 'exp_avg_sq' of a param has no 'exp_avg_sq_absmax'")]:
+        for target in (opt, FusedAdamW([p], lr=1e-2, state_format="fp32")):  # kept 8-bit, or decoded
+            with pytest.raises(ValueError, match=match):
+                target.load_state_dict(bad)
+        for k, v in good.items():  # nothing half-loaded
+            assert torch.equal(opt.state[p][k], v), k
+    with pytest.raises(ValueError, match="a gathered state dict"):
+        torch_state_dict(with_state(absmax_layout=shards))
+    rows = with_state(exp_avg_absmax=sd["state"][0]["exp_avg_absmax"].view(32, 1))
     opt2 = FusedAdamW([p], lr=1e-2, state_format="8bit")
     opt2.load_state_dict(rows)
     for k, v in good.items():

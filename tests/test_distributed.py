@@ -269,9 +269,9 @@ def test_fsdp2_lean_states_train_and_checkpoint(tmp_path, fmt):
 
 def _rows_model():
     torch.manual_seed(0)
-    # the 8-bit weight is (32, 256): rows of 256 elements, so its blocks are whole rows and its
-    # absmax is a (32, 1) DTensor sharded as the weight (the other params keep fp32 states)
-    model = nn.Sequential(nn.Linear(8, 256), nn.Tanh(), nn.Linear(256, 32), nn.Tanh(), nn.Linear(32, 8))
+    # the 8-bit weight is (32, 512): rows of two blocks, so its shards are whole blocks and its
+    # absmax is a (32, 2) DTensor sharded as the weight (the other params keep fp32 states)
+    model = nn.Sequential(nn.Linear(4, 512), nn.Tanh(), nn.Linear(512, 32), nn.Tanh(), nn.Linear(32, 8))
     from torch.distributed.fsdp import fully_shard
 
     for layer in model:
@@ -311,7 +311,12 @@ def _reshard_worker(rank, world, out, phase):
             opt.step()
         w = model[2].weight
         am = opt.state[w]["exp_avg_absmax"]
-        assert opt.state[w]["exp_avg"].dtype == torch.uint8 and isinstance(am, DTensor) and am.shape == (32, 1)
+        assert opt.state[w]["exp_avg"].dtype == torch.uint8 and isinstance(am, DTensor) and am.shape == (32, 2)
+        # torch_state_dict decodes each shard with its own blocks: the whole tensor's decoding
+        decoded = fusedtrain.optim.torch_state_dict(opt.state_dict())["state"][2]["exp_avg"].full_tensor()
+        whole = fusedtrain.reference.q8_decode(opt.state[w]["exp_avg"].full_tensor(), am.full_tensor().reshape(-1),
+                                               signed=True)
+        assert torch.equal(decoded, whole)
         dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
                  checkpoint_id=ckpt)
     else:
@@ -330,7 +335,7 @@ def _reshard_worker(rank, world, out, phase):
 
 def test_dcp_reshards_8bit_states_to_another_world_size(tmp_path):
     """8-bit states saved by 2 FSDP2 ranks load into 1 and into 3 ranks (11, 11 and 10 rows of
-    the 8-bit weight) with the same bits: codes, absmax and fp32 states. The next step, from the
+    two blocks of the 8-bit weight) with the same bits: codes, absmax and fp32 states. The next step, from the
     same full gradients, gives the 8-bit weight the same bits at every world size (its shards
     are whole blocks of 256); the small fp32-state params agree to rounding (a shard of 16 or 11
     elements runs the scalar tail where one of 32 runs the vector body, whose FMA contraction

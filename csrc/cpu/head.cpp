@@ -23,7 +23,8 @@ namespace {
 
 using at::vec::Vectorized;
 using bce::exp_neg_abs;
-using bce::loss_and_input_grad_e;
+using bce::input_grad_e;
+using bce::loss_e;
 using vec_io::load2;
 using vec_io::store2;
 
@@ -59,9 +60,12 @@ void epilogue_kernel(at::Tensor& logits, const float* bias, const at::Tensor& ta
         if (lw) load2<float>(lw + c, wa, wb);
         if (PW) load2<float>(pw + c, pa, pb);
         const Vec ea = exp_neg_abs(za), eb = exp_neg_abs(zb);
-        Vec la, lb, ga, gb;  // the gradient is stored only with write_grad
-        loss_and_input_grad_e<PW>(za, ya, wa, pa, ea, la, ga);
-        loss_and_input_grad_e<PW>(zb, yb, wb, pb, eb, lb, gb);
+        Vec la = loss_e<PW>(za, ya, wa, pa, ea), lb = loss_e<PW>(zb, yb, wb, pb, eb);
+        Vec ga = zero, gb = zero;
+        if (write_grad) {
+          ga = input_grad_e<PW>(za, ya, wa, pa, ea);
+          gb = input_grad_e<PW>(zb, yb, wb, pb, eb);
+        }
         if (mr) {  // an unknown label gives exactly 0 (a select: 0 * a NaN logit would be NaN)
           float m[K];
           for (int64_t j = 0; j < K; ++j) m[j] = mr[c + j] ? 0.0f : 1.0f;
@@ -80,10 +84,8 @@ void epilogue_kernel(at::Tensor& logits, const float* bias, const at::Tensor& ta
         const float yv = static_cast<float>(yr[c]), wv = lw ? lw[c] : 1.0f, pv = PW ? pw[c] : 1.0f;
         const float ev = exp_neg_abs(zv);
         const bool known = mr == nullptr || !mr[c];
-        float lv, gv;
-        loss_and_input_grad_e<PW>(zv, yv, wv, pv, ev, lv, gv);
-        if (known) tail += lv;
-        if (write_grad) zr[c] = static_cast<logit_t>(known ? gv : 0.0f);
+        if (known) tail += loss_e<PW>(zv, yv, wv, pv, ev);
+        if (write_grad) zr[c] = static_cast<logit_t>(known ? input_grad_e<PW>(zv, yv, wv, pv, ev) : 0.0f);
       }
       float lanes[Vec::size()];
       (acc0 + acc1).store(lanes);

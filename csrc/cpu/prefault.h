@@ -1,15 +1,16 @@
 #pragma once
 // Fault in the pages of a fresh output buffer with one madvise(MADV_POPULATE_WRITE) call instead
-// of one page fault per 4 KiB page as the kernel's stores reach them. glibc hands every buffer
+// of one page fault per page as the kernel's stores reach them. glibc hands every buffer
 // of 32 MiB or more out as fresh mmap'ed memory, so an fp32 8192x1024 gradient is new pages on
 // every step: the BCE forward with its unit gradient at 2 threads, 10.2 -> 8.9 ms (focal
-// 12.1 -> 10.5 ms). Pages stay 4 KiB (no transparent huge pages, no change of memory policy);
+// 12.1 -> 10.5 ms). Pages keep their size (no transparent huge pages, no change of memory policy);
 // memory already resident (a buffer malloc reused, a caching allocator's) is left alone after a
 // one-page mincore() (~1 us, where populating a resident 16 MiB would walk it for ~100 us).
 // Linux only; elsewhere, or on a kernel before 5.14 (EINVAL), the stores fault as before.
 #include <cstdint>
 #if defined(__linux__)
 #include <sys/mman.h>
+#include <unistd.h>
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23
 #endif
@@ -22,7 +23,7 @@ namespace cpu {
 // are not worth a system call.
 inline void prefault_for_write(void* base, int64_t begin, int64_t end, int64_t elem) {
 #if defined(__linux__)
-  constexpr uintptr_t kPage = 4096;
+  static const uintptr_t kPage = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));  // 4 KiB; 16/64 KiB on some arm64
   constexpr int64_t kMinBytes = int64_t(1) << 20;
   if (base == nullptr || (end - begin) * elem < kMinBytes) return;
   const uintptr_t p = reinterpret_cast<uintptr_t>(base);

@@ -143,7 +143,7 @@ def state_bytes_per_param(opt, ps):
     master weights), measured from the state tensors."""
     n = sum(p.numel() for p in ps)
     return sum(_tensor_bytes(v) for p in ps for k, v in opt.state[p].items()
-               if torch.is_tensor(v) and k not in ("step", "master_param") and v.numel() > 1) / n
+               if torch.is_tensor(v) and k not in ("step", "master_param", "absmax_layout") and v.numel() > 1) / n
 
 
 def _lean_rows(case, shapes, device, warmup, reps, rounds):

@@ -132,12 +132,13 @@ inline at::vec::Vectorized<float> log1p_unit(const at::vec::Vectorized<float>& e
 inline at::vec::Vectorized<double> log1p_unit(const at::vec::Vectorized<double>& e) { return e.log1p(); }
 #endif
 
-// r = 1 / (1 + e), er = e / (1 + e) and l = log1p(e) of one e = exp(-|x|), from one division:
-// d = 1 / ((1 + e)(2 + e)) gives r = (2 + e) d and the series' s = e / (2 + e) = e (1 + e) d
-// (a few ulp where three divisions give one each: within the gradients' error bound, see
-// fusedtrain/_compare.py). vdivps zmm issues once per 2.6 ns on the AVX-512 VM (five FMAs'
-// time) and the family took three per element: in registers, focal with its target gradient
-// 1.35 -> 1.20 ns per element, BCE's forward 0.73 -> 0.76 ns (whole rows within the noise).
+// r = 1 / (1 + e), er = e / (1 + e) and l = log1p(e) of one e = exp(-|x|), for the family
+// (sig_terms), from one division: d = 1 / ((1 + e)(2 + e)) gives r = (2 + e) d and the series'
+// s = e / (2 + e) = e (1 + e) d. Up to 3 ulp in r and er and 5 in l (fp32, e in [0, 1]) where
+// separate divisions give 1.5 and 3: within the gradients' error bound (fusedtrain/_compare.py).
+// vdivps zmm issues once per 2.6 ns on the AVX-512 VM (five FMAs' time) and the family took
+// three per element: in registers, focal with its target gradient 1.35 -> 1.20 ns per element.
+// Plain BCE keeps its own divisions: its forward's unit gradient must be the backward's bits.
 // double: the library log1p (r and er as for float).
 template <typename T>
 struct UnitTerms {
@@ -203,15 +204,6 @@ FT_HD T input_grad_e(T x, T y, T w, T pw, T e) { return input_grad_er<HasPosWeig
 template <typename T>
 FT_HD T exp_neg_abs(T x) { return ft_exp(T(0) - ft_abs(x)); }
 
-// The loss and d loss / d x of one element together (a forward that also writes the gradient
-// for a grad_output of 1): one division for both (unit_terms)
-template <bool HasPosWeight, typename T>
-FT_HD void loss_and_input_grad_e(T x, T y, T w, T pw, T e, T& loss, T& dx) {
-  const UnitTerms<T> u = unit_terms(e);
-  loss = loss_l<HasPosWeight>(x, y, w, pw, u.l);
-  dx = input_grad_er<HasPosWeight>(x, y, w, pw, u.er);
-}
-
 // d loss / d target of one element (before the 1/N of 'mean' and grad_output):
 // pos_weight * softplus(-x) - softplus(x) = (pos_weight - 1) L - (x >= 0 ? x : pos_weight x),
 // exactly -x for pos_weight = 1 (the two L terms of the plain form would not cancel exactly).
@@ -254,7 +246,8 @@ struct Spec {
 };
 
 // p, q, sp(-x), sp(x) of x from e = exp(-|x|), and for focal's BCE terms l = log1p(e) and
-// er = e / (1 + e), all from unit_terms (so that gamma = 0 is the BCE forward to the bit)
+// er = e / (1 + e), all from unit_terms (focal with gamma = 0 is BCE within BCE's error bound,
+// not to the bit)
 template <typename T>
 struct Sig {
   T p, q, spn, spp, er, l;
