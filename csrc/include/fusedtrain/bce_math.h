@@ -329,8 +329,8 @@ constexpr int kAnyKind = -1;
 // want_dy: also d loss / d y (ASL's needs one more log; the forward and a backward without a
 // target gradient skip it and leave dy 0).
 // KIND: s.kind fixed at compile time (the CPU loops, one instantiation per kind: no branch on
-// the kind per element and no other kind's registers, focal 1.09 -> 1.0 ns per element in
-// AVX-512 registers), or kAnyKind (read at run time).
+// the kind per element and no other kind's registers; focal's backward at 8192x1024 bf16
+// 6.2 -> 5.4 ms), or kAnyKind (read at run time).
 template <bool HasPosWeight, int KIND = kAnyKind, typename T, typename S>
 FT_HD void elem(const Spec<S>& s, T x, T y_raw, T w, T pw, T e, T& l, T& dx, T& dy, bool want_dy) {
   const int kind = KIND == kAnyKind ? s.kind : KIND;
