@@ -269,9 +269,12 @@ def test_fsdp2_lean_states_train_and_checkpoint(tmp_path, fmt):
 
 def _rows_model():
     torch.manual_seed(0)
-    # the 8-bit weight is (32, 512): rows of two blocks, so its shards are whole blocks and its
-    # absmax is a (32, 2) DTensor sharded as the weight (the other params keep fp32 states)
-    model = nn.Sequential(nn.Linear(4, 512), nn.Tanh(), nn.Linear(512, 32), nn.Tanh(), nn.Linear(32, 8))
+    # the 8-bit weights are (32, 512) and (2, 2048): rows of two and eight blocks, so their shards
+    # are whole blocks and their absmax a (rows, blocks per row) DTensor sharded as the weight
+    # (the (2, 2048) one leaves the third of 3 ranks an empty shard; the model is never run: the
+    # gradients are set); the other params keep fp32 states
+    model = nn.Sequential(nn.Linear(4, 512), nn.Tanh(), nn.Linear(512, 32), nn.Tanh(), nn.Linear(32, 8),
+                          nn.Linear(2048, 2))
     from torch.distributed.fsdp import fully_shard
 
     for layer in model:
@@ -317,6 +320,7 @@ def _reshard_worker(rank, world, out, phase):
         whole = fusedtrain.reference.q8_decode(opt.state[w]["exp_avg"].full_tensor(), am.full_tensor().reshape(-1),
                                                signed=True)
         assert torch.equal(decoded, whole)
+        assert opt.state[model[5].weight]["exp_avg_absmax"].shape == (2, 8)
         dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
                  checkpoint_id=ckpt)
     else:
@@ -335,11 +339,11 @@ def _reshard_worker(rank, world, out, phase):
 
 def test_dcp_reshards_8bit_states_to_another_world_size(tmp_path):
     """8-bit states saved by 2 FSDP2 ranks load into 1 and into 3 ranks (11, 11 and 10 rows of
-    two blocks of the 8-bit weight) with the same bits: codes, absmax and fp32 states. The next step, from the
-    same full gradients, gives the 8-bit weight the same bits at every world size (its shards
-    are whole blocks of 256); the small fp32-state params agree to rounding (a shard of 16 or 11
-    elements runs the scalar tail where one of 32 runs the vector body, whose FMA contraction
-    may differ in the last bit)."""
+    two blocks of one 8-bit weight, 1, 1 and 0 rows of eight blocks of another) with the same
+    bits: codes, absmax and fp32 states. The next step, from the same full gradients, gives the
+    8-bit weights the same bits at every world size (their shards are whole blocks of 256); the
+    small fp32-state params agree to rounding (a shard of 16 or 11 elements runs the scalar tail
+    where one of 32 runs the vector body, whose FMA contraction may differ in the last bit)."""
     spawn(_reshard_worker, world=2, args=(str(tmp_path), "save"), timeout_s=240)
     saved = torch.load(tmp_path / "save.pt")
     for world in (1, 3):
@@ -349,14 +353,14 @@ def test_dcp_reshards_8bit_states_to_another_world_size(tmp_path):
             for i, (a, b) in enumerate(zip(saved[what], got[what])):
                 assert set(a) == set(b), f"world {world}: param {i} state keys {set(a)} != {set(b)}"
                 for k in a:
-                    if what == "states" or i == 2:
+                    if what == "states" or i in (2, 6):
                         assert torch.equal(a[k], b[k]), f"world {world}: param {i} {k} ({what} loading) differs"
                     else:
                         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-30,
                                                    msg=f"world {world}: param {i} {k} after the step")
         for i, (a, b) in enumerate(zip(saved["params"], got["params"])):
-            if i == 2:
-                assert torch.equal(a, b), f"world {world}: the 8-bit weight after the step differs"
+            if i in (2, 6):
+                assert torch.equal(a, b), f"world {world}: 8-bit weight {i} after the step differs"
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9, msg=f"world {world}: param {i} after the step")
 
 
