@@ -309,7 +309,8 @@ def test_absmax_of_another_layout_is_refused(backend_device):
     shards = torch.tensor([1, 1, 2, 0, 32, 256])  # per-shard blocks, a mesh of 2 sharding dim 0 (_layout_tag)
     for bad, match in [
             (with_state(exp_avg_absmax=torch.zeros(48, device=device)),
-             "'exp_avg_absmax' of a param of shape \\(32, 256\\) holds the whole tensor's blocks \\(shape \\(48,\\)\\)"),
+             "'exp_avg_absmax' of a param of shape \\(32, 256\\) holds the whole tensor's blocks "
+             "\\(shape \\(48,\\)\\)"),
             (with_state(absmax_layout=shards), "holds per-shard blocks of mesh \\(2,\\) sharding dims \\(0,\\)"),
             ({**sd, "state": {0: {k: v for k, v in sd["state"][0].items() if k != "exp_avg_sq_absmax"}}},
              "the 8-bit 'exp_avg_sq' of a param has no 'exp_avg_sq_absmax'")]:

@@ -91,10 +91,10 @@ void with_kind(const Spec<S>& spec, F&& f) {
 
 // The loss, and with a unit_grad tensor d loss / d input for grad_output = 1 from the same
 // exp(-|x|) (rounded once; the 1/N of mean folded in). Plain BCE's unit gradient takes
-// e / (1 + e) as the backward kernel does, so that the two give the same bits. The loss family (KIND not
-// kPlainBCE: focal, asl, smoothing, ignore value): every term from elem(), the unit gradient
-// its d/dx, so that their backward is not a second pass (focal fwd+bwd at 8192x1024 fp32:
-// 37.5 -> 22.0 ms, ASL 47.4 -> 25.0 ms).
+// e / (1 + e) as the backward kernel does, so that the two give the same bits. The loss
+// family (KIND not kPlainBCE: focal, asl, smoothing, ignore value): every term from elem(),
+// the unit gradient its d/dx, so that their backward is not a second pass (focal fwd+bwd at
+// 8192x1024 fp32: 37.5 -> 22.0 ms, ASL 47.4 -> 25.0 ms).
 template <typename scalar_t, typename target_t, typename out_t, bool PW, int KIND>
 void forward_kernel(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                     const std::optional<at::Tensor>& pos_weight, int64_t reduction, at::Tensor& out,
@@ -256,7 +256,8 @@ void backward_kernel(const at::Tensor& grad_output, const at::Tensor& input, con
           const op_t f = per_elem ? go[base + c] : factor;
           if constexpr (KIND != kPlainBCE) {
             op_t l, dx, dy;
-            elem<PW, KIND>(spec, xv, static_cast<op_t>(y[base + c]), wv, pv, exp_neg_abs(xv), l, dx, dy, gt_p != nullptr);
+            elem<PW, KIND>(spec, xv, static_cast<op_t>(y[base + c]), wv, pv, exp_neg_abs(xv), l, dx, dy,
+                           gt_p != nullptr);
             if (gi_p) gi_p[base + c] = static_cast<scalar_t>(dx * f);
             if (gt_p) gt_p[base + c] = static_cast<target_t>(dy * f);
             continue;

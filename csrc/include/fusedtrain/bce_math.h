@@ -148,7 +148,8 @@ template <typename T>
 FT_HD T log1p_from_s(T s, T) { return (s + s) * log1p_series_poly(s * s); }
 FT_HD double log1p_from_s(double, double e) { return ft_log1p(e); }
 #if !defined(__CUDACC__) && !defined(__HIPCC__)
-inline at::vec::Vectorized<double> log1p_from_s(const at::vec::Vectorized<double>&, const at::vec::Vectorized<double>& e) {
+inline at::vec::Vectorized<double> log1p_from_s(const at::vec::Vectorized<double>&,
+                                                 const at::vec::Vectorized<double>& e) {
   return e.log1p();
 }
 #endif
