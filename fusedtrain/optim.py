@@ -122,9 +122,9 @@ def _check_loaded_absmax(sv, p, key):
     same = saved_tag.shape == tag.shape and torch.equal(saved_tag, tag)
     got, want = sv[key], _new_absmax(p)
     if same and not _dtensor.is_dtensor(p) and got.dim() == 2:  # gathered rows of FSDP2's
-        per_row = math.prod(p.shape[1:]) // reference.Q8_BLOCK
-        if p.dim() >= 2 and per_row * reference.Q8_BLOCK == math.prod(p.shape[1:]) and \
-                tuple(got.shape) == (p.shape[0], per_row):
+        inner = math.prod(p.shape[1:])
+        if p.dim() >= 2 and inner % reference.Q8_BLOCK == 0 and \
+                tuple(got.shape) == (p.shape[0], inner // reference.Q8_BLOCK):
             return
     elif same and tuple(got.shape) == tuple(want.shape) and (not _dtensor.is_dtensor(want) or (
             _dtensor.is_dtensor(got) and tuple(got.placements) == tuple(want.placements)
