@@ -137,8 +137,9 @@ def _check_loaded_absmax(sv, p, key):
         f"load_state_dict: {key!r} of a param of shape {tuple(p.shape)} holds {_describe_layout(saved_tag)} "
         f"({what}); this optimizer's 8-bit states of that param are made of {_describe_layout(tag)} ({need}). "
         "Blocks of a param sharded on dim 0 whose rows are a multiple of 256 elements load at any world size; "
-        "per-shard blocks load into the sharding they were saved from only (keep such params, e.g. 1-D norms "
-        "and biases, in a param group with state_format 'bf16' or 'fp32' to reshard their checkpoint)")
+        "per-shard blocks load into the sharding they were saved from only (to reshard them, checkpoint "
+        "fusedtrain.optim.torch_state_dict(...) of the state dict, whose fp32 moments are quantized again on load, "
+        "or keep such params, e.g. 1-D norms and biases, in a param group with state_format 'bf16' or 'fp32')")
 
 
 def _quantize(x, key, device):
@@ -210,7 +211,9 @@ class FusedAdam(torch.optim.Optimizer):
             absmax of a param sharded on dim 0 with rows of a multiple of 256 elements is a
             (rows, blocks per row) DTensor that torch.distributed.checkpoint loads at any world
             size; other params' absmax is per shard and loads into the same sharding only
-            ("absmax_layout", an int64 tensor, says which; load_state_dict checks it).
+            ("absmax_layout", an int64 tensor, says which; load_state_dict checks it): to
+            reshard those, checkpoint torch_state_dict(get_optimizer_state_dict(...)) and load
+            into the new optimizer's own torch_state_dict (quantized again on load).
         stochastic_rounding: (also a param-group key) round each updated bf16 param up or
             down with probability proportional to the distance, instead of to the nearest:
             small updates then survive bf16 on average. For bf16 params without master

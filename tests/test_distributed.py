@@ -267,20 +267,23 @@ def test_fsdp2_lean_states_train_and_checkpoint(tmp_path, fmt):
 
 # ---- 8-bit states resharded by DCP to another world size ---------------------------------------
 
-def _rows_model():
+def _rows_model(hsdp=False):
     torch.manual_seed(0)
     # the 8-bit weights are (32, 512) and (2, 2048): rows of two and eight blocks, so their shards
     # are whole blocks and their absmax a (rows, blocks per row) DTensor sharded as the weight
     # (the (2, 2048) one leaves the third of 3 ranks an empty shard; the model is never run: the
-    # gradients are set); the other params keep fp32 states
+    # gradients are set); the other params keep fp32 states. hsdp: on a 2x2 mesh (replicated
+    # over the first dim, sharded on the second: placements (Replicate(), Shard(0))).
     model = nn.Sequential(nn.Linear(4, 512), nn.Tanh(), nn.Linear(512, 32), nn.Tanh(), nn.Linear(32, 8),
                           nn.Linear(2048, 2))
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    kw = {"mesh": init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))} if hsdp else {}
     for layer in model:
         if isinstance(layer, nn.Linear):
-            fully_shard(layer)
-    return fully_shard(model)
+            fully_shard(layer, **kw)
+    return fully_shard(model, **kw)
 
 
 def _rows_grads(model, seed):
@@ -305,9 +308,20 @@ def _reshard_worker(rank, world, out, phase):
                                                          set_model_state_dict, set_optimizer_state_dict)
     from torch.distributed.tensor import DTensor
 
-    model = _rows_model()
+    model = _rows_model(hsdp=phase == "load_hsdp")
     opt = fusedtrain.FusedAdamW(model.parameters(), lr=1e-2, state_format="8bit", amsgrad=True)
     ckpt = os.path.join(out, "ckpt")
+    if phase == "load_hsdp":
+        from torch.distributed.tensor import Replicate, Shard
+
+        w = model[2].weight
+        assert tuple(w.placements) == (Replicate(), Shard(0))
+        # a state created on the 2-D mesh (before loading) has the row layout there too
+        _rows_grads(model, 0)
+        opt.step()
+        am = opt.state[w]["exp_avg_absmax"]
+        assert tuple(am.placements) == (Replicate(), Shard(0)) and am.shape == (32, 2), am
+        assert opt.state[w]["absmax_layout"].tolist() == [0]
     if phase == "save":
         for step in range(3):
             _rows_grads(model, step)
@@ -343,23 +357,26 @@ def test_dcp_reshards_8bit_states_to_another_world_size(tmp_path):
     bits: codes, absmax and fp32 states. The next step, from the same full gradients, gives the
     8-bit weights the same bits at every world size (their shards are whole blocks of 256); the
     small fp32-state params agree to rounding (a shard of 16 or 11 elements runs the scalar tail
-    where one of 32 runs the vector body, whose FMA contraction may differ in the last bit)."""
+    where one of 32 runs the vector body, whose FMA contraction may differ in the last bit).
+    4 ranks on a 2x2 HSDP mesh (FSDP2 sharded 2-way, replicated 2-way) load them too, and their
+    step is the 2 ranks' to the bit: the same shards."""
     spawn(_reshard_worker, world=2, args=(str(tmp_path), "save"), timeout_s=240)
     saved = torch.load(tmp_path / "save.pt")
-    for world in (1, 3):
-        spawn(_reshard_worker, world=world, args=(str(tmp_path), f"load{world}"), timeout_s=240)
-        got = torch.load(tmp_path / f"load{world}.pt")
+    for world, phase in ((1, "load1"), (3, "load3"), (4, "load_hsdp")):
+        spawn(_reshard_worker, world=world, args=(str(tmp_path), phase), timeout_s=240)
+        got = torch.load(tmp_path / f"{phase}.pt")
+        exact = phase == "load_hsdp"
         for what in ("states", "after"):
             for i, (a, b) in enumerate(zip(saved[what], got[what])):
                 assert set(a) == set(b), f"world {world}: param {i} state keys {set(a)} != {set(b)}"
                 for k in a:
-                    if what == "states" or i in (2, 6):
+                    if what == "states" or i in (2, 6) or exact:
                         assert torch.equal(a[k], b[k]), f"world {world}: param {i} {k} ({what} loading) differs"
                     else:
                         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-30,
                                                    msg=f"world {world}: param {i} {k} after the step")
         for i, (a, b) in enumerate(zip(saved["params"], got["params"])):
-            if i in (2, 6):
+            if i in (2, 6) or exact:
                 assert torch.equal(a, b), f"world {world}: 8-bit weight {i} after the step differs"
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9, msg=f"world {world}: param {i} after the step")
 
@@ -404,3 +421,68 @@ def test_dcp_refuses_8bit_states_of_shards_that_are_not_whole_blocks(tmp_path):
     for rank in range(3):
         msg = (tmp_path / f"padded_rank{rank}.txt").read_text()
         assert "Size mismatch" in msg and "exp_avg_absmax" in msg, msg
+
+
+def _padded_model():
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 33), nn.Tanh(), nn.Linear(33, 8))  # 8-bit weight (33, 128)
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    return fully_shard(model)
+
+
+def _fp32_reshard_worker(rank, world, out, phase):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    model = _padded_model()
+    opt = fusedtrain.FusedAdamW(model.parameters(), lr=1e-2, state_format="8bit", amsgrad=True)
+    ckpt = os.path.join(out, "ckpt_fp32")
+    w = model[0].weight
+    if phase == "save":
+        for step in range(3):
+            _rows_grads(model, step)
+            opt.step()
+        sd = fusedtrain.optim.torch_state_dict(get_optimizer_state_dict(model, opt))
+        dcp.save(sd, checkpoint_id=ckpt)
+        full = {k: v.full_tensor() for k, v in sd["state"]["0.weight"].items() if k != "step"}  # collectives
+        if rank == 0:
+            torch.save(full, os.path.join(out, "fp32_saved.pt"))
+        return
+    # the documented way: the fp32 form of this optimizer's own (new) state dict as DCP's template
+    sd = fusedtrain.optim.torch_state_dict(get_optimizer_state_dict(model, opt))
+    dcp.load(sd, checkpoint_id=ckpt)
+    set_optimizer_state_dict(model, opt, sd)
+    st = opt.state[w]
+    assert st["exp_avg"].dtype == torch.uint8 and st["step"].item() == 3
+    torch.save({k: v.to_local().clone() for k, v in st.items() if k not in ("step", "absmax_layout")},
+               os.path.join(out, f"fp32_loaded_rank{rank}.pt"))
+    _rows_grads(model, 99)
+    opt.step()
+    assert all(torch.isfinite(p.to_local()).all() for p in model.parameters())
+
+
+def test_per_shard_8bit_states_reshard_through_their_fp32_form(tmp_path):
+    """The way to another sharding for 8-bit states whose blocks are per shard (the (33, 128)
+    weight above): save torch_state_dict(get_optimizer_state_dict(...)) (fp32 moments), load into
+    the new optimizer's own torch_state_dict. Each of the 3 ranks then holds its shard (11 rows)
+    quantized with its own blocks: the codes and absmax of q8_encode of that shard of the saved
+    values, bit for bit, and its decoding within the map's resolution of them."""
+    spawn(_fp32_reshard_worker, world=2, args=(str(tmp_path), "save"), timeout_s=240)
+    spawn(_fp32_reshard_worker, world=3, args=(str(tmp_path), "load"), timeout_s=240)
+    saved = torch.load(tmp_path / "fp32_saved.pt")
+    for rank in range(3):
+        got = torch.load(tmp_path / f"fp32_loaded_rank{rank}.pt")
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            shard = saved[key][11 * rank:11 * (rank + 1)]
+            codes, absmax = fusedtrain.reference.q8_encode(shard, signed=key == "exp_avg")
+            assert torch.equal(got[key], codes), f"rank {rank}: {key} codes"
+            assert torch.equal(got[key + "_absmax"].reshape(-1), absmax), f"rank {rank}: {key} absmax"
+            decoded = fusedtrain.reference.q8_decode(got[key], absmax, signed=key == "exp_avg")
+            # 3 mantissa bits: the map's widest step, in the top binade, is 1/15 of the block's
+            # absmax; half of it (and a little for the fp32 scaling) bounds the rounding
+            bound = absmax.repeat_interleave(256)[:shard.numel()].view_as(shard) / 29
+            assert ((decoded - shard).abs() <= bound).all(), f"rank {rank}: {key} decoded"
