@@ -117,6 +117,9 @@ def test_the_sdist_holds_what_a_build_needs_and_no_build_outputs(dists):
         assert f in names, f"{f} is not in the sdist"
     missing = [f for f in _csrc_files() if f"csrc/{f}" not in names]
     assert not missing, f"sources not in the sdist: {missing}"
+    # the tests ship whole: their helpers and conftest too, and the scripts they run
+    missing = [f for f in checkout_files() if f.startswith(("tests/", "scripts/")) and f not in names]
+    assert not missing, f"test files not in the sdist: {missing}"
     stray = [n for n in names if n.endswith((".so", ".o", ".pyc")) or n in STALE]
     assert not stray, f"build outputs in the sdist: {stray}"
 
