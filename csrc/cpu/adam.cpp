@@ -12,6 +12,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #define FT_ADAM_WITH_ATEN_VEC 1
@@ -61,6 +62,37 @@ inline void prefetch_at(const TensorJob& j, int64_t i) {
   if constexpr (AMS) __builtin_prefetch(static_cast<const S*>(j.vmax) + i, 1);
 }
 
+// kVec elements of one tensor from element i (the stochastic roundings' index), at p, g, m, v,
+// vm (AMS) and w (MASTER): the tensor's own memory, or the padded copies of its last elements.
+template <typename P, typename S, bool AMS, bool MASTER, bool SR>
+inline void step_vec(const TensorJob& j, const CoefV<fVec>& cv, int64_t i, P* p, const P* g, S* m, S* v, S* vm,
+                     float* w) {
+  fVec p0, p1, g0, g1, m0, m1, v0, v1, x0, x1;
+  if constexpr (MASTER) load2(w, p0, p1); else load2(p, p0, p1);
+  load2(g, g0, g1);
+  load2(m, m0, m1);
+  load2(v, v0, v1);
+  if constexpr (AMS) load2(vm, x0, x1);
+  adam::update<AMS>(p0, g0, m0, v0, x0, cv);
+  adam::update<AMS>(p1, g1, m1, v1, x1, cv);
+  if constexpr (MASTER) store2(w, p0, p1);
+  if constexpr (SR) {
+    constexpr int64_t h = fVec::size();
+    if (j.sr_param) {
+      p0 = adam::sr_round(p0, adam::sr_bits_vec(j.sr_key, i, adam::SR_P));
+      p1 = adam::sr_round(p1, adam::sr_bits_vec(j.sr_key, i + h, adam::SR_P));
+    }
+    if (j.sr_exp_avg_sq) {  // after the update, which read it unrounded
+      v0 = adam::sr_round(v0, adam::sr_bits_vec(j.sr_key, i, adam::SR_V));
+      v1 = adam::sr_round(v1, adam::sr_bits_vec(j.sr_key, i + h, adam::SR_V));
+    }
+  }
+  store2(p, p0, p1);
+  store2(m, m0, m1);
+  store2(v, v0, v1);
+  if constexpr (AMS) store2(vm, x0, x1);
+}
+
 // Elements [lo, hi) of one tensor. P: param/grad storage, S: state storage. With MASTER the
 // update reads and writes the fp32 master and stores its rounding into the param; with SR
 // the job's stochastic roundings (of a bf16 param, of a bf16 exp_avg_sq) apply. next: the
@@ -85,48 +117,29 @@ void run_range(const TensorJob& j, int64_t lo, int64_t hi, const TensorJob* next
     } else if (next != nullptr && ahead - hi < next->numel) {
       prefetch_at<P, S, AMS, MASTER>(*next, ahead - hi);
     }
-    fVec p0, p1, g0, g1, m0, m1, v0, v1, x0, x1;
-    if constexpr (MASTER) load2(w + i, p0, p1); else load2(p + i, p0, p1);
-    load2(g + i, g0, g1);
-    load2(m + i, m0, m1);
-    load2(v + i, v0, v1);
-    if constexpr (AMS) load2(vm + i, x0, x1);
-    adam::update<AMS>(p0, g0, m0, v0, x0, cv);
-    adam::update<AMS>(p1, g1, m1, v1, x1, cv);
-    if constexpr (MASTER) store2(w + i, p0, p1);
-    if constexpr (SR) {
-      constexpr int64_t h = fVec::size();
-      if (j.sr_param) {
-        p0 = adam::sr_round(p0, adam::sr_bits_vec(j.sr_key, i, adam::SR_P));
-        p1 = adam::sr_round(p1, adam::sr_bits_vec(j.sr_key, i + h, adam::SR_P));
-      }
-      if (j.sr_exp_avg_sq) {  // after the update, which read it unrounded
-        v0 = adam::sr_round(v0, adam::sr_bits_vec(j.sr_key, i, adam::SR_V));
-        v1 = adam::sr_round(v1, adam::sr_bits_vec(j.sr_key, i + h, adam::SR_V));
-      }
-    }
-    store2(p + i, p0, p1);
-    store2(m + i, m0, m1);
-    store2(v + i, v0, v1);
-    if constexpr (AMS) store2(vm + i, x0, x1);
+    step_vec<P, S, AMS, MASTER, SR>(j, cv, i, p + i, g + i, m + i, v + i, AMS ? vm + i : nullptr,
+                                    MASTER ? w + i : nullptr);
   }
   if (i < hi) {
-    const CoefV<float> cs(j.coef);
-    for (; i < hi; ++i) {
-      float pv = MASTER ? w[i] : static_cast<float>(p[i]);
-      float mv = static_cast<float>(m[i]), vv = static_cast<float>(v[i]);
-      float xv = AMS ? static_cast<float>(vm[i]) : 0.f;
-      adam::update<AMS>(pv, static_cast<float>(g[i]), mv, vv, xv, cs);
-      if constexpr (MASTER) w[i] = pv;
-      if constexpr (SR) {
-        if (j.sr_param) pv = adam::sr_round(pv, adam::sr_bits(j.sr_key, i, adam::SR_P));
-        if (j.sr_exp_avg_sq) vv = adam::sr_round(vv, adam::sr_bits(j.sr_key, i, adam::SR_V));
-      }
-      p[i] = static_cast<P>(pv);
-      m[i] = static_cast<S>(mv);
-      v[i] = static_cast<S>(vv);
-      if constexpr (AMS) vm[i] = static_cast<S>(xv);
-    }
+    // The last hi - i < kVec elements go through zero-padded copies and the same vector code:
+    // a scalar loop's FMA contraction can differ in the last bit, which gave an element other
+    // bits where another sharding (FSDP2, a DCP reshard) moved it out of the tail.
+    const int64_t n = hi - i;
+    P pb[kVec] = {}, gb[kVec] = {};
+    S mb[kVec] = {}, vb[kVec] = {}, xb[kVec] = {};
+    float wb[kVec] = {};
+    std::copy_n(p + i, n, pb);
+    std::copy_n(g + i, n, gb);
+    std::copy_n(m + i, n, mb);
+    std::copy_n(v + i, n, vb);
+    if constexpr (AMS) std::copy_n(vm + i, n, xb);
+    if constexpr (MASTER) std::copy_n(w + i, n, wb);
+    step_vec<P, S, AMS, MASTER, SR>(j, cv, i, pb, gb, mb, vb, xb, wb);
+    std::copy_n(pb, n, p + i);
+    std::copy_n(mb, n, m + i);
+    std::copy_n(vb, n, v + i);
+    if constexpr (AMS) std::copy_n(xb, n, vm + i);
+    if constexpr (MASTER) std::copy_n(wb, n, w + i);
   }
 }
 

@@ -66,6 +66,11 @@ FT_HD float ft_sqrt(float x) { return sqrtf(x); }
 FT_HD float ft_max(float a, float b) { return (a != a || a > b) ? a : b; }
 
 #if defined(FT_ADAM_WITH_ATEN_VEC) && !defined(__CUDACC__)
+// The vector helpers are in a namespace per instruction set (as at::vec is): the AVX2 and
+// AVX-512 copies of the CPU kernels (csrc/cpu/cpu_isa.h) each emit their own. One with only
+// scalar parameters (sr_bits_vec) would otherwise have one mangled name for both copies' vector
+// types, and the linker would keep one of them for both callers.
+inline namespace CPU_CAPABILITY {
 // The same math on at::vec::Vectorized<float> (the CPU kernels define FT_ADAM_WITH_ATEN_VEC
 // and include ATen/cpu/vec/vec.h first).
 inline at::vec::Vectorized<float> ft_sqrt(const at::vec::Vectorized<float>& x) { return x.sqrt(); }
@@ -73,6 +78,7 @@ inline at::vec::Vectorized<float> ft_max(const at::vec::Vectorized<float>& a,
                                          const at::vec::Vectorized<float>& b) {
   return at::vec::maximum(a, b);
 }
+}  // namespace CPU_CAPABILITY
 #endif
 
 // The coefficients as values of V (float, or Vectorized<float> broadcast once per range).
@@ -178,6 +184,7 @@ FT_HD float sr_round(float x, uint32_t bits16) {
 }
 
 #if defined(FT_ADAM_WITH_ATEN_VEC) && !defined(__CUDACC__)
+inline namespace CPU_CAPABILITY {
 // The same on vectors of the elements i0, i0 + 1, ... (i0 a multiple of the vector width, so
 // the vector never straddles a multiple of 2^32).
 inline at::vec::Vectorized<int32_t> sr_srl(const at::vec::Vectorized<int32_t>& x, int n) {
@@ -204,6 +211,7 @@ inline at::vec::Vectorized<float> sr_round(const at::vec::Vectorized<float>& x, 
   const IV r = (at::vec::cast<int32_t>(x) + bits16) & IV(static_cast<int32_t>(0xFFFF0000U));
   return at::vec::Vectorized<float>::blendv(at::vec::cast<float>(r), x, x != x);
 }
+}  // namespace CPU_CAPABILITY
 #endif
 
 
@@ -272,6 +280,7 @@ FT_HD float q8_decode_unsigned(uint32_t code, float scale) {
 }
 
 #if defined(FT_ADAM_WITH_ATEN_VEC) && !defined(__CUDACC__)
+inline namespace CPU_CAPABILITY {
 // The same on vectors (codes as int32 lanes). q8_round3 less (e << 3): for the bit patterns of
 // x >= 1 (positive as int32, so the arithmetic shifts are logical ones); others are masked off.
 inline at::vec::Vectorized<int32_t> q8_round3_less(const at::vec::Vectorized<int32_t>& b, int32_t e) {
@@ -300,6 +309,7 @@ inline at::vec::Vectorized<float> q8_decode_unsigned(const at::vec::Vectorized<i
   using IV = at::vec::Vectorized<int32_t>;
   return at::vec::cast<float>((code << IV(20)) + IV(127 << 23)) * FV(scale);
 }
+}  // namespace CPU_CAPABILITY
 #endif
 
 }  // namespace adam
