@@ -30,6 +30,8 @@ _ABSMAX_KEYS = {"exp_avg": "exp_avg_absmax", "exp_avg_sq": "exp_avg_sq_absmax",
                 "max_exp_avg_sq": "max_exp_avg_sq_absmax"}
 # param-group keys of fusedtrain's own (torch's Adam has none of them)
 _GROUP_KEYS = ("master_weights", "state_format", "stochastic_rounding", "sr_seed")
+# reshardable_state_dict's marker on a state whose 8-bit moments it decoded
+_DECODED_KEY = "q8_decoded"
 LEAN_MIN_NUMEL = 4096  # smaller tensors keep full-precision moments (as bitsandbytes and torchao do)
 
 
@@ -138,8 +140,8 @@ def _check_loaded_absmax(sv, p, key):
         f"({what}); this optimizer's 8-bit states of that param are made of {_describe_layout(tag)} ({need}). "
         "Blocks of a param sharded on dim 0 whose rows are a multiple of 256 elements load at any world size; "
         "per-shard blocks load into the sharding they were saved from only (to reshard them, checkpoint "
-        "fusedtrain.optim.torch_state_dict(...) of the state dict, whose fp32 moments are quantized again on load, "
-        "or keep such params, e.g. 1-D norms and biases, in a param group with state_format 'bf16' or 'fp32')")
+        "fusedtrain.optim.reshardable_state_dict(...) of the state dict, decoded to fp32 and quantized again on "
+        "load, or keep such params, e.g. 1-D norms and biases, in a param group with state_format 'bf16' or 'fp32')")
 
 
 def _quantize(x, key, device):
@@ -159,6 +161,24 @@ def _dequantize(codes, absmax, key):
                                   stride=codes.stride())
 
 
+def _decoded_8bit(st, k, caller):
+    """A copy of param k's state st with its 8-bit moments decoded to fp32 (a DTensor's shard by
+    shard, with its own blocks) and their absmax and layout keys dropped."""
+    new = {}
+    for n, v in st.items():
+        if n == "absmax_layout" or n in _ABSMAX_KEYS.values():
+            continue
+        if torch.is_tensor(v) and v.dtype == torch.uint8 and n in _ABSMAX_KEYS:
+            tag = st.get("absmax_layout")
+            if tag is not None and tag.tolist() != [0] and not _dtensor.is_dtensor(v):
+                raise ValueError(f"{caller}: {n!r} of param {k} is made of {_describe_layout(tag)}, "
+                                 "which a gathered state dict no longer tells apart: convert the sharded "
+                                 "state dict (get_optimizer_state_dict's default) instead")
+            v = _dequantize(v, st[_ABSMAX_KEYS[n]], n)
+        new[n] = v
+    return new
+
+
 def torch_state_dict(state_dict):
     """A copy of a fusedtrain optimizer's state_dict whose moments are fp32 (bf16 moments
     widened exactly, 8-bit ones decoded), fusedtrain-only keys dropped: what
@@ -166,23 +186,30 @@ def torch_state_dict(state_dict):
     casting them to the param dtype)."""
     out = {"state": {}, "param_groups": []}
     for k, st in state_dict["state"].items():
-        new = {}
-        for n, v in st.items():
-            if n in ("master_param", "absmax_layout") or n in _ABSMAX_KEYS.values():
-                continue
-            if torch.is_tensor(v) and v.dtype == torch.uint8 and n in _ABSMAX_KEYS:
-                tag = st.get("absmax_layout")
-                if tag is not None and tag.tolist() != [0] and not _dtensor.is_dtensor(v):
-                    raise ValueError(f"torch_state_dict: {n!r} of param {k} is made of {_describe_layout(tag)}, "
-                                     "which a gathered state dict no longer tells apart: convert the sharded "
-                                     "state dict (get_optimizer_state_dict's default) instead")
-                v = _dequantize(v, st[_ABSMAX_KEYS[n]], n)
-            elif n != "step" and torch.is_tensor(v) and v.dtype == torch.bfloat16:
-                v = v.float()
-            new[n] = v
-        out["state"][k] = new
+        new = _decoded_8bit(st, k, "torch_state_dict")
+        new.pop("master_param", None)
+        out["state"][k] = {n: v.float() if n != "step" and torch.is_tensor(v) and v.dtype == torch.bfloat16 else v
+                           for n, v in new.items()}
     for g in state_dict["param_groups"]:
         out["param_groups"].append({n: v for n, v in g.items() if n not in _GROUP_KEYS})
+    return out
+
+
+def reshardable_state_dict(state_dict):
+    """A copy of a fusedtrain optimizer's (sharded) state_dict that torch.distributed.checkpoint
+    can load at another sharding: 8-bit moments decoded to fp32 (4x the bytes), everything else
+    as it is (master weights, bf16 moments, fusedtrain's group keys), and a marker "q8_decoded"
+    on each decoded state. Save reshardable_state_dict(get_optimizer_state_dict(model, opt));
+    at the new sharding, dcp.load into the new optimizer's own reshardable_state_dict(...) and
+    set_optimizer_state_dict: load_state_dict quantizes each new shard with its own blocks. An
+    ordinary checkpoint loaded into this form, or this form into an ordinary state dict, is a
+    missing-key error from DCP (the marker, or the absmax), never codes cast to floats."""
+    out = {"state": {}, "param_groups": [dict(g) for g in state_dict["param_groups"]]}
+    for k, st in state_dict["state"].items():
+        new = _decoded_8bit(st, k, "reshardable_state_dict")
+        if any(torch.is_tensor(v) and v.dtype == torch.uint8 for n, v in st.items() if n in _ABSMAX_KEYS):
+            new[_DECODED_KEY] = torch.tensor(1, dtype=torch.int64)
+        out["state"][k] = new
     return out
 
 
@@ -212,8 +239,9 @@ class FusedAdam(torch.optim.Optimizer):
             (rows, blocks per row) DTensor that torch.distributed.checkpoint loads at any world
             size; other params' absmax is per shard and loads into the same sharding only
             ("absmax_layout", an int64 tensor, says which; load_state_dict checks it): to
-            reshard those, checkpoint torch_state_dict(get_optimizer_state_dict(...)) and load
-            into the new optimizer's own torch_state_dict (quantized again on load).
+            reshard those, checkpoint reshardable_state_dict(get_optimizer_state_dict(...))
+            and load into the new optimizer's own reshardable_state_dict (decoded to fp32 on
+            save, quantized again on load).
         stochastic_rounding: (also a param-group key) round each updated bf16 param up or
             down with probability proportional to the distance, instead of to the nearest:
             small updates then survive bf16 on average. For bf16 params without master
@@ -338,6 +366,9 @@ class FusedAdam(torch.optim.Optimizer):
                 sv = saved_state.get(sid, {})
                 for k, ak in _ABSMAX_KEYS.items():  # 8-bit saved: kept as codes or decoded, by its blocks
                     if k in sv and torch.is_tensor(sv[k]) and sv[k].dtype == torch.uint8:
+                        if _DECODED_KEY in sv:  # codes cast into a decoded template would be floats
+                            raise ValueError(f"load_state_dict: {k!r} of a param marked {_DECODED_KEY!r} "
+                                             "(reshardable_state_dict) holds 8-bit codes")
                         if ak not in sv:
                             raise ValueError(f"load_state_dict: the 8-bit {k!r} of a param has no {ak!r}")
                         _check_loaded_absmax(sv, p, ak)
@@ -353,6 +384,7 @@ class FusedAdam(torch.optim.Optimizer):
             sv = saved_state.get(sid, {})
             sdtype = self._state_dtype(group, p)
             st.pop("absmax_layout", None)
+            st.pop(_DECODED_KEY, None)
             if sdtype == torch.uint8:  # 8-bit: saved codes as they are, other states quantized
                 st["absmax_layout"] = _layout_tag(p)
                 for k, ak in _ABSMAX_KEYS.items():

@@ -49,8 +49,11 @@ STRIP_EDITABLE = "import sys\nsys.meta_path[:] = [f for f in sys.meta_path if 'e
 def checkout_files():
     """The checkout's files as they are in the working tree: tracked ones that still exist, and
     untracked ones git does not ignore (build outputs such as fusedtrain/_C*.so stay behind)."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
+    try:  # an unpacked sdist (its tests ship too) is no checkout: git fails there
+        files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        files = []
     if not files:
         pytest.skip("not a git checkout")
     return [f for f in files if os.path.isfile(os.path.join(ROOT, f))]  # not deleted in the working tree

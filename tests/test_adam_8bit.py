@@ -313,7 +313,9 @@ def test_absmax_of_another_layout_is_refused(backend_device):
              "\\(shape \\(48,\\)\\)"),
             (with_state(absmax_layout=shards), "holds per-shard blocks of mesh \\(2,\\) sharding dims \\(0,\\)"),
             ({**sd, "state": {0: {k: v for k, v in sd["state"][0].items() if k != "exp_avg_sq_absmax"}}},
-             "the 8-bit 'exp_avg_sq' of a param has no 'exp_avg_sq_absmax'")]:
+             "the 8-bit 'exp_avg_sq' of a param has no 'exp_avg_sq_absmax'"),
+            # reshardable_state_dict's marker with codes: codes loaded into a decoded template
+            (with_state(q8_decoded=torch.tensor(1)), "marked 'q8_decoded' \\(reshardable_state_dict\\) holds 8-bit")]:
         for target in (opt, FusedAdamW([p], lr=1e-2, state_format="fp32")):  # kept 8-bit, or decoded
             with pytest.raises(ValueError, match=match):
                 target.load_state_dict(bad)
@@ -321,6 +323,16 @@ def test_absmax_of_another_layout_is_refused(backend_device):
             assert torch.equal(opt.state[p][k], v), k
     with pytest.raises(ValueError, match="a gathered state dict"):
         torch_state_dict(with_state(absmax_layout=shards))
+    # the reshardable form: fp32 moments, the master copy and the marker; loaded, quantized again
+    fp32_form = fusedtrain.optim.reshardable_state_dict(sd)
+    assert fp32_form["state"][0]["exp_avg"].dtype == torch.float32 and "q8_decoded" in fp32_form["state"][0]
+    assert not {"exp_avg_absmax", "absmax_layout"} & set(fp32_form["state"][0])
+    opt3 = FusedAdamW([p], lr=1e-2, state_format="8bit")
+    opt3.load_state_dict(fp32_form)
+    assert "q8_decoded" not in opt3.state[p] and opt3.state[p]["exp_avg"].dtype == torch.uint8
+    torch.testing.assert_close(fusedtrain.reference.q8_decode(opt3.state[p]["exp_avg"], opt3.state[p]["exp_avg_absmax"],
+                                                              signed=True), fp32_form["state"][0]["exp_avg"],
+                               rtol=1 / 15, atol=0)
     rows = with_state(exp_avg_absmax=sd["state"][0]["exp_avg_absmax"].view(32, 1))
     opt2 = FusedAdamW([p], lr=1e-2, state_format="8bit")
     opt2.load_state_dict(rows)

@@ -292,7 +292,8 @@ def _rows_grads(model, seed):
 
     g = torch.Generator().manual_seed(seed)
     for p in model.parameters():
-        p.grad = distribute_tensor(torch.randn(p.shape, generator=g) * 1e-2, p.device_mesh, p.placements)
+        p.grad = distribute_tensor((torch.randn(p.shape, generator=g) * 1e-2).to(p.dtype), p.device_mesh,
+                                   p.placements)
 
 
 def _full_states(opt, model):
@@ -374,18 +375,23 @@ def test_dcp_reshards_8bit_states_to_another_world_size(tmp_path):
             assert torch.equal(a, b), f"world {world}: param {i} after the step differs"
 
 
+def _padded_model(dtype=torch.float32):
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 33), nn.Tanh(), nn.Linear(33, 8)).to(dtype)  # 8-bit weight (33, 128)
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    return fully_shard(model)
+
+
 def _padded_worker(rank, world, out, phase):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-    from torch.distributed.fsdp import fully_shard
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(128, 33), nn.Tanh(), nn.Linear(33, 8))  # 8-bit weight (33, 128)
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
+    model = _padded_model()
     opt = fusedtrain.FusedAdamW(model.parameters(), lr=1e-2, state_format="8bit")
     ckpt = os.path.join(out, "ckpt")
     if phase == "save":
@@ -416,43 +422,39 @@ def test_dcp_refuses_8bit_states_of_shards_that_are_not_whole_blocks(tmp_path):
         assert "Size mismatch" in msg and "exp_avg_absmax" in msg, msg
 
 
-def _padded_model():
-    from torch.distributed.fsdp import fully_shard
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(128, 33), nn.Tanh(), nn.Linear(33, 8))  # 8-bit weight (33, 128)
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer)
-    return fully_shard(model)
-
-
 def _fp32_reshard_worker(rank, world, out, phase):
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-    model = _padded_model()
-    opt = fusedtrain.FusedAdamW(model.parameters(), lr=1e-2, state_format="8bit", amsgrad=True)
-    ckpt = os.path.join(out, "ckpt_fp32")
+    # bf16 params with fp32 master weights: the master copy reshards with the decoded moments
+    model = _padded_model(torch.bfloat16)
+    opt = fusedtrain.FusedAdamW(model.parameters(), lr=1e-2, state_format="8bit", amsgrad=True, master_weights=True)
     w = model[0].weight
     if phase == "save":
         for step in range(3):
             _rows_grads(model, step)
             opt.step()
-        sd = fusedtrain.optim.torch_state_dict(get_optimizer_state_dict(model, opt))
-        dcp.save(sd, checkpoint_id=ckpt)
-        full = {k: v.full_tensor() for k, v in sd["state"]["0.weight"].items() if k != "step"}  # collectives
-        if rank == 0:
+        dcp.save(get_optimizer_state_dict(model, opt), checkpoint_id=os.path.join(out, "ckpt_8bit"))
+        sd = fusedtrain.optim.reshardable_state_dict(get_optimizer_state_dict(model, opt))
+        dcp.save(sd, checkpoint_id=os.path.join(out, "ckpt_fp32"))
+        full = {k: v.full_tensor() for k, v in sd["state"]["0.weight"].items() if k not in ("step", "q8_decoded")}
+        if rank == 0:  # (full_tensor is a collective: every rank calls it)
             torch.save(full, os.path.join(out, "fp32_saved.pt"))
         return
-    # the documented way: the fp32 form of this optimizer's own (new) state dict as DCP's template
-    sd = fusedtrain.optim.torch_state_dict(get_optimizer_state_dict(model, opt))
-    dcp.load(sd, checkpoint_id=ckpt)
+    # the documented way: the new optimizer's own reshardable form as DCP's template
+    sd = fusedtrain.optim.reshardable_state_dict(get_optimizer_state_dict(model, opt))
+    try:  # an ordinary 8-bit checkpoint into it: DCP would cast the codes to floats; the marker is missing
+        dcp.load(sd, checkpoint_id=os.path.join(out, "ckpt_8bit"))
+        refused = "loaded"
+    except CheckpointException as e:  # a BaseException
+        refused = repr(e)
+    dcp.load(sd, checkpoint_id=os.path.join(out, "ckpt_fp32"))
     set_optimizer_state_dict(model, opt, sd)
     st = opt.state[w]
     assert st["exp_avg"].dtype == torch.uint8 and st["step"].item() == 3
-    torch.save({k: v.to_local().clone() for k, v in st.items() if k not in ("step", "absmax_layout")},
-               os.path.join(out, f"fp32_loaded_rank{rank}.pt"))
+    got = {k: v.to_local().clone() for k, v in st.items() if k not in ("step", "absmax_layout")}
+    torch.save({"states": got, "refused": refused}, os.path.join(out, f"fp32_loaded_rank{rank}.pt"))
     _rows_grads(model, 99)
     opt.step()
     assert all(torch.isfinite(p.to_local()).all() for p in model.parameters())
@@ -460,17 +462,22 @@ def _fp32_reshard_worker(rank, world, out, phase):
 
 def test_per_shard_8bit_states_reshard_through_their_fp32_form(tmp_path):
     """The way to another sharding for 8-bit states whose blocks are per shard (the (33, 128)
-    weight above): save torch_state_dict(get_optimizer_state_dict(...)) (fp32 moments), load into
-    the new optimizer's own torch_state_dict. Each of the 3 ranks then holds its shard (11 rows)
-    quantized with its own blocks: the codes and absmax of q8_encode of that shard of the saved
-    values, bit for bit, and its decoding within the map's resolution of them."""
+    weight above, bf16 with fp32 master weights): save reshardable_state_dict(...) (fp32
+    moments), load into the new optimizer's own. Each of the 3 ranks then holds its shard (11
+    rows) quantized with its own blocks: the codes and absmax of q8_encode of that shard of the
+    saved values, bit for bit, its decoding within the map's resolution of them, and its rows
+    of the master weights. An ordinary 8-bit checkpoint loaded into that form is refused."""
     spawn(_fp32_reshard_worker, world=2, args=(str(tmp_path), "save"), timeout_s=240)
     spawn(_fp32_reshard_worker, world=3, args=(str(tmp_path), "load"), timeout_s=240)
     saved = torch.load(tmp_path / "fp32_saved.pt")
     for rank in range(3):
-        got = torch.load(tmp_path / f"fp32_loaded_rank{rank}.pt")
+        loaded = torch.load(tmp_path / f"fp32_loaded_rank{rank}.pt")
+        assert "q8_decoded" in loaded["refused"] and "Missing key" in loaded["refused"], loaded["refused"]
+        got = loaded["states"]
+        rows = slice(11 * rank, 11 * (rank + 1))
+        assert torch.equal(got["master_param"], saved["master_param"][rows]), f"rank {rank}: master_param"
         for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-            shard = saved[key][11 * rank:11 * (rank + 1)]
+            shard = saved[key][rows]
             codes, absmax = fusedtrain.reference.q8_encode(shard, signed=key == "exp_avg")
             assert torch.equal(got[key], codes), f"rank {rank}: {key} codes"
             assert torch.equal(got[key + "_absmax"].reshape(-1), absmax), f"rank {rank}: {key} absmax"

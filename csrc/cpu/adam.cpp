@@ -64,8 +64,9 @@ inline void prefetch_at(const TensorJob& j, int64_t i) {
 
 // kVec elements of one tensor from element i (the stochastic roundings' index), at p, g, m, v,
 // vm (AMS) and w (MASTER): the tensor's own memory, or the padded copies of its last elements.
+// Inlined at both (always: an out-of-line copy for the tail could be contracted differently).
 template <typename P, typename S, bool AMS, bool MASTER, bool SR>
-inline void step_vec(const TensorJob& j, const CoefV<fVec>& cv, int64_t i, P* p, const P* g, S* m, S* v, S* vm,
+C10_ALWAYS_INLINE void step_vec(const TensorJob& j, const CoefV<fVec>& cv, int64_t i, P* p, const P* g, S* m, S* v, S* vm,
                      float* w) {
   fVec p0, p1, g0, g1, m0, m1, v0, v1, x0, x1;
   if constexpr (MASTER) load2(w, p0, p1); else load2(p, p0, p1);
