@@ -32,20 +32,22 @@ venv install: $(STAMP)
 
 # Native, reference (and CUDA, where a GPU is present) tests, and the Triton kernels executed
 # by the Triton interpreter on CPU tensors (TRITON_INTERPRET must be set before triton is
-# imported, hence a second pytest process). The two run side by side, the interpreter's (one
-# Python thread of numpy calls) at the lowest priority: it takes the cycles the first run leaves
-# idle, and never a core from under the first run's OpenMP threads (at equal priority their
-# barriers waited on descheduled threads and both runs slowed to a crawl). On 2 cores: 18:34
-# side by side, 19:00 one after the other (the first run then loses its idle cycles only).
-# Its output follows the first run's; either failing fails `make test`.
-INTERP_LOG := .interp-tests.log
+# imported, hence separate pytest processes). The interpreter's tests (one Python thread of numpy
+# calls each) run as two interleaved halves (--shard, tests/conftest.py) beside the first run, at
+# the lowest priority: they take the cycles the first run leaves idle, and never a core from under
+# its OpenMP threads (at equal priority their barriers waited on descheduled threads and both
+# runs slowed to a crawl); when the first run ends, the two halves have a core each.
+# Their output follows the first run's; any failing fails `make test`.
+INTERP_LOG := .interp-tests
+INTERP = TRITON_INTERPRET=1 nice -n 19 $(PY) -m pytest -q tests -m triton_interp
 test: $(STAMP)
-	@TRITON_INTERPRET=1 nice -n 19 $(PY) -m pytest -q tests -m triton_interp --basetemp=.pytest-interp-tmp \
-		> $(INTERP_LOG) 2>&1 & interp=$$!; \
+	@$(INTERP) --shard 0/2 --basetemp=.pytest-interp-tmp0 > $(INTERP_LOG)0.log 2>&1 & i0=$$!; \
+	$(INTERP) --shard 1/2 --basetemp=.pytest-interp-tmp1 > $(INTERP_LOG)1.log 2>&1 & i1=$$!; \
 	$(PY) -m pytest -q tests; native=$$?; \
-	wait $$interp; triton=$$?; \
-	echo "---- TRITON_INTERPRET=1 pytest -q tests -m triton_interp ----"; cat $(INTERP_LOG); \
-	exit $$(( native || triton ))
+	wait $$i0; t0=$$?; wait $$i1; t1=$$?; \
+	for k in 0 1; do echo "---- TRITON_INTERPRET=1 pytest -q tests -m triton_interp --shard $$k/2 ----"; \
+		cat $(INTERP_LOG)$$k.log; done; \
+	exit $$(( native || t0 || t1 ))
 
 # Optional: fusedtrain inside transformers.Trainer, Accelerate and Lightning against the same runs
 # with torch's pieces (tests/integration, CPU, ~30 s). The frameworks go into the venv once;
@@ -82,4 +84,4 @@ gpu-check: $(DEPS)
 	$(PY) scripts/gpu_check.py --stamp $(STAMP) $(GPU_CHECK_ARGS)
 
 clean:
-	rm -rf build $(VENV) fusedtrain/*.so *.egg-info $(INTERP_LOG) .pytest-interp-tmp
+	rm -rf build $(VENV) fusedtrain/*.so *.egg-info $(INTERP_LOG)*.log .pytest-interp-tmp*

@@ -19,6 +19,30 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "integration: with Transformers/Accelerate/Lightning (make test-integration)")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--shard", default=None, metavar="I/N",
+                     help="run the I-th (from 0) of N interleaved slices of the selected tests "
+                          "(make test runs the interpreter's tests as two such processes)")
+
+
+@pytest.hookimpl(trylast=True)  # after -m and -k have deselected theirs
+def pytest_collection_modifyitems(config, items):
+    shard = config.getoption("--shard")
+    if not shard:
+        return
+    try:
+        i, n = (int(x) for x in shard.split("/"))
+    except ValueError:
+        raise pytest.UsageError(f"--shard expects I/N with 0 <= I < N, got {shard!r}") from None
+    if not 0 <= i < n:
+        raise pytest.UsageError(f"--shard expects I/N with 0 <= I < N, got {shard!r}")
+    # interleaved, not contiguous: a test's parametrized cases (similar costs) spread over the slices
+    keep = items[i::n]
+    kept = set(map(id, keep))
+    config.hook.pytest_deselected(items=[it for it in items if id(it) not in kept])
+    items[:] = keep
+
+
 def backend_cases():
     """pytest params of (backend, device) for the backends this process can run."""
     if INTERPRET:

@@ -7,6 +7,7 @@ forcing: before each step the float64 torch optimizer receives our params and st
 the comparison holds each step to one rounding of the storage dtype, for fp16/bf16 as for
 fp32, instead of letting rounding noise accumulate over 200 steps.
 """
+import contextlib
 import copy
 import itertools
 
@@ -96,8 +97,9 @@ def test_200_steps_every_flag_combination_matches_torch(backend_device, dtype, m
     backend, device = backend_device
     opt, topt, pairs = _build(device, dtype, master)
     gen = torch.Generator().manual_seed(1)
-    # the interpreter (~3 ms per program): 200 steps for fp32, 20 for the other storage dtypes
-    steps = STEPS if not INTERPRET or dtype == torch.float32 else 20
+    # the interpreter (~3 ms per program; 200 steps took 167 s): 50 steps for fp32, 20 for the
+    # other storage dtypes. The native kernels' 200 steps cover the drift of the shared math.
+    steps = STEPS if not INTERPRET else 50 if dtype == torch.float32 else 20
     for step in range(steps):
         for o, r in pairs:
             g = _grad(o.shape, gen).to(dtype)
@@ -324,10 +326,13 @@ def test_state_replaced_by_hand_is_the_state_stepped(backend_device, how):
     assert torch.load(buf, weights_only=True)["state"][0]["step"].item() == len(grads)
 
 
-def _one_step_vs_torch(device, shapes, seed, steps=2):
+def _one_step_vs_torch(device, shapes, seed, steps=2, calls=None):
+    """`calls`: an OpCalls that counts our optimizer's launches (only ours: profiling torch's
+    for-loop over 1000 tensors too took 20 s)."""
     init = _rand_params(shapes, seed)
     grads = _rand_grads(shapes, steps, seed + 1)
-    ours, opt = _free_run(lambda ps: FusedAdamW(ps, lr=1e-2, weight_decay=0.1), init, grads, device)
+    with calls if calls is not None else contextlib.nullcontext():
+        ours, opt = _free_run(lambda ps: FusedAdamW(ps, lr=1e-2, weight_decay=0.1), init, grads, device)
     ref, _ = _free_run(lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=False),
                        [p.double() for p in init], [[g.double() for g in gs] for gs in grads], "cpu", torch.float64)
     cat = lambda xs: torch.cat([x.detach().reshape(-1).double().cpu() for x in xs])
@@ -338,8 +343,8 @@ def _one_step_vs_torch(device, shapes, seed, steps=2):
 
 def test_1000_tensors_of_7_elements(backend_device):
     backend, device = backend_device
-    with OpCalls("adam_") as calls:
-        ours, opt = _one_step_vs_torch(device, [(7,)] * 1000, 11)
+    calls = OpCalls("adam_")
+    ours, opt = _one_step_vs_torch(device, [(7,)] * 1000, 11, calls=calls)
     assert len(calls) == 2, "one launch per (group, device, dtype) per step"
     assert all(opt.state[p]["step"].item() == 2 for p in ours)
 

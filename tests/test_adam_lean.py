@@ -363,7 +363,9 @@ def test_bf16_exp_avg_sq_decays_as_fp32_does(backend_device):
     rounded to nearest it would never decay (a running max); stochastically rounded (the lean
     format's, and bf16 params' own under stochastic_rounding) it follows the fp32 run."""
     _, device = backend_device
-    n, steps = (8192, 600) if not INTERPRET else (4096, 600)
+    # (the interpreter: 300 steps, 47 s -> ~23 s; fp32 then decays to ~0.75 of its start, and
+    # rounded to nearest the bf16 run would stay at 1.0)
+    n, steps, decayed = (8192, 600, 0.6) if not INTERPRET else (4096, 300, 0.8)
     runs = {}
     for fmt in ("fp32", "bf16", "bf16 params, stochastic rounding"):
         sr = fmt.startswith("bf16 params")
@@ -374,7 +376,7 @@ def test_bf16_exp_avg_sq_decays_as_fp32_does(backend_device):
             p.grad = torch.full_like(p, 1.0 if t < 10 else 0.01)
             opt.step()
         runs[fmt] = opt.state[p]["exp_avg_sq"].double().mean().item()
-    assert runs["fp32"] < 0.6 * 9.95e-3  # it decayed
+    assert runs["fp32"] < decayed * 9.95e-3  # it decayed
     assert abs(runs["bf16"] / runs["fp32"] - 1) < 0.02, runs
     # bf16 params keep bf16 moments: with stochastic_rounding their exp_avg_sq is rounded so too
     assert abs(runs["bf16 params, stochastic rounding"] / runs["fp32"] - 1) < 0.02, runs
