@@ -36,10 +36,13 @@ venv install: $(STAMP)
 # calls each) run as two interleaved halves (--shard, tests/conftest.py) beside the first run, at
 # the lowest priority: they take the cycles the first run leaves idle, and never a core from under
 # its OpenMP threads (at equal priority their barriers waited on descheduled threads and both
-# runs slowed to a crawl); when the first run ends, the two halves have a core each.
+# runs slowed to a crawl); when the first run ends, the two halves have a core each. Their torch
+# ops run on one thread (OMP_NUM_THREADS=1): two threads each, four on two cores, spun at barriers
+# waiting for a descheduled sibling (two halves of the BCE and unscale cases side by side: 95 s
+# with two threads each, 77 s with one).
 # Their output follows the first run's; any failing fails `make test`.
 INTERP_LOG := .interp-tests
-INTERP = TRITON_INTERPRET=1 nice -n 19 $(PY) -m pytest -q tests -m triton_interp
+INTERP = TRITON_INTERPRET=1 OMP_NUM_THREADS=1 nice -n 19 $(PY) -m pytest -q tests -m triton_interp
 test: $(STAMP)
 	@$(INTERP) --shard 0/2 --basetemp=.pytest-interp-tmp0 > $(INTERP_LOG)0.log 2>&1 & i0=$$!; \
 	$(INTERP) --shard 1/2 --basetemp=.pytest-interp-tmp1 > $(INTERP_LOG)1.log 2>&1 & i1=$$!; \

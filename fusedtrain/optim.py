@@ -163,8 +163,9 @@ def _dequantize(codes, absmax, key):
 
 def _decoded_8bit(st, k, caller):
     """A copy of param k's state st with its 8-bit moments decoded to fp32 (a DTensor's shard by
-    shard, with its own blocks) and their absmax and layout keys dropped."""
-    new = {}
+    shard, with its own blocks) and their absmax and layout keys dropped; and whether any
+    moment was decoded."""
+    new, decoded = {}, False
     for n, v in st.items():
         if n == "absmax_layout" or n in _ABSMAX_KEYS.values():
             continue
@@ -174,9 +175,9 @@ def _decoded_8bit(st, k, caller):
                 raise ValueError(f"{caller}: {n!r} of param {k} is made of {_describe_layout(tag)}, "
                                  "which a gathered state dict no longer tells apart: convert the sharded "
                                  "state dict (get_optimizer_state_dict's default) instead")
-            v = _dequantize(v, st[_ABSMAX_KEYS[n]], n)
+            v, decoded = _dequantize(v, st[_ABSMAX_KEYS[n]], n), True
         new[n] = v
-    return new
+    return new, decoded
 
 
 def torch_state_dict(state_dict):
@@ -186,7 +187,7 @@ def torch_state_dict(state_dict):
     casting them to the param dtype)."""
     out = {"state": {}, "param_groups": []}
     for k, st in state_dict["state"].items():
-        new = _decoded_8bit(st, k, "torch_state_dict")
+        new, _ = _decoded_8bit(st, k, "torch_state_dict")
         new.pop("master_param", None)
         out["state"][k] = {n: v.float() if n != "step" and torch.is_tensor(v) and v.dtype == torch.bfloat16 else v
                            for n, v in new.items()}
@@ -206,8 +207,8 @@ def reshardable_state_dict(state_dict):
     missing-key error from DCP (the marker, or the absmax), never codes cast to floats."""
     out = {"state": {}, "param_groups": [dict(g) for g in state_dict["param_groups"]]}
     for k, st in state_dict["state"].items():
-        new = _decoded_8bit(st, k, "reshardable_state_dict")
-        if any(torch.is_tensor(v) and v.dtype == torch.uint8 for n, v in st.items() if n in _ABSMAX_KEYS):
+        new, decoded = _decoded_8bit(st, k, "reshardable_state_dict")
+        if decoded:
             new[_DECODED_KEY] = torch.tensor(1, dtype=torch.int64)
         out["state"][k] = new
     return out
