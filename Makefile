@@ -39,10 +39,11 @@ venv install: $(STAMP)
 # runs slowed to a crawl); when the first run ends, the two halves have a core each. Their torch
 # ops run on one thread (OMP_NUM_THREADS=1): two threads each, four on two cores, spun at barriers
 # waiting for a descheduled sibling (two halves of the BCE and unscale cases side by side: 95 s
-# with two threads each, 77 s with one).
+# with two threads each, 77 s with one). Without the cache plugin: the last process to end would
+# overwrite the normal run's record of its failures (pytest --lf).
 # Their output follows the first run's; any failing fails `make test`.
 INTERP_LOG := .interp-tests
-INTERP = TRITON_INTERPRET=1 OMP_NUM_THREADS=1 nice -n 19 $(PY) -m pytest -q tests -m triton_interp
+INTERP = TRITON_INTERPRET=1 OMP_NUM_THREADS=1 nice -n 19 $(PY) -m pytest -q -p no:cacheprovider tests -m triton_interp
 test: $(STAMP)
 	@$(INTERP) --shard 0/2 --basetemp=.pytest-interp-tmp0 > $(INTERP_LOG)0.log 2>&1 & i0=$$!; \
 	$(INTERP) --shard 1/2 --basetemp=.pytest-interp-tmp1 > $(INTERP_LOG)1.log 2>&1 & i1=$$!; \

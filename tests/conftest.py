@@ -2,9 +2,9 @@
 
 The normal pytest run covers native-cpu and reference-cpu (plus triton-cuda and native-cuda
 where a GPU is present). The Triton kernels run on CPU tensors under the Triton interpreter
-in a second pytest process started with TRITON_INTERPRET=1 (it must be set before triton is
-imported); that run generates only the triton-cpu cases, marked triton_interp, and
-`make test` selects them with -m triton_interp.
+in pytest processes started with TRITON_INTERPRET=1 (it must be set before triton is
+imported); those generate only the triton-cpu cases, marked triton_interp, and `make test`
+selects them with -m triton_interp, in two processes of half of them each (--shard).
 """
 import pytest
 import torch

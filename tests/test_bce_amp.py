@@ -111,7 +111,7 @@ def test_torch_meets_the_same_bound(dtype):
     assert_ulps(gx, dx, ulps=1, slack=slack, what="torch grad input", seed=seed)
 
 
-@pytest.mark.skipif(INTERPRET, reason="2^24 elements: too slow for the interpreter (2M elements run there)")
+@pytest.mark.skipif(INTERPRET, reason="2^24 elements: too slow for the interpreter (512K elements run there)")
 def test_one_tensor_of_2pow24_elements(backend_device):
     backend, device = backend_device
     if backend == "reference":
