@@ -32,15 +32,13 @@ def pytest_collection_modifyitems(config, items):
         return
     try:
         i, n = (int(x) for x in shard.split("/"))
+        if not 0 <= i < n:
+            raise ValueError
     except ValueError:
         raise pytest.UsageError(f"--shard expects I/N with 0 <= I < N, got {shard!r}") from None
-    if not 0 <= i < n:
-        raise pytest.UsageError(f"--shard expects I/N with 0 <= I < N, got {shard!r}")
     # interleaved, not contiguous: a test's parametrized cases (similar costs) spread over the slices
-    keep = items[i::n]
-    kept = set(map(id, keep))
-    config.hook.pytest_deselected(items=[it for it in items if id(it) not in kept])
-    items[:] = keep
+    config.hook.pytest_deselected(items=[it for k, it in enumerate(items) if k % n != i])
+    items[:] = items[i::n]
 
 
 def backend_cases():
