@@ -84,3 +84,29 @@ class OpCalls(list):
         self.extend(e.name for e in self._prof.events()
                     if e.name.split("::")[0].startswith("fusedtrain") and e.name.split("::")[-1] == self._op)
         return False
+
+
+# ---- 8-bit exp_avg codes ------------------------------------------------------------------------
+
+def q8_exp_avg_edge_values(n_random=10001, seed=0):
+    """fp32 exp_avg values whose 8-bit codes (adam_math.h q8_encode_signed) leave an encoder no
+    slack: in blocks whose absmax 1.875 makes the code scale 2^14 exact, every midpoint between
+    adjacent magnitudes (a tie: to the even code) and its two fp32 neighbours, of both signs;
+    zeros and values that round to magnitude 0 (-1e-9 is code 0x80) or to the first codes; a
+    block holding a NaN and one holding an inf; then n_random values over 20 binades, an odd
+    count, so that a vector loop ends in its scalar tail."""
+    import numpy as np
+
+    e, f = np.arange(128) >> 3, np.arange(128) & 7
+    mags = np.where(e > 0, 2.0 ** (e - 1) * (1 + f / 8), f / 8)  # code units, ascending
+    mids = ((mags[:-1] + mags[1:]) / 2 * 2.0 ** -14).astype(np.float32)  # 5 significant bits: exact
+    blocks = []
+    for m in (mids, np.nextafter(mids, np.float32(np.inf)), np.nextafter(mids, np.float32(0))):
+        blocks.append(np.concatenate([[1.875], m, -m, [0.0]]).astype(np.float32))  # 256
+    small = np.zeros(256, np.float32)
+    small[:9] = [1.875, -1e-9, 1e-9, -0.0, 2.0 ** -18, -(2.0 ** -18) * 1.0000001, 3 * 2.0 ** -18, 2.0 ** -17, -3e-38]
+    rng = np.random.default_rng(seed)
+    odd = (rng.standard_normal(256 * 2) * 1e-3).astype(np.float32)
+    odd[5], odd[256 + 9] = np.nan, -np.inf
+    rnd = (rng.standard_normal(n_random) * np.exp(rng.uniform(-7, 7, n_random))).astype(np.float32)
+    return torch.from_numpy(np.concatenate(blocks + [small, odd, rnd]))

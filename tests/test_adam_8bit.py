@@ -15,7 +15,7 @@ import torch
 import fusedtrain
 from fusedtrain import FusedAdam, FusedAdamW, reference
 from fusedtrain.optim import LEAN_MIN_NUMEL, torch_state_dict
-from helpers import INTERPRET, assert_unchanged, snapshot
+from helpers import INTERPRET, assert_unchanged, q8_exp_avg_edge_values, snapshot
 
 BIG = 5000 if not INTERPRET else 4352  # blocks of 256 and a partial last one
 STEPS = 12 if not INTERPRET else 3
@@ -173,6 +173,55 @@ def test_step_matches_float64_from_the_same_state(backend_device, dtype, master,
         assert ((got - p64).abs() <= tol * p64.abs() + 1e-7).all(), f"{what}: param"
         if master:
             assert torch.equal(p, masters[0].to(dtype)), f"{what}: param is not its master rounded"
+
+
+def signed_codes_f64(values):
+    """exp_avg codes of values (fp32) by another route than reference.q8_encode: per block
+    x = |value| * inv in fp32 (inv = 30720 / absmax, as the kernels compute it), then the
+    nearest magnitude of the float64 map, a tie to the even code; the sign bit where value < 0;
+    NaN gives 0."""
+    v = values.numpy()
+    n = v.size
+    blocks = np.abs(np.pad(v, (0, -n % 256)).reshape(-1, 256))
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        absmax = blocks.max(axis=1)  # NaN propagates
+        inv = np.where(absmax > 0, np.minimum(np.float32(30720) / absmax, np.finfo(np.float32).max), 0)
+        x = (blocks * inv.astype(np.float32)[:, None]).reshape(-1)[:n].astype(np.float64)
+    mags = np.abs(MAPS[True][:128]) * 30720  # code units, ascending
+    hi = np.searchsorted(mags, np.nan_to_num(x, nan=0.0)).clip(1, 127)  # mags[hi - 1] < x <= mags[hi]
+    lo = hi - 1
+    d_lo, d_hi = x - mags[lo], mags[hi] - x
+    code = np.where(d_lo < d_hi, lo, np.where(d_hi < d_lo, hi, np.where(lo % 2 == 0, lo, hi)))
+    code = np.where(np.isnan(x), 0, code)
+    return (code | np.where(v < 0, 0x80, 0)).astype(np.uint8)
+
+
+def exp_avg_codes_after_one_step(g, device):
+    """The op's exp_avg codes after one step from a zero 8-bit state with beta1 = 0, and the
+    exp_avg they encode: g - (g - 0) * 0 in fp32 (torch's lerp at weight 1), g but for -0."""
+    n = g.numel()
+    nb = reference.q8_num_blocks(n)
+    codes = [torch.zeros(n, dtype=torch.uint8, device=device) for _ in range(2)]
+    absmax = [torch.zeros(nb, device=device) for _ in range(2)]
+    fusedtrain.ops.adam.adam_([torch.zeros(n, device=device)], [g.to(device)], [codes[0]], [codes[1]], [],
+                              [torch.tensor(0.0, device=device)], [], [absmax[0]], [absmax[1]], [], lr=1e-3,
+                              beta1=0.0, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
+                              decoupled_weight_decay=True)
+    return codes[0].cpu(), g - (g - 0.0) * 0.0
+
+
+def test_exp_avg_codes_are_nearest_bit_for_bit(backend_device):
+    """Every backend's exp_avg codes equal an independent encoder's on values that leave no
+    slack: ties at every midpoint and their fp32 neighbours, signed zeros, NaN and inf blocks,
+    20 binades, an odd length (the CPU kernels' vector encoder and scalar tail; the AVX2 copy's
+    codes equal these in test_cpu_isa.py)."""
+    _, device = backend_device
+    got, m = exp_avg_codes_after_one_step(q8_exp_avg_edge_values(), device)
+    want = signed_codes_f64(m)
+    bad = np.nonzero(got.numpy() != want)[0]
+    assert bad.size == 0, (f"{bad.size} codes differ, e.g. at {bad[:4].tolist()}: exp_avg {m[bad[:4]].tolist()}, "
+                           f"codes {got[bad[:4]].tolist()} instead of {want[bad[:4]].tolist()}")
+    assert (want == 0x80).sum() >= 2 and len(set(want.tolist())) == 256  # every code, -0 magnitude among them
 
 
 def test_found_inf_skips_bit_identically(backend_device):

@@ -237,8 +237,7 @@ void run_range_q8(const TensorJob& j, int64_t lo, int64_t hi) {
     const float ix = adam::q8_inv(xmx, Q8_UNSIGNED_MAX);
     for (k = 0; k + kVec <= len; k += kVec) {
       const int64_t i = b0 + k;
-      vec_io::store_codes(m + i, adam::q8_encode_signed(fVec::loadu(mb + k), im),
-                          adam::q8_encode_signed(fVec::loadu(mb + k + h), im));
+      vec_io::store_signed_codes(m + i, fVec::loadu(mb + k), fVec::loadu(mb + k + h), im);
       vec_io::store_codes(v + i, adam::q8_encode_unsigned(fVec::loadu(vb + k), iv),
                           adam::q8_encode_unsigned(fVec::loadu(vb + k + h), iv));
       if constexpr (AMS)
