@@ -92,7 +92,7 @@ def q8_exp_avg_edge_values(n_random=10001, seed=0):
     """fp32 exp_avg values whose 8-bit codes (adam_math.h q8_encode_signed) leave an encoder no
     slack: in blocks whose absmax 1.875 makes the code scale 2^14 exact, every midpoint between
     adjacent magnitudes (a tie: to the even code) and its two fp32 neighbours, of both signs;
-    zeros and values that round to magnitude 0 (-1e-9 is code 0x80) or to the first codes; a
+    +0, -0 and values that round to magnitude 0 (-1e-9 is code 0x80) or to the first codes; a
     block holding a NaN and one holding an inf; then n_random values over 20 binades, an odd
     count, so that a vector loop ends in its scalar tail."""
     import numpy as np
