@@ -203,7 +203,11 @@ inline at::vec::Vectorized<int32_t> sr_bits_vec(uint32_t key, int64_t i0, uint32
   using IV = at::vec::Vectorized<int32_t>;
   const uint64_t u = static_cast<uint64_t>(i0);
   const uint32_t base = key ^ (static_cast<uint32_t>(u >> 32) * 0xC2B2AE35U);
-  const IV x = IV(static_cast<int32_t>(base)) ^ IV::arange(static_cast<int32_t>(static_cast<uint32_t>(u)), 1);
+  // the indices as a broadcast plus the constant 0, 1, ...: arange(i0, 1) is built lane by lane
+  // (16 inserts on AVX-512), which made the bf16 step with stochastic rounding ~35% slower in
+  // cache (standalone copy of the step, 1M params, 1 thread: 1.05 -> 0.70 ns per element)
+  const IV idx = IV(static_cast<int32_t>(static_cast<uint32_t>(u))) + IV::arange(0, 1);
+  const IV x = IV(static_cast<int32_t>(base)) ^ idx;
   return sr_srl(x * IV(static_cast<int32_t>(mult)), 16);
 }
 inline at::vec::Vectorized<float> sr_round(const at::vec::Vectorized<float>& x, const at::vec::Vectorized<int32_t>& bits16) {
