@@ -208,7 +208,7 @@ def exp_avg_codes_after_one_step(g, device):
                               [torch.tensor(0.0, device=device)], [], [absmax[0]], [absmax[1]], [], lr=1e-3,
                               beta1=0.0, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
                               decoupled_weight_decay=True)
-    return codes[0].cpu(), g - (g - -0.0) * 0.0
+    return codes[0].cpu(), g - (g - -0.0) * 0.0, [a.cpu() for a in absmax]
 
 
 def test_exp_avg_codes_are_nearest_bit_for_bit(backend_device):
@@ -217,7 +217,8 @@ def test_exp_avg_codes_are_nearest_bit_for_bit(backend_device):
     magnitude of 0, NaN blocks, 20 binades, an odd length (the CPU kernels' vector encoder and
     scalar tail; the AVX2 copy's codes equal these in test_cpu_isa.py)."""
     _, device = backend_device
-    got, m = exp_avg_codes_after_one_step(q8_exp_avg_edge_values(), device)
+    g = q8_exp_avg_edge_values()
+    got, m, absmax = exp_avg_codes_after_one_step(g, device)
     # -0 and the NaN blocks (an inf g gives a NaN exp_avg here); the native kernels' lerp keeps
     # the -0 (a planted sign-bit encoder fails on it), torch.lerp in the reference makes it +0
     assert (m == 0).logical_and(m.signbit()).any() and m.isnan().sum() == 2
@@ -226,6 +227,11 @@ def test_exp_avg_codes_are_nearest_bit_for_bit(backend_device):
     assert bad.size == 0, (f"{bad.size} codes differ, e.g. at {bad[:4].tolist()}: exp_avg {m[bad[:4]].tolist()}, "
                            f"codes {got[bad[:4]].tolist()} instead of {want[bad[:4]].tolist()}")
     assert (want == 0x80).sum() >= 2 and len(set(want.tolist())) == 256  # every code, -0 magnitude among them
+    # the absmax propagates NaN (and inf): exp_avg's is NaN in the blocks of a NaN and of an inf
+    # grad, exp_avg_sq's NaN and inf there, and both are finite elsewhere
+    bad_block = ~torch.nn.functional.pad(g.isfinite(), (0, -g.numel() % 256), value=True).view(-1, 256).all(1)
+    assert bad_block.sum() == 2 and torch.equal(absmax[0].isnan(), bad_block)
+    assert torch.equal(~absmax[1].isfinite(), bad_block) and absmax[1].isnan().sum() == 1
 
 
 def test_found_inf_skips_bit_identically(backend_device):

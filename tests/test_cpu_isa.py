@@ -76,7 +76,7 @@ with fusedtrain.use_backend("native"):
     sys.path.insert(0, sys.argv[2])
     from helpers import q8_exp_avg_edge_values
     from test_adam_8bit import exp_avg_codes_after_one_step
-    out["adam 8bit exp_avg codes at ties"] = exp_avg_codes_after_one_step(q8_exp_avg_edge_values(), "cpu")[0]
+    out["adam 8bit exp_avg codes at ties"] = exp_avg_codes_after_one_step(q8_exp_avg_edge_values(), "cpu")[::2]
     # unscale + check + norm, every dtype, one grad holding an inf
     for dt in (torch.float32, torch.bfloat16, torch.float16):
         gs = [torch.randn(n, generator=g).to(dt) * 1000 for n in (100003, 17, 1)]

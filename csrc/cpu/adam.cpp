@@ -162,18 +162,24 @@ void run_range_q8(const TensorJob& j, int64_t lo, int64_t hi) {
   float* w = j.master;
   const CoefV<fVec> cv(j.coef);
   const CoefV<float> cs(j.coef);
-  alignas(64) float mb[Q8_BLOCK], vb[Q8_BLOCK], xb[Q8_BLOCK], fold[h];
-  const auto max_of = [&](const fVec& x) {
+  alignas(64) float mb[Q8_BLOCK], vb[Q8_BLOCK], xb[Q8_BLOCK];
+  alignas(64) int32_t fold[h];
+  // A block's largest |value| is kept as fp32 bit patterns: their integer max is the float max
+  // (sign bits cleared), and a NaN's pattern lies above every number's, so it propagates as
+  // torch.amax's NaN does; one instruction per vector where at::vec::maximum's NaN care takes
+  // four on AVX-512 (the quick 1.2M row's 8-bit step 0.81 -> 0.79 ms, medians of 4 paired runs).
+  const auto bits_of_abs = [](const fVec& x) { return at::vec::cast<int32_t>(x.abs()); };
+  const auto max_of = [&](const IV& x) {
     x.store(fold);
-    float r = fold[0];
-    for (int64_t k = 1; k < h; ++k) r = adam::ft_max(r, fold[k]);
-    return r;
+    int32_t r = fold[0];
+    for (int64_t k = 1; k < h; ++k) r = std::max(r, fold[k]);
+    return adam::bits_float(static_cast<uint32_t>(r));
   };
   for (int64_t b0 = lo; b0 < hi; b0 += Q8_BLOCK) {
     const int64_t blk = b0 / Q8_BLOCK, len = std::min(Q8_BLOCK, hi - b0);
     const float sm = adam::q8_scale(j.am_m[blk], Q8_SIGNED_MAX), sv = adam::q8_scale(j.am_v[blk], Q8_UNSIGNED_MAX);
     const float sx = AMS ? adam::q8_scale(j.am_vmax[blk], Q8_UNSIGNED_MAX) : 0.f;
-    fVec mmax(0.f), vmax(0.f), xmax(0.f);
+    IV mmax(0), vmax(0), xmax(0);
     int64_t k = 0;
     for (; k + kVec <= len; k += kVec) {
       const int64_t i = b0 + k;
@@ -205,12 +211,12 @@ void run_range_q8(const TensorJob& j, int64_t lo, int64_t hi) {
       m1.store(mb + k + h);
       v0.store(vb + k);
       v1.store(vb + k + h);
-      mmax = at::vec::maximum(mmax, at::vec::maximum(m0.abs(), m1.abs()));
-      vmax = at::vec::maximum(vmax, at::vec::maximum(v0, v1));
+      mmax = at::vec::maximum(mmax, at::vec::maximum(bits_of_abs(m0), bits_of_abs(m1)));
+      vmax = at::vec::maximum(vmax, at::vec::maximum(bits_of_abs(v0), bits_of_abs(v1)));
       if constexpr (AMS) {
         x0.store(xb + k);
         x1.store(xb + k + h);
-        xmax = at::vec::maximum(xmax, at::vec::maximum(x0, x1));
+        xmax = at::vec::maximum(xmax, at::vec::maximum(bits_of_abs(x0), bits_of_abs(x1)));
       }
     }
     float mmx = max_of(mmax), vmx = max_of(vmax), xmx = AMS ? max_of(xmax) : 0.f;
