@@ -88,9 +88,9 @@ C10_ALWAYS_INLINE void step_vec(const TensorJob& j, const CoefV<fVec>& cv, int64
       v1 = adam::sr_round(v1, adam::sr_bits_vec(j.sr_key, i + h, adam::SR_V));
     }
   }
-  store2(p, p0, p1);
+  vec_io::store2_rounded(p, p0, p1, SR && j.sr_param);
   store2(m, m0, m1);
-  store2(v, v0, v1);
+  vec_io::store2_rounded(v, v0, v1, SR && j.sr_exp_avg_sq);
   if constexpr (AMS) store2(vm, x0, x1);
 }
 
@@ -206,7 +206,7 @@ void run_range_q8(const TensorJob& j, int64_t lo, int64_t hi) {
         p0 = adam::sr_round(p0, adam::sr_bits_vec(j.sr_key, i, adam::SR_P));
         p1 = adam::sr_round(p1, adam::sr_bits_vec(j.sr_key, i + h, adam::SR_P));
       }
-      store2(p + i, p0, p1);
+      vec_io::store2_rounded(p + i, p0, p1, SR);
       m0.store(mb + k);
       m1.store(mb + k + h);
       v0.store(vb + k);
