@@ -325,6 +325,35 @@ def test_stochastic_rounding_bits_agree_with_the_reference(backend_device):
         assert (v == rv).double().mean().item() > 0.999, f"exp_avg_sq {k}"
 
 
+def test_stochastic_rounding_keeps_nan_and_inf(backend_device):
+    """Non-finite grads through the stochastically rounded stores (bf16 params without master
+    copies, a bf16 exp_avg_sq), in the vector body and in the last partial vector: the param
+    and exp_avg_sq are NaN / inf exactly where the reference's are (an inf grad makes the param
+    NaN, inf / inf, and exp_avg_sq +inf), and nothing else turns non-finite."""
+    backend, device = backend_device
+    n = LEAN_MIN_NUMEL + 37
+    bad = {5: float("nan"), 700: float("inf"), 1500: -float("inf"), n - 3: float("nan"), n - 1: float("inf")}
+    out = {}
+    for b in (backend, "reference"):
+        with fusedtrain.use_backend(b):
+            gen = torch.Generator().manual_seed(3)
+            p = torch.nn.Parameter(torch.randn(n, generator=gen).to(device, torch.bfloat16))
+            opt = FusedAdamW([p], lr=1e-3, stochastic_rounding=True, state_format="bf16")
+            g = torch.randn(n, generator=gen)
+            for i, x in bad.items():
+                g[i] = x
+            p.grad = g.to(device, torch.bfloat16)
+            opt.step()
+            out[b] = (p.detach().float().cpu(), opt.state[p]["exp_avg_sq"].float().cpu())
+    where = torch.zeros(n, dtype=torch.bool)
+    where[list(bad)] = True
+    for what, got, want in zip(("param", "exp_avg_sq"), out[backend], out["reference"]):
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf()), what
+        assert torch.equal(got[got.isinf()], want[want.isinf()]), what  # the sign of an inf
+        assert torch.equal(~got.isfinite(), where), what
+    assert out[backend][1].isinf().sum() == 3  # exp_avg_sq +inf at the three inf grads
+
+
 def test_no_two_tensors_share_rounding_bits():
     """Two identical tensors in two param groups, and two in one group, round independently
     (the bits hash the group's and the call's index and the tensor's position)."""
