@@ -64,15 +64,20 @@ def _ours_backends(device):
     return names
 
 
-def _paired(ours, base, device, warmup, reps, rounds):
-    """Median times of two step functions measured in alternating rounds, so that a machine
-    whose load drifts (shared CPUs) slows both alike."""
-    a, b = [], []
+def _interleaved(fns, device, warmup, reps, rounds):
+    """Median times of step functions measured in alternating rounds, so that a machine whose
+    load drifts (shared CPUs) slows them alike."""
+    times = [[] for _ in fns]
     for _ in range(rounds):
-        a.append(harness.time_ms(ours, device, warmup=warmup, reps=reps))
-        b.append(harness.time_ms(base, device, warmup=warmup, reps=reps))
+        for fn, t in zip(fns, times):
+            t.append(harness.time_ms(fn, device, warmup=warmup, reps=reps))
         warmup = 1
-    return statistics.median(a), statistics.median(b)
+    return [statistics.median(t) for t in times]
+
+
+def _paired(ours, base, device, warmup, reps, rounds):
+    """(ours, base) median times, as _interleaved."""
+    return tuple(_interleaved((ours, base), device, warmup, reps, rounds))
 
 
 def _timing(quick):
@@ -149,7 +154,8 @@ def state_bytes_per_param(opt, ps):
 def _lean_rows(case, shapes, device, warmup, reps, rounds):
     """state_format="bf16" and "8bit" against torch's fused fp32 AdamW on the same params: 20
     and about 16 bytes moved per parameter instead of 28 (the ceilings of the ratio at the
-    memory floor: 1.4x and 1.74x)."""
+    memory floor: 1.4x and 1.74x); on CPU also against the format's own memory floor
+    (stream_floor.c over the same tensors: its bytes with no math)."""
     ps = _params(shapes, device, torch.float32, seed=1)
     base = torch.optim.AdamW(ps, fused=True, **HYPER)
     base.step()
@@ -158,11 +164,23 @@ def _lean_rows(case, shapes, device, warmup, reps, rounds):
         opt = fusedtrain.FusedAdamW(ps, state_format=fmt, **HYPER)
         opt.step()
         n = sum(torch.Size(s).numel() for s in shapes)
-        ours_ms, base_ms = _paired(opt.step, base.step, device, warmup, reps, rounds)
-        rows.append(harness.Row("adam", f"AdamW step {case}, {fmt} moments", "float32", "AdamW fused (fp32 moments)",
-                                base_ms, f"FusedAdamW state_format={fmt}", ours_ms, nbytes * n,
-                                note=f"moments {state_bytes_per_param(opt, ps):.2f} B/param "
-                                     f"(torch: {state_bytes_per_param(base, ps):.2f})"))
+        st = [opt.state[p] for p in ps]
+        fns = [opt.step, base.step]
+        if torch.device(device).type == "cpu" and stream_floor.available() and len({s["exp_avg"].dtype for s in st}) == 1:
+            # the same bytes with no math, over the same tensors: the format's own floor, and
+            # torch's time over it the ceiling of the ratio on this machine
+            fns.append(stream_floor.make_pass([p.detach() for p in ps], [p.grad for p in ps],
+                                              [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st]))
+        ours_ms, base_ms, *floor_ms = _interleaved(fns, device, warmup, reps, rounds)
+        row = lambda bname, base_ms, note="", fmt=fmt, nbytes=nbytes: harness.Row(  # noqa: E731
+            "adam", f"AdamW step {case}, {fmt} moments", "float32", bname, base_ms,
+            f"FusedAdamW state_format={fmt}", ours_ms, nbytes * n, note=note)
+        rows.append(row("AdamW fused (fp32 moments)", base_ms,
+                        f"moments {state_bytes_per_param(opt, ps):.2f} B/param "
+                        f"(torch: {state_bytes_per_param(base, ps):.2f})"))
+        if floor_ms:
+            rows.append(row(f"memory floor (no math, {fmt} moments)", floor_ms[0],
+                            f"ceiling of the ratio to AdamW fused: {base_ms / floor_ms[0]:.2f}x"))
     return rows
 
 

@@ -1,5 +1,6 @@
 /* The memory floor of an fp32 Adam step on this CPU: the same bytes as the step (read p, g,
- * m, v; write p, m, v: 28 bytes per element) with a few FMAs in place of Adam's math, over
+ * m, v; write p, m, v: 28 bytes per element with fp32 moments, 20 with bf16 ones, 16 with
+ * 8-bit ones) with a few FMAs (or an add, on 2- and 1-byte moments) in place of Adam's math, over
  * the same tensors, split between threads the way fusedtrain's kernel splits them (each
  * thread a contiguous run of the concatenated elements). A step cannot take less time than
  * this, so it bounds what any Adam kernel (ours, torch's, DeepSpeed's) can gain here.
@@ -11,11 +12,26 @@
 #include <stdlib.h>
 
 typedef struct {
-  float **p, **m, **v;
+  float **p;
+  void **m, **v;
   const float **g;
   const int64_t *n;
   int64_t ntensors, lo, hi; /* [lo, hi) of the concatenated elements */
+  int state_bytes;          /* of one element of m and v: 4 (fp32), 2 or 1 */
 } Range;
+
+/* The moments' bytes read and written as integers of their width, their lowest bit flipped: the
+ * optimizer whose states these are, timed beside the floor, sees them move by one code or ulp. */
+#define INT_MOMENTS(T)                                                  \
+  do {                                                                  \
+    T *restrict mi = (T *)m, *restrict vi = (T *)v;                     \
+    for (int64_t i = a; i < b; ++i) {                                   \
+      const float gi = g[i];                                            \
+      mi[i] ^= 1;                                                       \
+      vi[i] ^= 1;                                                       \
+      p[i] = 0.999f * p[i] - 1e-3f * gi;                                \
+    }                                                                   \
+  } while (0)
 
 static void *run_range(void *arg) {
   const Range *r = (const Range *)arg;
@@ -23,21 +39,29 @@ static void *run_range(void *arg) {
   for (int64_t t = 0; t < r->ntensors; base += r->n[t], ++t) {
     int64_t a = r->lo > base ? r->lo - base : 0;
     int64_t b = r->hi < base + r->n[t] ? r->hi - base : r->n[t];
-    float *restrict p = r->p[t], *restrict m = r->m[t], *restrict v = r->v[t];
+    float *restrict p = r->p[t];
+    void *m = r->m[t], *v = r->v[t];
     const float *restrict g = r->g[t];
-    for (int64_t i = a; i < b; ++i) {
-      const float gi = g[i];
-      m[i] = 0.9f * m[i] + 0.1f * gi;
-      v[i] = 0.999f * v[i] + 0.001f * gi * gi;
-      p[i] = 0.999f * p[i] - 1e-3f * m[i];
+    if (r->state_bytes == 2) {
+      INT_MOMENTS(uint16_t);
+    } else if (r->state_bytes == 1) {
+      INT_MOMENTS(uint8_t);
+    } else {
+      float *restrict mf = (float *)m, *restrict vf = (float *)v;
+      for (int64_t i = a; i < b; ++i) {
+        const float gi = g[i];
+        mf[i] = 0.9f * mf[i] + 0.1f * gi;
+        vf[i] = 0.999f * vf[i] + 0.001f * gi * gi;
+        p[i] = 0.999f * p[i] - 1e-3f * mf[i];
+      }
     }
   }
   return NULL;
 }
 
 /* One pass over every element of every tensor with `threads` threads (the caller's included). */
-int stream_floor(float **p, const float **g, float **m, float **v, const int64_t *n, int64_t ntensors,
-                 int threads) {
+int stream_floor(float **p, const float **g, void **m, void **v, const int64_t *n, int64_t ntensors,
+                 int threads, int state_bytes) {
   int64_t total = 0;
   for (int64_t t = 0; t < ntensors; ++t) total += n[t];
   if (threads < 1) threads = 1;
@@ -45,7 +69,7 @@ int stream_floor(float **p, const float **g, float **m, float **v, const int64_t
   Range ranges[64];
   pthread_t ids[64];
   for (int k = 0; k < threads; ++k) {
-    Range r = {p, m, v, g, n, ntensors, total * k / threads, total * (k + 1) / threads};
+    Range r = {p, m, v, g, n, ntensors, total * k / threads, total * (k + 1) / threads, state_bytes};
     ranges[k] = r;
   }
   int started = 0;
