@@ -82,23 +82,29 @@ def sources_digest(csrc):
 
 # ---- the flags ----------------------------------------------------------------------------------
 
-def _x86_simd_flags():
+def _isa_flags(machine=None):
     # at::vec picks its implementation from CPU_CAPABILITY_* macros, not from -m flags.
     # AVX2 is the floor we compile for on x86-64; fusedtrain/_ext.py refuses to load the
     # extension on a CPU without it, so the reference backend is used there instead.
-    if platform.machine().lower() in ("x86_64", "amd64"):
+    machine = (machine or platform.machine()).lower()
+    if machine in ("x86_64", "amd64"):
         return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
-    return []
+    # Elsewhere the kernels are the DEFAULT copy, whose at::vec int32 lanes are C++ int32_t
+    # arithmetic: the hashes and bit-pattern roundings of adam_math.h rely on wraparound, which
+    # the x86 intrinsics give and C++ signed overflow does not (undefined) unless -fwrapv.
+    return ["-fwrapv"]
 
 
-def cxx_flags():
+def cxx_flags(machine=None):
+    """The C++ flags of the CPU kernels, for this machine or for `machine` (platform.machine()
+    spelling: the tests build a non-x86 copy's flags on x86)."""
     # -fopenmp at compile time only: at::parallel_for is a header template that expands to
     # "#pragma omp parallel", and its GOMP_* calls must bind at load time to the libgomp that
     # torch already loaded (linking a second OpenMP runtime gives two thread pools).
     # -g0: setuptools puts Python's own CFLAGS first, -g among them on many Pythons (pyenv's,
     # the CI's); debug info of the vectorized templates doubled the compile (csrc/cpu/bce.cpp
     # 72.7 -> 35.5 s) and made the .so 78 MB. torch's wheels carry none either.
-    return ["-O3", "-DNDEBUG", "-g0", "-fopenmp"] + _x86_simd_flags()
+    return ["-O3", "-DNDEBUG", "-g0", "-fopenmp"] + _isa_flags(machine)
 
 
 def nvcc_flags():
