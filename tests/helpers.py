@@ -88,6 +88,15 @@ class OpCalls(list):
 
 # ---- 8-bit exp_avg codes ------------------------------------------------------------------------
 
+def q8_signed_magnitudes():
+    """exp_avg's 128 8-bit code magnitudes in code units, ascending (code c & 0x7F: e its 4 high
+    bits, f its 3 low): 2^(e-1) (1 + f/8) for e > 0, f/8 for e = 0; float64."""
+    import numpy as np
+
+    e, f = np.arange(128) >> 3, np.arange(128) & 7
+    return np.where(e > 0, 2.0 ** (e - 1) * (1 + f / 8), f / 8)
+
+
 def q8_exp_avg_edge_values(n_random=10001, seed=0):
     """fp32 exp_avg values whose 8-bit codes (adam_math.h q8_encode_signed) leave an encoder no
     slack: in blocks whose absmax 1.875 makes the code scale 2^14 exact, every midpoint between
@@ -97,8 +106,7 @@ def q8_exp_avg_edge_values(n_random=10001, seed=0):
     count, so that a vector loop ends in its scalar tail."""
     import numpy as np
 
-    e, f = np.arange(128) >> 3, np.arange(128) & 7
-    mags = np.where(e > 0, 2.0 ** (e - 1) * (1 + f / 8), f / 8)  # code units, ascending
+    mags = q8_signed_magnitudes()
     mids = ((mags[:-1] + mags[1:]) / 2 * 2.0 ** -14).astype(np.float32)  # 5 significant bits: exact
     blocks = []
     for m in (mids, np.nextafter(mids, np.float32(np.inf)), np.nextafter(mids, np.float32(0))):

@@ -15,7 +15,7 @@ import torch
 import fusedtrain
 from fusedtrain import FusedAdam, FusedAdamW, reference
 from fusedtrain.optim import LEAN_MIN_NUMEL, torch_state_dict
-from helpers import INTERPRET, assert_unchanged, q8_exp_avg_edge_values, snapshot
+from helpers import INTERPRET, assert_unchanged, q8_exp_avg_edge_values, q8_signed_magnitudes, snapshot
 
 BIG = 5000 if not INTERPRET else 4352  # blocks of 256 and a partial last one
 STEPS = 12 if not INTERPRET else 3
@@ -24,14 +24,10 @@ STEPS = 12 if not INTERPRET else 3
 # ---- the maps, built from their definitions (csrc/include/fusedtrain/adam_math.h) -----------
 
 def signed_map():
-    """exp_avg: code -> value / absmax, float64: sign bit, then e (4 bits) and f (3 bits);
-    |v| = 2^(e-1) (1 + f/8) for e > 0, f/8 for e = 0, over the largest, 2^14 * 1.875."""
-    out = np.empty(256)
-    for c in range(256):
-        e, f = (c & 0x7F) >> 3, c & 7
-        mag = 2.0 ** (e - 1) * (1 + f / 8) if e else f / 8
-        out[c] = (-mag if c & 0x80 else mag) / (2.0 ** 14 * 1.875)
-    return out
+    """exp_avg: code -> value / absmax, float64: sign bit, then the magnitude (helpers.
+    q8_signed_magnitudes) over the largest, 2^14 * 1.875."""
+    mags = q8_signed_magnitudes()
+    return np.concatenate([mags, -mags]) / (2.0 ** 14 * 1.875)
 
 
 def unsigned_map():
