@@ -89,9 +89,12 @@ def _isa_flags(machine=None):
     machine = (machine or platform.machine()).lower()
     if machine in ("x86_64", "amd64"):
         return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
-    # Elsewhere the kernels are the DEFAULT copy, whose at::vec int32 lanes are C++ int32_t
-    # arithmetic: the hashes and bit-pattern roundings of adam_math.h rely on wraparound, which
-    # the x86 intrinsics give and C++ signed overflow does not (undefined) unless -fwrapv.
+    # Elsewhere the kernels are one DEFAULT copy. The hashes and bit-pattern roundings of
+    # adam_math.h rely on int32 lanes wrapping: the x86, NEON (aarch64) and VSX (ppc64le)
+    # at::vec specializations do, but where at::vec has none for int32 (riscv64, s390x without
+    # zvector, aarch64 with older torch) its generic lanes are C++ int32_t arithmetic, whose
+    # overflow is undefined unless -fwrapv. setuptools usually passes it already (in Python's
+    # CFLAGS); torch's JIT build (_jit_compile.py) does not.
     return ["-fwrapv"]
 
 

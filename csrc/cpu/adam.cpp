@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <vector>
 
 #define FT_ADAM_WITH_ATEN_VEC 1
@@ -55,12 +56,15 @@ struct TensorJob {
 // Prefetch the cache lines holding elements [i, i + kVec) of every stream of one tensor: one
 // line per stream and iteration covers fp32 only at the AVX2 width (64 bytes); on AVX-512 an
 // fp32 stream moves two lines per iteration, and the second was left to the hardware.
+// (The addresses are computed as integers: near a tensor's end they may lie past it, where a
+// pointer may not point; a prefetch never faults.)
 template <typename T>
 inline void prefetch_lines(const T* x, int rw) {
   constexpr int64_t kBytes = kVec * static_cast<int64_t>(sizeof(T));
   for (int64_t b = 0; b < kBytes; b += 64) {
-    if (rw) __builtin_prefetch(reinterpret_cast<const char*>(x) + b, 1);
-    else __builtin_prefetch(reinterpret_cast<const char*>(x) + b, 0);
+    const void* line = reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(x) + b);
+    if (rw) __builtin_prefetch(line, 1);
+    else __builtin_prefetch(line, 0);
   }
 }
 template <typename P, typename S, bool AMS, bool MASTER>

@@ -1,6 +1,7 @@
 """Adam/AdamW step benchmark: FusedAdamW against torch.optim.AdamW (for-loop, foreach,
 fused=True), DeepSpeed's DeepSpeedCPUAdam where deepspeed is installed (CPU only), and the
-memory floor (CPU fp32: stream_floor.c, the step's bytes with no math).
+memory floor (CPU: stream_floor.c, the step's bytes with no math, for fp32, bf16 and 8-bit
+moments).
 
 Workloads: a 22M-parameter mix (4096x4096, 4096x1024, 1024x1024, 40x4096) and 1000 tensors
 of 4096, and the host's share of a step (1000 tensors of 4). One row per (workload, dtype, baseline, ours backend). Every optimizer of a
@@ -166,7 +167,10 @@ def _lean_rows(case, shapes, device, warmup, reps, rounds):
         n = sum(torch.Size(s).numel() for s in shapes)
         st = [opt.state[p] for p in ps]
         fns = [opt.step, base.step]
-        if torch.device(device).type == "cpu" and stream_floor.available() and len({s["exp_avg"].dtype for s in st}) == 1:
+        mixed = len({s["exp_avg"].dtype for s in st}) > 1
+        if mixed:  # tensors under the lean size threshold keep fp32 moments
+            print(f"skipping the {fmt} floor row of {case}: its moments mix dtypes", file=sys.stderr)
+        if torch.device(device).type == "cpu" and stream_floor.available() and not mixed:
             # the same bytes with no math, over the same tensors: the format's own floor, and
             # torch's time over it the ceiling of the ratio on this machine
             fns.append(stream_floor.make_pass([p.detach() for p in ps], [p.grad for p in ps],

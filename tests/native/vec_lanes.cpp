@@ -2,7 +2,8 @@
 // one copy of the CPU kernels is (tests/test_vec_lanes.py: DEFAULT under UBSan, AVX2, AVX-512):
 // the stochastic rounding bits at element indices around 2^31, 2^32 and beyond (the vector
 // indices are a broadcast plus 0, 1, ...), the hash, the rounding of NaN payloads, and the 8-bit
-// codes of every kind of fp32 bit pattern. Prints "ok <lanes>" or the first mismatches.
+// codes of every kind of fp32 bit pattern. Prints "ok <lanes> <specialized|generic>" or the
+// first mismatches.
 #include <ATen/cpu/vec/vec.h>
 
 #include <cstdint>
@@ -86,6 +87,7 @@ int main() {
     }
   }
   if (bad) return 1;
-  std::printf("ok %d\n", W);
+  // the lane count, and whether at::vec has int32 instructions here or its generic C++ lanes
+  std::printf("ok %d %s\n", W, at::vec::is_vec_specialized_for_v<int32_t> ? "specialized" : "generic");
   return 0;
 }
