@@ -107,7 +107,18 @@ def cxx_flags(machine=None):
     # -g0: setuptools puts Python's own CFLAGS first, -g among them on many Pythons (pyenv's,
     # the CI's); debug info of the vectorized templates doubled the compile (csrc/cpu/bce.cpp
     # 72.7 -> 35.5 s) and made the .so 78 MB. torch's wheels carry none either.
-    return ["-O3", "-DNDEBUG", "-g0", "-fopenmp"] + _isa_flags(machine)
+    return ["-O3", "-DNDEBUG", "-g0", "-fopenmp"] + _isa_flags(machine) + _torch_system_includes()
+
+
+def _torch_system_includes():
+    # torch's headers as system headers (GCC then ignores the -I the build also gives them): their
+    # warnings (~270 per build: `#pragma unroll` unknown to GCC, -Wpsabi notes, ...) are not ours
+    # to fix, and they buried the ones that are
+    try:
+        from torch.utils import cpp_extension
+    except ImportError:
+        return []
+    return [f for d in cpp_extension.include_paths() for f in ("-isystem", d)]
 
 
 def nvcc_flags():
