@@ -19,6 +19,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "fusedtrain/adam_lists.h"
@@ -31,8 +32,8 @@ namespace {
 namespace py = pybind11;
 using Tensors = std::vector<at::Tensor>;
 
-// The state keys a step reads, in the order of AdamPlan's `keys` argument.
-enum Key { kStep, kExpAvg, kExpAvgSq, kMaxExpAvgSq, kMasterParam };
+// The state keys a step reads: the first three always, in this order; the others where present.
+enum Key { kStep, kExpAvg, kExpAvgSq };
 
 struct Call {
   std::vector<size_t> index;  // positions in the group's params
@@ -41,21 +42,26 @@ struct Call {
   at::ScalarType dtype;
   Tensors params, grads;  // this step's (empty between steps)
   Tensors exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params;  // kept
+  Tensors exp_avg_absmax, exp_avg_sq_absmax, max_exp_avg_sq_absmax;     // kept: 8-bit states'
   mta::KeptTables tables;  // the CUDA kernel's, built at the first launch (multi_tensor_tables.h)
 };
 
 class AdamPlan {
  public:
   // group_params: the group's "params" list; state: the optimizer's state; keys: the state
-  // keys the step reads ("step", "exp_avg", "exp_avg_sq", then "max_exp_avg_sq" with amsgrad
-  // and "master_param" with master weights); calls: (index, master) of each call of this
-  // step as the Python path cut it; contiguous: the kernel needs contiguous tensors (the
-  // Triton one; the native op stages others itself). The plan is then gathered for this step.
+  // keys the step reads ("step", "exp_avg", "exp_avg_sq", then "max_exp_avg_sq" with amsgrad,
+  // "master_param" with master weights, the absmax keys with 8-bit states); calls: (index,
+  // master) of each call of this step as the Python path cut it; contiguous: the kernel needs
+  // contiguous tensors (the Triton one; the native op stages others itself). The plan is then
+  // gathered for this step.
   AdamPlan(const py::list& group_params, const py::dict& state, const std::vector<py::str>& keys,
            const std::vector<std::pair<std::vector<size_t>, bool>>& calls, bool amsgrad, bool contiguous)
       : state_(state), keys_(keys.begin(), keys.end()), amsgrad_(amsgrad), contiguous_(contiguous) {
-    const bool master_key = keys_.size() == (amsgrad ? 5u : 4u);  // "master_param" comes last
-    TORCH_CHECK(master_key || keys_.size() == (amsgrad ? 4u : 3u), "AdamPlan: unexpected keys");
+    TORCH_CHECK(keys_.size() >= 3 && key_at(kStep) == "step" && key_at(kExpAvg) == "exp_avg" &&
+                    key_at(kExpAvgSq) == "exp_avg_sq",
+                "AdamPlan: unexpected keys");
+    const bool master_key = key_index("master_param") >= 0;
+    TORCH_CHECK(!amsgrad || key_index("max_exp_avg_sq") >= 0, "AdamPlan: amsgrad without \"max_exp_avg_sq\"");
     const size_t n = group_params.size();
     for (const auto& p : group_params) objects_.push_back(py::reinterpret_borrow<py::object>(p));
     with_grad_.assign(n, false);
@@ -156,9 +162,8 @@ class AdamPlan {
       const mta::UseTables use(&c.tables);  // the CUDA kernel reads tables the plan keeps
       const bool sr_v = sr_exp_avg_sq && c.exp_avgs[0].scalar_type() == at::kBFloat16;
       const int64_t seed = adam::sr_call_seed(static_cast<uint32_t>(sr_seed), static_cast<uint32_t>(k));
-      // no absmax lists: groups with 8-bit states are not planned (fusedtrain/ops/adam.py plan_group)
-      op.call(c.params, c.grads, c.exp_avgs, c.exp_avg_sqs, c.max_exp_avg_sqs, c.steps, c.master_params, {}, {}, {}, lr,
-              lr_tensor,
+      op.call(c.params, c.grads, c.exp_avgs, c.exp_avg_sqs, c.max_exp_avg_sqs, c.steps, c.master_params,
+              c.exp_avg_absmax, c.exp_avg_sq_absmax, c.max_exp_avg_sq_absmax, lr, lr_tensor,
               beta1, beta2, eps, weight_decay, amsgrad_, maximize, decoupled_weight_decay, grad_mult, found_inf, seed,
               sr_params, sr_v);
     }
@@ -253,17 +258,40 @@ class AdamPlan {
     }
   }
 
+  std::string key_at(size_t k) const { return py::cast<std::string>(keys_[k]); }
+  // The position of a state key in keys_, or -1.
+  int64_t key_index(const char* name) const {
+    for (size_t k = 0; k < keys_.size(); ++k)
+      if (key_at(k) == name) return static_cast<int64_t>(k);
+    return -1;
+  }
+
+  // The state tensors of each call. A call's params have states of one dtype (the Python path
+  // cuts calls so); with 8-bit states (uint8 codes) it also keeps their block absmax, the state
+  // tensors themselves (1-D: a plan holds no DTensor param, whose kernel reads a view of them).
   void keep_states() {
     const size_t nk = keys_.size();
-    const auto tensor = [](const py::object& o) -> const at::Tensor& { return THPVariable_Unpack(o.ptr()); };
+    const auto tensor = [](const py::object& o) -> const at::Tensor& {
+      TORCH_CHECK(o, "AdamPlan: a state the step reads is missing");
+      return THPVariable_Unpack(o.ptr());
+    };
+    const int64_t vmax = key_index("max_exp_avg_sq"), master = key_index("master_param");
+    const int64_t am_m = key_index("exp_avg_absmax"), am_v = key_index("exp_avg_sq_absmax"),
+                  am_vmax = key_index("max_exp_avg_sq_absmax");
     for (Call& c : calls_) {
       for (size_t i : c.index) {
         const py::object* v = &values_[i * nk];
         c.steps.push_back(tensor(v[kStep]));
         c.exp_avgs.push_back(tensor(v[kExpAvg]));
         c.exp_avg_sqs.push_back(tensor(v[kExpAvgSq]));
-        if (amsgrad_) c.max_exp_avg_sqs.push_back(tensor(v[kMaxExpAvgSq]));
-        if (c.master) c.master_params.push_back(tensor(v[nk - 1]));
+        if (amsgrad_) c.max_exp_avg_sqs.push_back(tensor(v[vmax]));
+        if (c.master) c.master_params.push_back(tensor(v[master]));
+        if (c.exp_avgs.front().scalar_type() == at::kByte) {
+          TORCH_CHECK(am_m >= 0 && am_v >= 0 && (!amsgrad_ || am_vmax >= 0), "AdamPlan: 8-bit states without absmax keys");
+          c.exp_avg_absmax.push_back(tensor(v[am_m]));
+          c.exp_avg_sq_absmax.push_back(tensor(v[am_v]));
+          if (amsgrad_) c.max_exp_avg_sq_absmax.push_back(tensor(v[am_vmax]));
+        }
       }
     }
   }
@@ -274,7 +302,7 @@ class AdamPlan {
     try {
       for (const Call& c : calls_) {
         adam::check_lists(c.params, c.grads, c.exp_avgs, c.exp_avg_sqs, c.max_exp_avg_sqs, c.steps, c.master_params,
-                          {}, {}, {}, amsgrad_);
+                          c.exp_avg_absmax, c.exp_avg_sq_absmax, c.max_exp_avg_sq_absmax, amsgrad_);
         if (!contiguous_) continue;
         for (const Tensors* l : {&c.params, &c.grads, &c.exp_avgs, &c.exp_avg_sqs, &c.max_exp_avg_sqs, &c.master_params})
           for (const at::Tensor& t : *l) TORCH_CHECK(t.is_contiguous(), "AdamPlan: a tensor is not contiguous");

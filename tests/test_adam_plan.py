@@ -337,3 +337,92 @@ def test_a_param_subclass_with_torch_function_sees_every_step(backend_device):
         topt.step()
         assert any("adam_" in name for name in _Logged.seen), f"step {step}: the op call did not reach it"
     _compare(opt, topt, ours, ref, "after 3 steps")
+
+
+# ---- 8-bit states (state_format="8bit"): planned on the native backend, their absmax with them ----
+
+Q8_SHAPES = [(4096,), (64, 80), (5,), (5003,), (3, 4)]  # 8-bit from 4096 elements; the small keep fp32
+
+
+class _Unplanned(FusedAdamW):
+    """FusedAdamW that gathers every step in Python: a subclass's own _init_group is never planned."""
+
+    def _init_group(self, *args):
+        return super()._init_group(*args)
+
+
+def _q8_absmax(st, fn):
+    for k in ("exp_avg_absmax", "exp_avg_sq_absmax", "max_exp_avg_sq_absmax"):
+        if k in st:
+            st[k] = fn(st[k])
+
+
+Q8_MUTATIONS = {
+    "nothing": lambda opt, ps: None,
+    "absmax assigned": lambda opt, ps: _q8_absmax(opt.state[ps[0]], lambda a: a.clone()),
+    "absmax scaled in place": lambda opt, ps: _q8_absmax(opt.state[ps[3]], lambda a: a.mul_(2)),
+    "codes assigned": lambda opt, ps: opt.state[ps[1]].__setitem__("exp_avg", opt.state[ps[1]]["exp_avg"].flip(0)),
+    "every state cloned": lambda opt, ps: [st.update({k: v.clone() for k, v in st.items()})
+                                           for st in opt.state.values()],
+    "state of a param reset": lambda opt, ps: opt.state.__setitem__(ps[0], {}),
+    "all state cleared": lambda opt, ps: opt.state.clear(),
+    "state_dict reloaded": lambda opt, ps: opt.load_state_dict(copy.deepcopy(opt.state_dict())),
+}
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("mutation", list(Q8_MUTATIONS))
+def test_planned_8bit_steps_are_the_python_paths_bit_for_bit(backend_device, mutation, amsgrad):
+    """Planned steps of a group with 8-bit states (and small params on fp32 ones) give the bits
+    of the Python path's, before and after each change a user can make between steps."""
+    backend, device = backend_device
+    gen = torch.Generator().manual_seed(7)
+    init = [torch.randn(s, generator=gen) for s in Q8_SHAPES]
+    a = [p.clone().to(device).requires_grad_() for p in init]
+    b = [p.clone().to(device).requires_grad_() for p in init]
+    kw = dict(HYPER, amsgrad=amsgrad, state_format="8bit")
+    opt, unplanned = FusedAdamW(a, **kw), _Unplanned(b, **kw)
+
+    def steps(n):
+        for _ in range(n):
+            for x, y in zip(a, b):
+                g = torch.randn(x.shape, generator=gen)
+                x.grad, y.grad = g.to(device), g.to(device)
+            opt.step()
+            unplanned.step()
+
+    steps(3)  # the second and third run a plan where the backend plans
+    for o, ps in ((opt, a), (unplanned, b)):
+        Q8_MUTATIONS[mutation](o, ps)
+    steps(2)
+    assert opt.state[a[0]]["exp_avg"].dtype == torch.uint8 and opt.state[a[2]]["exp_avg"].dtype == torch.float32
+    for k, (x, y) in enumerate(zip(a, b)):
+        assert torch.equal(x, y), f"param {k} after '{mutation}'"
+        sx, sy = opt.state[x], unplanned.state[y]
+        assert set(sx) == set(sy)
+        for key in sy:
+            assert torch.equal(sx[key], sy[key]), f"{key} of param {k} after '{mutation}'"
+
+
+def test_8bit_steady_state_is_planned_on_the_native_backend(backend_device):
+    """8-bit groups no longer gather in Python every step (1000x4096 8-bit row: the host's
+    share of the step); the Triton backend still does (its planned launch reads no absmax)."""
+    backend, device = backend_device
+    gen = torch.Generator().manual_seed(8)
+    ps = [torch.randn(s, generator=gen).to(device).requires_grad_() for s in Q8_SHAPES]
+    opt = FusedAdamW(ps, state_format="8bit", **HYPER)
+    for _ in range(2):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=gen).to(device)
+        opt.step()
+
+    def no_gather(*args):
+        raise AssertionError("the group was gathered in Python")
+
+    opt._init_group = no_gather
+    if backend == "native":
+        opt.step()
+        assert all(opt.state[p]["step"].item() == 3 for p in ps)
+    else:
+        with pytest.raises(AssertionError, match="gathered in Python"):
+            opt.step()

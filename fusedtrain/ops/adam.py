@@ -384,9 +384,10 @@ class GroupPlan(NamedTuple):
     triton: list     # Triton calls: per call its KeptTables, (block, iters), whether it has master params
 
 
-def _state_keys(amsgrad, master_weights):
+def _state_keys(amsgrad, master_weights, q8):
     return ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ()) + \
-        (("master_param",) if master_weights else ())
+        (("master_param",) if master_weights else ()) + \
+        (("exp_avg_absmax", "exp_avg_sq_absmax") + (("max_exp_avg_sq_absmax",) if amsgrad else ()) if q8 else ())
 
 
 def plan_group(group, state, calls) -> Optional[GroupPlan]:
@@ -401,9 +402,9 @@ def plan_group(group, state, calls) -> Optional[GroupPlan]:
             or not (type(state) is dict or type(state) is collections.defaultdict)):
         return None
     backend = calls[0].backend
-    # 8-bit states: their absmax lists are not planned (a step of large tensors, whose host
-    # work per param does not show)
-    if any(c.tensors.exp_avg_absmax for c in calls):
+    q8 = any(c.tensors.exp_avg_absmax for c in calls)
+    # 8-bit states on Triton: its launch from a plan (addresses()) has no absmax columns
+    if q8 and backend != "native":
         return None
     if (backend not in ("native", "triton") or any(c.backend != backend or c.writeback for c in calls)
             or len({c.tensors.params[0].device for c in calls}) != 1):
@@ -421,7 +422,7 @@ def plan_group(group, state, calls) -> Optional[GroupPlan]:
         return None
     amsgrad, master_weights = bool(group["amsgrad"]), bool(group.get("master_weights"))
     triton = backend == "triton"
-    plan = plan_type(group["params"], state, _state_keys(amsgrad, master_weights),
+    plan = plan_type(group["params"], state, _state_keys(amsgrad, master_weights, q8),
                      [(i, bool(c.tensors.master_params)) for i, c in zip(index, calls)], amsgrad, triton)
     device = calls[0].tensors.params[0].device
     kept = []
