@@ -485,7 +485,9 @@ class FusedAdam(torch.optim.Optimizer):
         steps += map(_STEP, sts)
         if group.get("master_weights"):
             master_params += map(dict.get, sts, itertools.repeat("master_param"))
-        if group.get("state_format") == "8bit":
+        # 8-bit states carry their absmax whatever the group's state_format says now (a later
+        # change converts no state): the plans (csrc/adam_plan.cpp) read them so too
+        if group.get("state_format") == "8bit" or any(map(operator.contains, sts, itertools.repeat("exp_avg_absmax"))):
             exp_avg_absmax += map(dict.get, sts, itertools.repeat("exp_avg_absmax"))
             exp_avg_sq_absmax += map(dict.get, sts, itertools.repeat("exp_avg_sq_absmax"))
             if group["amsgrad"]:

@@ -344,17 +344,14 @@ def test_a_param_subclass_with_torch_function_sees_every_step(backend_device):
 Q8_SHAPES = [(4096,), (64, 80), (5,), (5003,), (3, 4)]  # 8-bit from 4096 elements; the small keep fp32
 
 
-class _Unplanned(FusedAdamW):
-    """FusedAdamW that gathers every step in Python: a subclass's own _init_group is never planned."""
-
-    def _init_group(self, *args):
-        return super()._init_group(*args)
-
-
 def _q8_absmax(st, fn):
     for k in ("exp_avg_absmax", "exp_avg_sq_absmax", "max_exp_avg_sq_absmax"):
         if k in st:
             st[k] = fn(st[k])
+
+
+def _drop_plans(opt, ps):
+    ps[1].grad = None  # another set of params with a grad: the plan is built anew
 
 
 Q8_MUTATIONS = {
@@ -367,35 +364,55 @@ Q8_MUTATIONS = {
     "state of a param reset": lambda opt, ps: opt.state.__setitem__(ps[0], {}),
     "all state cleared": lambda opt, ps: opt.state.clear(),
     "state_dict reloaded": lambda opt, ps: opt.load_state_dict(copy.deepcopy(opt.state_dict())),
+    # the existing 8-bit states stay 8-bit (none is converted); with and without a plan kept
+    "state_format edited": lambda opt, ps: opt.param_groups[0].__setitem__("state_format", "fp32"),
+    "state_format edited, plan dropped": lambda opt, ps: (opt.param_groups[0].__setitem__("state_format", "fp32"),
+                                                          _drop_plans(opt, ps)),
+}
+
+Q8_CONFIGS = {  # param dtype, optimizer options
+    "fp32 params": (torch.float32, {}),
+    "fp32 params, amsgrad": (torch.float32, {"amsgrad": True}),
+    "bf16 params, master weights, amsgrad": (torch.bfloat16, {"master_weights": True, "amsgrad": True}),
+    "bf16 params, stochastic rounding": (torch.bfloat16, {"stochastic_rounding": True}),
 }
 
 
-@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("config", list(Q8_CONFIGS))
 @pytest.mark.parametrize("mutation", list(Q8_MUTATIONS))
-def test_planned_8bit_steps_are_the_python_paths_bit_for_bit(backend_device, mutation, amsgrad):
+def test_planned_8bit_steps_are_the_python_paths_bit_for_bit(backend_device, monkeypatch, mutation, config):
     """Planned steps of a group with 8-bit states (and small params on fp32 ones) give the bits
-    of the Python path's, before and after each change a user can make between steps."""
+    of the Python path's (no plan built or kept: _init_group, prepare, the op), before and
+    after each change a user can make between steps."""
+    from fusedtrain.ops import adam as adam_ops
+
     backend, device = backend_device
+    dtype, options = Q8_CONFIGS[config]
     gen = torch.Generator().manual_seed(7)
-    init = [torch.randn(s, generator=gen) for s in Q8_SHAPES]
+    init = [torch.randn(s, generator=gen).to(dtype) for s in Q8_SHAPES]
     a = [p.clone().to(device).requires_grad_() for p in init]
     b = [p.clone().to(device).requires_grad_() for p in init]
-    kw = dict(HYPER, amsgrad=amsgrad, state_format="8bit")
-    opt, unplanned = FusedAdamW(a, **kw), _Unplanned(b, **kw)
+    kw = dict(HYPER, state_format="8bit", **options)
+    opt, unplanned = FusedAdamW(a, **kw), FusedAdamW(b, **kw)
+    skip = set()
 
     def steps(n):
         for _ in range(n):
-            for x, y in zip(a, b):
-                g = torch.randn(x.shape, generator=gen)
-                x.grad, y.grad = g.to(device), g.to(device)
+            for k, (x, y) in enumerate(zip(a, b)):
+                g = torch.randn(x.shape, generator=gen).to(device, dtype)
+                x.grad, y.grad = (None, None) if k in skip else (g, g.clone())
             opt.step()
-            unplanned.step()
+            with monkeypatch.context() as m:
+                m.setattr(adam_ops, "plan_group", lambda *args: None)
+                unplanned.step()
 
     steps(3)  # the second and third run a plan where the backend plans
     for o, ps in ((opt, a), (unplanned, b)):
         Q8_MUTATIONS[mutation](o, ps)
+    if "plan dropped" in mutation:
+        skip.add(1)
     steps(2)
-    assert opt.state[a[0]]["exp_avg"].dtype == torch.uint8 and opt.state[a[2]]["exp_avg"].dtype == torch.float32
+    assert opt.state[a[0]]["exp_avg"].dtype == torch.uint8 and opt.state[a[2]]["exp_avg"].dtype != torch.uint8
     for k, (x, y) in enumerate(zip(a, b)):
         assert torch.equal(x, y), f"param {k} after '{mutation}'"
         sx, sy = opt.state[x], unplanned.state[y]
