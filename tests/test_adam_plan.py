@@ -387,6 +387,8 @@ def test_planned_8bit_steps_are_the_python_paths_bit_for_bit(backend_device, mon
     from fusedtrain.ops import adam as adam_ops
 
     backend, device = backend_device
+    if backend != "native":  # the others never plan 8-bit groups (under the interpreter: 40 slow cases)
+        pytest.skip(f"{backend} does not plan 8-bit groups")
     dtype, options = Q8_CONFIGS[config]
     gen = torch.Generator().manual_seed(7)
     init = [torch.randn(s, generator=gen).to(dtype) for s in Q8_SHAPES]
