@@ -112,7 +112,7 @@ def cxx_flags(machine=None):
 
 def _torch_system_includes():
     # torch's headers as system headers (GCC then ignores the -I the build also gives them): their
-    # warnings (~270 per build: `#pragma unroll` unknown to GCC, -Wpsabi notes, ...) are not ours
+    # warnings (~270 per build: `#pragma unroll` unknown to GCC, and the like) are not ours
     # to fix, and they buried the ones that are
     try:
         from torch.utils import cpp_extension

@@ -167,10 +167,11 @@ def _lean_rows(case, shapes, device, warmup, reps, rounds):
         n = sum(torch.Size(s).numel() for s in shapes)
         st = [opt.state[p] for p in ps]
         fns = [opt.step, base.step]
-        mixed = len({s["exp_avg"].dtype for s in st}) > 1
-        if mixed:  # tensors under the lean size threshold keep fp32 moments
+        floor = torch.device(device).type == "cpu" and stream_floor.available()
+        if floor and len({s["exp_avg"].dtype for s in st}) > 1:  # small tensors keep fp32 moments
             print(f"skipping the {fmt} floor row of {case}: its moments mix dtypes", file=sys.stderr)
-        if torch.device(device).type == "cpu" and stream_floor.available() and not mixed:
+            floor = False
+        if floor:
             # the same bytes with no math, over the same tensors: the format's own floor, and
             # torch's time over it the ceiling of the ratio on this machine
             fns.append(stream_floor.make_pass([p.detach() for p in ps], [p.grad for p in ps],

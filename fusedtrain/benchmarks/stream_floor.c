@@ -1,6 +1,6 @@
 /* The memory floor of an fp32 Adam step on this CPU: the same bytes as the step (read p, g,
  * m, v; write p, m, v: 28 bytes per element with fp32 moments, 20 with bf16 ones, 16 with
- * 8-bit ones) with a few FMAs (or an add, on 2- and 1-byte moments) in place of Adam's math, over
+ * 8-bit ones) with a few FMAs (on 2- and 1-byte moments a flipped bit) in place of Adam's math, over
  * the same tensors, split between threads the way fusedtrain's kernel splits them (each
  * thread a contiguous run of the concatenated elements). A step cannot take less time than
  * this, so it bounds what any Adam kernel (ours, torch's, DeepSpeed's) can gain here.

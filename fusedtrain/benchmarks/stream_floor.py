@@ -1,7 +1,8 @@
 """The memory floor of an fp32 Adam step (stream_floor.c), for the Adam benchmark's
 "memory floor" rows: the time to stream the step's bytes per element (28 with fp32
-moments, 20 with bf16 ones, 16 with 8-bit ones) over the same tensors with trivial math. Built on first use with the system C compiler ($CC or cc) into
-~/.cache/fusedtrain; `available()` is False (and the rows are skipped) without one."""
+moments, 20 with bf16 ones, 16 with 8-bit ones) over the same tensors with trivial math.
+Built on first use with the system C compiler ($CC or cc) into ~/.cache/fusedtrain;
+`available()` is False (and the rows are skipped) without one."""
 import ctypes
 import hashlib
 import os
